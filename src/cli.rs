@@ -1,0 +1,186 @@
+//! The command line: clap's definition of every option with its help, parsed once
+//! into typed values ([`Name`], [`Duration`], sizes).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::values::{Name, parse_duration, parse_size};
+
+const EXAMPLES: &str = "\
+Examples:
+  singleflight ccusage --ttl 30s -- ccusage blocks --json
+  singleflight lint --ttl 0 --timeout 5m -- cargo clippy
+  singleflight --background weather --ttl 10m -- curl -s wttr.in/?format=3
+  singleflight status
+  singleflight clear ccusage";
+
+/// Run an expensive command at most once at a time per NAME; everyone else gets the
+/// last good result at once.
+#[derive(Debug, Parser)]
+#[command(
+    name = "singleflight",
+    version,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    subcommand_value_name = "VERB",
+    subcommand_help_heading = "Verbs",
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub verb: Option<Verb>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Where locks and results live [default: the platform cache dir + /singleflight]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "SINGLEFLIGHT_CACHE_DIR",
+        global = true
+    )]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Say on stderr what was decided and why
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+
+    /// No warnings on stderr (errors still print)
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The shared resource: one lock, one cached result
+    #[arg(value_parser = Name::parse, required = true)]
+    pub name: Option<Name>,
+
+    /// A result younger than this is fresh
+    #[arg(long, value_name = "D", default_value = "30s", value_parser = parse_duration)]
+    pub ttl: Duration,
+
+    /// Hard limit on one run of the command
+    #[arg(long, value_name = "D", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Grace between SIGTERM and SIGKILL of the command's process tree
+    #[arg(long, value_name = "D", default_value = "5s", value_parser = parse_duration)]
+    pub kill_after: Duration,
+
+    /// How long a caller with nothing servable waits for the in-flight run
+    /// [default: timeout + kill-after]
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub wait: Option<Duration>,
+
+    /// The oldest result served while another run is in flight [default: unlimited]
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub max_stale: Option<Duration>,
+
+    /// After a failed run, no new run starts for this long [default: the --ttl]
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub retry_after: Option<Duration>,
+
+    /// Serve a stale result at once and refresh it in one detached process
+    #[arg(long)]
+    pub background: bool,
+
+    /// A run that exits non-zero replaces the last good result
+    #[arg(long)]
+    pub cache_failures: bool,
+
+    /// Cap on captured stdout; past it the run is killed and fails
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub max_output: u64,
+
+    /// Internal: run as the detached refresher started by --background, holding the
+    /// lock open as this file descriptor
+    #[arg(long, hide = true, value_name = "FD")]
+    pub refresher: Option<i32>,
+
+    /// The command and its arguments
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Verb {
+    /// Show each NAME's result, age, last run and whether a run is in flight
+    Status {
+        /// Only these NAMEs
+        #[arg(value_parser = Name::parse)]
+        names: Vec<Name>,
+        /// One JSON array with stable snake_case keys
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove results, waiting for any run in flight
+    Clear {
+        /// The NAMEs to clear
+        #[arg(value_parser = Name::parse, required_unless_present = "all")]
+        names: Vec<Name>,
+        /// Clear every NAME
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+    },
+}
+
+/// The options of one run call, with every default resolved.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub name: Name,
+    pub command: Vec<OsString>,
+    pub ttl: Duration,
+    pub timeout: Duration,
+    pub kill_after: Duration,
+    pub wait: Duration,
+    pub max_stale: Option<Duration>,
+    pub retry_after: Duration,
+    pub background: bool,
+    pub refresher: Option<i32>,
+    pub cache_failures: bool,
+    pub max_output: u64,
+}
+
+impl RunArgs {
+    /// Resolves the defaults that depend on other options. `None` when no NAME was
+    /// given, which clap only allows together with a verb.
+    pub fn resolve(self) -> Option<RunOptions> {
+        Some(RunOptions {
+            name: self.name?,
+            wait: self.wait.unwrap_or(self.timeout + self.kill_after),
+            retry_after: self.retry_after.unwrap_or(self.ttl),
+            command: self.command,
+            ttl: self.ttl,
+            timeout: self.timeout,
+            kill_after: self.kill_after,
+            max_stale: self.max_stale,
+            background: self.background,
+            refresher: self.refresher,
+            cache_failures: self.cache_failures,
+            max_output: self.max_output,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

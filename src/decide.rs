@@ -1,0 +1,199 @@
+//! The decision of every call, as pure functions of what is cached, whether the lock
+//! was won and the options: no I/O, no clock. `flight` does what they say.
+
+use std::time::Duration;
+
+/// What the cache holds for this NAME and this argv, at the moment of looking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cached {
+    /// No valid result of this argv (none, corrupt, or another command's).
+    Missing,
+    /// Younger than `--ttl`.
+    Fresh,
+    /// Older than `--ttl`; `age` is `None` when the result claims to be from the future.
+    Stale { age: Option<Duration> },
+}
+
+impl Cached {
+    pub fn classify(age: Option<Option<Duration>>, ttl: Duration) -> Cached {
+        match age {
+            None => Cached::Missing,
+            Some(Some(age)) if age < ttl => Cached::Fresh,
+            Some(age) => Cached::Stale { age },
+        }
+    }
+
+    /// Whether a caller that will not run the command may be served this result.
+    fn servable_stale(self, max_stale: Option<Duration>) -> bool {
+        match (self, max_stale) {
+            (Cached::Fresh, _) => true,
+            (Cached::Missing, _) => false,
+            (Cached::Stale { .. }, None) => true,
+            (Cached::Stale { age: Some(age) }, Some(max)) => age <= max,
+            (Cached::Stale { age: None }, Some(_)) => false,
+        }
+    }
+}
+
+/// The options the decision depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    pub max_stale: Option<Duration>,
+    pub retry_after: Duration,
+}
+
+/// Before any lock: a fresh hit is served, anything else goes for the lock.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OnArrival {
+    ServeFresh,
+    TryLock,
+    /// `--background`: make sure one detached refresher runs, then as `OnLost`.
+    StartRefresher,
+}
+
+pub fn on_arrival(cached: Cached, background: bool) -> OnArrival {
+    match (cached, background) {
+        (Cached::Fresh, _) => OnArrival::ServeFresh,
+        (_, false) => OnArrival::TryLock,
+        (_, true) => OnArrival::StartRefresher,
+    }
+}
+
+/// Holding the lock.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OnWon {
+    /// Somebody refreshed it between our first look and the lock.
+    ServeFresh,
+    Run,
+    /// A run failed less than `--retry-after` ago: no new run. Serve the last good
+    /// result if there is one, else give up.
+    BackOff {
+        serve: bool,
+    },
+}
+
+/// `failed_ago`: how long ago the last failed run of this argv ended, if any run since
+/// the last good result failed.
+pub fn on_won(cached: Cached, failed_ago: Option<Duration>, policy: Policy) -> OnWon {
+    match (cached, failed_ago) {
+        (Cached::Fresh, _) => OnWon::ServeFresh,
+        (_, Some(ago)) if ago < policy.retry_after => OnWon::BackOff {
+            serve: cached != Cached::Missing,
+        },
+        _ => OnWon::Run,
+    }
+}
+
+/// Another caller holds the lock: a run is in flight.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OnLost {
+    ServeStale,
+    Wait,
+}
+
+pub fn on_lost(cached: Cached, policy: Policy) -> OnLost {
+    if cached.servable_stale(policy.max_stale) {
+        OnLost::ServeStale
+    } else {
+        OnLost::Wait
+    }
+}
+
+/// The in-flight run ended (or the wait ran out) and the cache was read again.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AfterWait {
+    Serve,
+    GiveUp,
+}
+
+pub fn after_wait(cached: Cached, policy: Policy) -> AfterWait {
+    if cached.servable_stale(policy.max_stale) {
+        AfterWait::Serve
+    } else {
+        AfterWait::GiveUp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn policy(max_stale: Option<u64>) -> Policy {
+        Policy {
+            max_stale: max_stale.map(S),
+            retry_after: S(30),
+        }
+    }
+
+    fn stale(age: u64) -> Cached {
+        Cached::Stale { age: Some(S(age)) }
+    }
+
+    #[test]
+    fn classify_by_ttl_and_clock() {
+        let ttl = S(30);
+        assert_eq!(Cached::classify(None, ttl), Cached::Missing);
+        assert_eq!(Cached::classify(Some(Some(S(29))), ttl), Cached::Fresh);
+        assert_eq!(Cached::classify(Some(Some(S(30))), ttl), stale(30));
+        // A timestamp in the future is not fresh.
+        assert_eq!(
+            Cached::classify(Some(None), ttl),
+            Cached::Stale { age: None }
+        );
+        // --ttl 0: never fresh.
+        assert_eq!(Cached::classify(Some(Some(S(0))), S(0)), stale(0));
+    }
+
+    #[test]
+    fn arrival() {
+        assert_eq!(on_arrival(Cached::Fresh, false), OnArrival::ServeFresh);
+        assert_eq!(on_arrival(Cached::Fresh, true), OnArrival::ServeFresh);
+        assert_eq!(on_arrival(stale(40), false), OnArrival::TryLock);
+        assert_eq!(on_arrival(Cached::Missing, false), OnArrival::TryLock);
+        assert_eq!(on_arrival(stale(40), true), OnArrival::StartRefresher);
+        assert_eq!(on_arrival(Cached::Missing, true), OnArrival::StartRefresher);
+    }
+
+    #[test]
+    fn won() {
+        let p = policy(None);
+        assert_eq!(on_won(Cached::Fresh, None, p), OnWon::ServeFresh);
+        assert_eq!(on_won(Cached::Fresh, Some(S(1)), p), OnWon::ServeFresh);
+        assert_eq!(on_won(stale(40), None, p), OnWon::Run);
+        assert_eq!(on_won(Cached::Missing, None, p), OnWon::Run);
+        assert_eq!(
+            on_won(stale(40), Some(S(10)), p),
+            OnWon::BackOff { serve: true }
+        );
+        assert_eq!(
+            on_won(Cached::Missing, Some(S(10)), p),
+            OnWon::BackOff { serve: false }
+        );
+        assert_eq!(on_won(stale(40), Some(S(30)), p), OnWon::Run);
+        assert_eq!(on_won(Cached::Missing, Some(S(31)), p), OnWon::Run);
+    }
+
+    #[test]
+    fn lost_and_after_wait() {
+        for (cached, max_stale, servable) in [
+            (Cached::Fresh, None, true),
+            (stale(1000), None, true),
+            (stale(10), Some(10), true),
+            (stale(11), Some(10), false),
+            (Cached::Stale { age: None }, None, true),
+            (Cached::Stale { age: None }, Some(10), false),
+            (Cached::Missing, None, false),
+        ] {
+            let p = policy(max_stale);
+            let (lost, after) = if servable {
+                (OnLost::ServeStale, AfterWait::Serve)
+            } else {
+                (OnLost::Wait, AfterWait::GiveUp)
+            };
+            assert_eq!(on_lost(cached, p), lost, "{cached:?} {max_stale:?}");
+            assert_eq!(after_wait(cached, p), after, "{cached:?} {max_stale:?}");
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! A cached result on disk and how it is written and read. One file per result:
+//!
+//! ```text
+//! [ header: 32 bytes ][ body: the command's stdout ][ metadata: JSON ]
+//! header = magic "SFLIGHT" + format version (8) | body_len u64 LE | meta_len u64 LE
+//!          | xxh3-64 of body and metadata u64 LE
+//! ```
+//!
+//! The body is streamed to a temp file as the command writes it, the header is filled
+//! in last, and the file is fsynced and renamed over the old result, so a reader sees
+//! the old result or the new one. A file whose length, checksum or metadata does not
+//! add up is no result at all: it is never printed.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
+
+use crate::store::Store;
+use crate::values::Name;
+
+const MAGIC: &[u8; 7] = b"SFLIGHT";
+const VERSION: u8 = 1;
+const HEADER_LEN: u64 = 32;
+/// Results up to this size are read and checked in one go; larger ones are streamed.
+const READ_WHOLE_MAX: u64 = 1 << 20;
+
+/// What a result records besides the bytes of stdout.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Meta {
+    /// Identifies the argv that produced the result ([`argv_digest`]).
+    pub argv_digest: String,
+    /// The command as the user would type it, for `status`.
+    pub command: String,
+    /// When the run ended, in milliseconds since the Unix epoch.
+    pub written_at_ms: u64,
+    /// The `--ttl` of the call that wrote it.
+    pub ttl_ms: u64,
+    /// The status a caller served this result exits with.
+    pub exit_code: i32,
+    /// How long the run took.
+    pub duration_ms: u64,
+}
+
+impl Meta {
+    /// How old the result is; `None` if it claims to be from the future, which
+    /// counts as not fresh and of unknown age.
+    pub fn age(&self, now: SystemTime) -> Option<Duration> {
+        let written = UNIX_EPOCH + Duration::from_millis(self.written_at_ms);
+        now.duration_since(written).ok()
+    }
+}
+
+/// A digest of argv that tells results of different commands apart.
+pub fn argv_digest(argv: &[OsString]) -> String {
+    let mut bytes = Vec::new();
+    for arg in argv {
+        let arg = arg.as_encoded_bytes();
+        bytes.extend_from_slice(&(arg.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(arg);
+    }
+    format!("{:032x}", xxh3_128(&bytes))
+}
+
+/// argv as one line a user could paste back into a shell, for `status`.
+pub fn display_command(argv: &[OsString]) -> String {
+    let quote = |arg: &OsString| {
+        let arg = arg.to_string_lossy();
+        let plain = !arg.is_empty()
+            && arg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c));
+        if plain {
+            arg.into_owned()
+        } else {
+            format!("'{}'", arg.replace('\'', r"'\''"))
+        }
+    };
+    argv.iter().map(quote).collect::<Vec<_>>().join(" ")
+}
+
+pub fn now_ms(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why a file is no result.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Invalid {
+    Truncated,
+    Corrupt,
+    Foreign,
+}
+
+impl Invalid {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Invalid::Truncated => "truncated",
+            Invalid::Corrupt => "corrupt",
+            Invalid::Foreign => "not a singleflight result",
+        }
+    }
+}
+
+/// A valid result, read and checked.
+pub struct Entry {
+    pub meta: Meta,
+    pub body: Body,
+}
+
+/// Reads and checks the result at `path`: `Ok(None)` if there is none,
+/// `Err(Invalid)` if the file is not a complete result of this format.
+pub fn read(path: &Path) -> io::Result<Result<Option<Entry>, Invalid>> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Ok(None)),
+        Err(e) => return Err(e),
+    };
+    let file_len = file.metadata()?.len();
+    if file_len < HEADER_LEN {
+        return Ok(Err(Invalid::Truncated));
+    }
+    if file_len <= READ_WHOLE_MAX {
+        let mut bytes = vec![0; file_len as usize];
+        file.read_exact(&mut bytes)?;
+        let header = match Header::parse(&bytes, file_len) {
+            Ok(header) => header,
+            Err(invalid) => return Ok(Err(invalid)),
+        };
+        if xxh3_64(&bytes[HEADER_LEN as usize..]) != header.checksum {
+            return Ok(Err(Invalid::Corrupt));
+        }
+        let body_end = (HEADER_LEN + header.body_len) as usize;
+        let Ok(meta) = serde_json::from_slice(&bytes[body_end..]) else {
+            return Ok(Err(Invalid::Corrupt));
+        };
+        let body = Body::Memory {
+            bytes,
+            start: HEADER_LEN as usize,
+            end: body_end,
+        };
+        return Ok(Ok(Some(Entry { meta, body })));
+    }
+    // Large: check the checksum in one streaming pass, print in a second. The file is
+    // never written in place (only replaced by rename), so both passes see one version.
+    let mut head = [0; HEADER_LEN as usize];
+    file.read_exact(&mut head)?;
+    let header = match Header::parse(&head, file_len) {
+        Ok(header) => header,
+        Err(invalid) => return Ok(Err(invalid)),
+    };
+    let mut hasher = Xxh3::new();
+    let mut buffer = vec![0; 256 * 1024];
+    let mut meta_bytes = Vec::with_capacity(header.meta_len as usize);
+    let mut offset = HEADER_LEN;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        let chunk = &buffer[..n];
+        hasher.update(chunk);
+        let body_end = HEADER_LEN + header.body_len;
+        let meta_from = body_end.saturating_sub(offset).min(n as u64) as usize;
+        meta_bytes.extend_from_slice(&chunk[meta_from..]);
+        offset += n as u64;
+    }
+    if offset != file_len {
+        return Ok(Err(Invalid::Truncated));
+    }
+    if hasher.digest() != header.checksum {
+        return Ok(Err(Invalid::Corrupt));
+    }
+    let Ok(meta) = serde_json::from_slice(&meta_bytes) else {
+        return Ok(Err(Invalid::Corrupt));
+    };
+    let body = Body::File {
+        file,
+        offset: HEADER_LEN,
+        len: header.body_len,
+        tail: Vec::new(),
+    };
+    Ok(Ok(Some(Entry { meta, body })))
+}
+
+struct Header {
+    body_len: u64,
+    meta_len: u64,
+    checksum: u64,
+}
+
+impl Header {
+    fn parse(bytes: &[u8], file_len: u64) -> Result<Header, Invalid> {
+        let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+        if &bytes[..7] != MAGIC || bytes[7] != VERSION {
+            return Err(Invalid::Foreign);
+        }
+        let header = Header {
+            body_len: word(8),
+            meta_len: word(16),
+            checksum: word(24),
+        };
+        let expected = HEADER_LEN
+            .checked_add(header.body_len)
+            .and_then(|n| n.checked_add(header.meta_len));
+        match expected {
+            Some(len) if len == file_len => Ok(header),
+            Some(len) if len > file_len => Err(Invalid::Truncated),
+            _ => Err(Invalid::Corrupt),
+        }
+    }
+
+    fn to_bytes(&self) -> [u8; HEADER_LEN as usize] {
+        let mut bytes = [0; HEADER_LEN as usize];
+        bytes[..7].copy_from_slice(MAGIC);
+        bytes[7] = VERSION;
+        bytes[8..16].copy_from_slice(&self.body_len.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.meta_len.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.checksum.to_le_bytes());
+        bytes
+    }
+}
+
+/// The stdout of a result or of a run, ready to print.
+pub enum Body {
+    Memory {
+        bytes: Vec<u8>,
+        start: usize,
+        end: usize,
+    },
+    /// `len` bytes of `file` from `offset`, then `tail` (what did not fit on disk).
+    File {
+        file: File,
+        offset: u64,
+        len: u64,
+        tail: Vec<u8>,
+    },
+}
+
+impl Body {
+    /// How many bytes `print` writes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Memory { start, end, .. } => (end - start) as u64,
+            Body::File { len, tail, .. } => len + tail.len() as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn print(self, out: &mut impl Write) -> io::Result<()> {
+        match self {
+            Body::Memory { bytes, start, end } => out.write_all(&bytes[start..end])?,
+            Body::File {
+                mut file,
+                offset,
+                len,
+                tail,
+            } => {
+                file.seek(SeekFrom::Start(offset))?;
+                let copied = io::copy(&mut (&mut file).take(len), out)?;
+                if copied != len {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "result shrank",
+                    ));
+                }
+                out.write_all(&tail)?;
+            }
+        }
+        out.flush()
+    }
+}
+
+/// Streams a run's stdout into a temp file in the cache dir. If the disk refuses a
+/// write, the rest is kept in memory (bounded by `--max-output`) so that the caller
+/// still gets the run's output, and the result is not saved.
+pub struct EntryWriter {
+    temp: Option<tempfile::NamedTempFile>,
+    tail: Vec<u8>,
+    hasher: Xxh3,
+    written: u64,
+    error: Option<io::Error>,
+}
+
+impl EntryWriter {
+    pub fn create(store: &Store, name: &Name) -> EntryWriter {
+        let mut writer = EntryWriter {
+            temp: None,
+            tail: Vec::new(),
+            hasher: Xxh3::new(),
+            written: 0,
+            error: None,
+        };
+        let temp = store.temp_file(name).and_then(|mut temp| {
+            temp.write_all(&[0; HEADER_LEN as usize])?;
+            Ok(temp)
+        });
+        match temp {
+            Ok(temp) => writer.temp = Some(temp),
+            Err(e) => writer.error = Some(e),
+        }
+        writer
+    }
+
+    /// Appends a chunk of stdout.
+    pub fn write(&mut self, chunk: &[u8]) {
+        self.hasher.update(chunk);
+        if let (None, Some(temp)) = (&self.error, &mut self.temp) {
+            match temp.write_all(chunk) {
+                Ok(()) => {
+                    self.written += chunk.len() as u64;
+                    return;
+                }
+                // A partial write leaves the file length unknown: keep what is
+                // certainly there and the whole chunk in memory.
+                Err(e) => {
+                    let _ = temp.as_file().set_len(HEADER_LEN + self.written);
+                    let _ = temp.seek(SeekFrom::End(0));
+                    self.error = Some(e);
+                }
+            }
+        }
+        self.tail.extend_from_slice(chunk);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.written + self.tail.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Why the output cannot be saved, if a write failed.
+    pub fn error(&self) -> Option<&io::Error> {
+        self.error.as_ref()
+    }
+
+    /// Completes the file and renames it over `path`. On error the output is handed
+    /// back for printing, and whatever was at `path` is untouched.
+    pub fn save(
+        mut self,
+        meta: &Meta,
+        path: &Path,
+        store: &Store,
+    ) -> Result<Body, (io::Error, Body)> {
+        if let Some(error) = self.error.take() {
+            return Err((error, self.into_body()));
+        }
+        let Some(mut temp) = self.temp.take() else {
+            let error = io::Error::other("no temp file");
+            return Err((error, self.into_body()));
+        };
+        let meta_bytes = serde_json::to_vec(meta).expect("Meta serializes");
+        self.hasher.update(&meta_bytes);
+        let header = Header {
+            body_len: self.written,
+            meta_len: meta_bytes.len() as u64,
+            checksum: self.hasher.digest(),
+        };
+        let finished = (|| {
+            temp.write_all(&meta_bytes)?;
+            temp.seek(SeekFrom::Start(0))?;
+            temp.write_all(&header.to_bytes())?;
+            temp.as_file().sync_all()
+        })();
+        if let Err(e) = finished {
+            self.temp = Some(temp);
+            return Err((e, self.into_body()));
+        }
+        match temp.persist(path) {
+            Ok(file) => {
+                store.sync_dir();
+                Ok(Body::File {
+                    file,
+                    offset: HEADER_LEN,
+                    len: self.written,
+                    tail: Vec::new(),
+                })
+            }
+            Err(e) => {
+                self.temp = Some(e.file);
+                Err((e.error, self.into_body()))
+            }
+        }
+    }
+
+    /// The output for printing without saving it; the temp file is removed once the
+    /// body has been printed (it is unlinked on drop, the open file stays readable).
+    pub fn into_body(mut self) -> Body {
+        match self.temp.take() {
+            Some(temp) => {
+                let tail = std::mem::take(&mut self.tail);
+                match temp.reopen() {
+                    Ok(file) => Body::File {
+                        file,
+                        offset: HEADER_LEN,
+                        len: self.written,
+                        tail,
+                    },
+                    Err(_) => Body::Memory {
+                        bytes: tail.clone(),
+                        start: 0,
+                        end: tail.len(),
+                    },
+                }
+            }
+            None => {
+                let end = self.tail.len();
+                Body::Memory {
+                    bytes: std::mem::take(&mut self.tail),
+                    start: 0,
+                    end,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Meta {
+        Meta {
+            argv_digest: argv_digest(&["echo".into(), "hi".into()]),
+            command: "echo hi".into(),
+            written_at_ms: 1_000,
+            ttl_ms: 30_000,
+            exit_code: 0,
+            duration_ms: 5,
+        }
+    }
+
+    fn printed(body: Body) -> Vec<u8> {
+        let mut out = Vec::new();
+        body.print(&mut out).unwrap();
+        out
+    }
+
+    fn write_entry(store: &Store, body: &[u8]) -> std::path::PathBuf {
+        let name = Name::parse("t").unwrap();
+        let path = store.paths(&name).result;
+        let mut writer = EntryWriter::create(store, &name);
+        for chunk in body.chunks(7000) {
+            writer.write(chunk);
+        }
+        assert_eq!(
+            printed(writer.save(&meta(), &path, store).ok().unwrap()),
+            body
+        );
+        path
+    }
+
+    #[test]
+    fn round_trip_small_large_and_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::locate(Some(dir.path().into())).unwrap();
+        for body in [
+            Vec::new(),
+            b"no newline".to_vec(),
+            (0..=255u8).cycle().take(3 << 20).collect(),
+        ] {
+            let path = write_entry(&store, &body);
+            let entry = read(&path).unwrap().unwrap().unwrap();
+            assert_eq!(entry.meta.command, "echo hi");
+            assert_eq!(printed(entry.body), body);
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_flipped_byte_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::locate(Some(dir.path().into())).unwrap();
+        let path = write_entry(&store, b"hello world\n");
+        let good = std::fs::read(&path).unwrap();
+        for len in 0..good.len() {
+            std::fs::write(&path, &good[..len]).unwrap();
+            assert!(read(&path).unwrap().is_err(), "truncated to {len}");
+        }
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x20;
+            std::fs::write(&path, &bad).unwrap();
+            assert!(read(&path).unwrap().is_err(), "byte {i} flipped");
+        }
+        std::fs::write(&path, b"#!/bin/sh\necho some other file format entirely\n").unwrap();
+        assert_eq!(read(&path).unwrap().err(), Some(Invalid::Foreign));
+    }
+
+    #[test]
+    fn digests_tell_argv_apart() {
+        let d = |args: &[&str]| argv_digest(&args.iter().map(OsString::from).collect::<Vec<_>>());
+        assert_ne!(d(&["a b"]), d(&["a", "b"]));
+        assert_ne!(d(&["ab", ""]), d(&["a", "b"]));
+        assert_eq!(d(&["x", "y"]), d(&["x", "y"]));
+    }
+
+    #[test]
+    fn display_quotes_what_a_shell_would_split() {
+        let argv: Vec<OsString> = ["ccusage", "blocks", "--json", "a b", "it's"]
+            .map(Into::into)
+            .into();
+        assert_eq!(
+            display_command(&argv),
+            r"ccusage blocks --json 'a b' 'it'\''s'"
+        );
+    }
+}

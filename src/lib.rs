@@ -1,0 +1,44 @@
+//! singleflight: of any number of concurrent callers at most one runs the command;
+//! its stdout is cached atomically and everyone else gets the last good result.
+//!
+//! `main` parses the command line ([`cli`]) and calls [`run`]. The decision of every
+//! call is in [`decide`], carried out by [`flight`] with the cache ([`store`],
+//! [`entry`]), the lock ([`lock`]) and the process tree ([`run`](mod@run), [`reap`]).
+
+pub mod cli;
+pub mod decide;
+pub mod entry;
+pub mod exit;
+pub mod flight;
+pub mod lock;
+pub mod reap;
+pub mod record;
+pub mod run;
+pub mod say;
+pub mod status;
+pub mod store;
+pub mod values;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Verb};
+use crate::say::Say;
+use crate::store::Store;
+
+/// Carries out a parsed command line; returns the exit status.
+pub fn run(cli: Cli) -> Result<i32> {
+    let global = cli.global;
+    let store = Store::locate(global.cache_dir)?;
+    match cli.verb {
+        Some(Verb::Status { names, json }) => status::status(&store, names, json),
+        Some(Verb::Clear { names, all }) => status::clear(&store, names, all),
+        None => {
+            let opts = cli
+                .run
+                .resolve()
+                .expect("clap requires NAME without a verb");
+            let say = Say::new(Some(opts.name.clone()), global.verbose, global.quiet);
+            flight::Flight::new(opts, store, say).fly()
+        }
+    }
+}

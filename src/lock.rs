@@ -1,0 +1,97 @@
+//! The lock of a NAME: an OS advisory lock (flock on Unix, LockFileEx on Windows) on a
+//! file that is never deleted, so the kernel frees it when its holder dies. No PID
+//! files, no age heuristics, no steals.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+/// A held exclusive lock; released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct LockGuard {
+    file: File,
+}
+
+impl LockGuard {
+    /// The lock a `--background` caller handed to its refresher as an open file.
+    #[cfg(unix)]
+    pub fn inherited(fd: i32) -> LockGuard {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the caller that started us passed this fd open and locked, and
+        // nothing else in this process owns it.
+        LockGuard {
+            file: unsafe { File::from_raw_fd(fd) },
+        }
+    }
+
+    /// The locked file, so that a detached refresher can inherit the lock.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+fn open(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        // A read-only cache dir still has its lock files, and a lock needs no write access.
+        Err(e) if path.exists() => File::open(path).map_err(|_| e),
+        other => other,
+    }
+}
+
+/// Takes the exclusive lock if nobody holds it; `None` if somebody does.
+pub fn try_exclusive(path: &Path) -> io::Result<Option<LockGuard>> {
+    let file = open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(LockGuard { file })),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Whether somebody holds the lock now, without taking it for longer than a look.
+pub fn is_held(path: &Path) -> io::Result<bool> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let file = File::open(path)?;
+    match file.try_lock_shared() {
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Waits until the current holder (a run in flight) releases the lock, for at most
+/// `limit`. Returns whether it was released in time. Waiters share the lock, so they
+/// never hold up each other; it is released again at once.
+pub fn wait_released(path: &Path, limit: Duration) -> io::Result<bool> {
+    let file = open(path)?;
+    if file.try_lock_shared().is_ok() {
+        return Ok(true);
+    }
+    // flock has no timeout: block on a thread and stop listening at the deadline. A
+    // thread still blocked then ends with the process, which exits right after.
+    let (sender, receiver) = mpsc::channel();
+    thread::spawn(move || {
+        let result = file.lock_shared();
+        let _ = sender.send(result);
+    });
+    match receiver.recv_timeout(limit) {
+        Ok(result) => result.map(|()| true),
+        Err(_) => Ok(false),
+    }
+}
+
+/// Takes the exclusive lock, waiting as long as it takes (for `clear`).
+pub fn exclusive(path: &Path) -> io::Result<LockGuard> {
+    let file = open(path)?;
+    file.lock()?;
+    Ok(LockGuard { file })
+}

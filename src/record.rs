@@ -1,0 +1,57 @@
+//! The small JSON side files of a NAME: the last failed run (for `--retry-after` and
+//! `status`) and the run in flight (so that a later winner can kill what a killed run
+//! left behind). A missing or unreadable record counts as none.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The last run that failed: exited non-zero, timed out, overflowed `--max-output`,
+/// or could not start.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Failure {
+    pub at_ms: u64,
+    pub argv_digest: String,
+    pub exit_code: i32,
+    /// In words: `exit status 3`, `timed out after 60s`, `output over 16.0MiB`.
+    pub reason: String,
+    /// The last lines of the run's stderr.
+    pub stderr_tail: String,
+    pub duration_ms: u64,
+}
+
+impl Failure {
+    pub fn age(&self, now: SystemTime) -> Duration {
+        let at = UNIX_EPOCH + Duration::from_millis(self.at_ms);
+        now.duration_since(at).unwrap_or_default()
+    }
+}
+
+/// The identity of a run in flight, written by its winner before the command starts
+/// and removed once the whole tree is gone.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Set in every process of the run's tree as `SINGLEFLIGHT_RUN_ID`.
+    pub token: String,
+    /// The kernel's boot id: a record from before a reboot names nothing alive.
+    pub boot_id: String,
+    /// singleflight's own pid.
+    pub owner_pid: u32,
+    /// The command's pid, which is also its process group id; 0 until it started.
+    pub pid: u32,
+    /// The command's start time in clock ticks since boot (`/proc/PID/stat` field 22).
+    pub start_ticks: u64,
+    pub started_at_ms: u64,
+}
+
+pub fn load<T: DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+pub fn to_bytes<T: Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).expect("records serialize")
+}

@@ -1,0 +1,323 @@
+//! One run of the command: spawned in its own process group with stdin from nothing,
+//! stdout streamed into the result's temp file (capped), stderr passed through with
+//! its tail kept, under a hard timeout with SIGTERM then SIGKILL of the whole tree,
+//! and never returning while a process it started is alive.
+
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::entry::EntryWriter;
+use crate::exit::{self, Exit};
+use crate::reap::{self, Stop};
+
+/// How much of a failed run's stderr is kept for `status`.
+const STDERR_TAIL: usize = 2048;
+const CHUNK: usize = 64 * 1024;
+
+pub struct RunSpec<'a> {
+    pub argv: &'a [OsString],
+    pub timeout: Duration,
+    pub kill_after: Duration,
+    pub max_output: u64,
+    /// Pass the command's stderr through to ours (the foreground caller's terminal).
+    pub pass_stderr: bool,
+    /// Marks every process of the run (see `reap::RUN_ID_ENV`).
+    pub token: &'a str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Exited(i32),
+    /// The command was killed by this signal, not by us.
+    Signaled(i32),
+    TimedOut,
+    /// stdout went past `--max-output`.
+    OutputOverflow,
+    /// singleflight got this signal and stopped the run.
+    Interrupted(i32),
+}
+
+impl Outcome {
+    /// The status a caller exits with after this run.
+    pub fn exit_status(self) -> i32 {
+        match self {
+            Outcome::Exited(code) => code,
+            Outcome::Signaled(signal) | Outcome::Interrupted(signal) => exit::signaled(signal),
+            Outcome::TimedOut => exit::TIMED_OUT,
+            Outcome::OutputOverflow => exit::INTERNAL,
+        }
+    }
+
+    pub fn succeeded(self) -> bool {
+        self == Outcome::Exited(0)
+    }
+
+    /// A failure of the command itself, which `--cache-failures` may cache.
+    pub fn is_own_failure(self) -> bool {
+        matches!(self, Outcome::Exited(_) | Outcome::Signaled(_)) && !self.succeeded()
+    }
+}
+
+pub struct Finished {
+    pub outcome: Outcome,
+    pub duration: Duration,
+    pub stdout: EntryWriter,
+    pub stderr_tail: Vec<u8>,
+}
+
+enum Event {
+    Exited(io::Result<ExitStatus>),
+    Overflow,
+    Stdout(Box<EntryWriter>),
+    Stderr(Vec<u8>),
+    Signal(i32),
+}
+
+/// Runs the command to the end, however it ends. `started` is told the command's pid
+/// as soon as it runs. Only a command that cannot be started is an error (126/127).
+pub fn run(
+    spec: &RunSpec,
+    stdout: EntryWriter,
+    started: impl FnOnce(u32),
+) -> anyhow::Result<Finished> {
+    let (events, receiver) = mpsc::channel();
+    // Handlers go in before the spawn: a Ctrl-C a moment later must not orphan the tree.
+    let signals = SignalForwarder::start(events.clone());
+    reap::become_subreaper();
+
+    let mut command = Command::new(&spec.argv[0]);
+    command
+        .args(&spec.argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    reap::prepare(&mut command, spec.token);
+    let start = Instant::now();
+    let mut child = command
+        .spawn()
+        .map_err(|e| spawn_error(&spec.argv[0], &e))?;
+    let group = child.id();
+    started(group);
+
+    let out = child.stdout.take().expect("stdout is piped");
+    let max = spec.max_output;
+    let sender = events.clone();
+    thread::spawn(move || stream_stdout(out, stdout, max, sender));
+    let err = child.stderr.take().expect("stderr is piped");
+    let (sender, pass) = (events.clone(), spec.pass_stderr);
+    thread::spawn(move || {
+        let _ = sender.send(Event::Stderr(tee_stderr(err, pass)));
+    });
+    spawn_waiter(child, events);
+
+    let mut streams = Streams::default();
+    let outcome = match next(&receiver, Some(start + spec.timeout), &mut streams) {
+        Wake::Exited(status) => outcome_of(status),
+        Wake::Stop(stop) => {
+            terminate(group, spec.kill_after, &receiver, &mut streams);
+            stop
+        }
+        Wake::Deadline => {
+            terminate(group, spec.kill_after, &receiver, &mut streams);
+            Outcome::TimedOut
+        }
+    };
+    reap::kill_leftovers(group);
+    let duration = start.elapsed();
+    signals.stop();
+
+    // Every process that held the pipes is dead now, so both readers reach the end.
+    let mut outcome = outcome;
+    while streams.stdout.is_none() || streams.stderr_tail.is_none() {
+        match next(&receiver, None, &mut streams) {
+            Wake::Stop(Outcome::OutputOverflow) if outcome.succeeded() => {
+                outcome = Outcome::OutputOverflow
+            }
+            Wake::Stop(Outcome::Interrupted(signal)) => outcome = Outcome::Interrupted(signal),
+            _ => {}
+        }
+    }
+    Ok(Finished {
+        outcome,
+        duration,
+        stdout: streams.stdout.expect("loop ends with stdout"),
+        stderr_tail: streams.stderr_tail.expect("loop ends with the tail"),
+    })
+}
+
+/// What the reader threads hand back when their streams end.
+#[derive(Default)]
+struct Streams {
+    stdout: Option<EntryWriter>,
+    stderr_tail: Option<Vec<u8>>,
+}
+
+enum Wake {
+    Exited(io::Result<ExitStatus>),
+    /// The run must stop: output overflow, or a signal to singleflight.
+    Stop(Outcome),
+    Deadline,
+}
+
+/// Waits for the next event that matters, until `deadline` (`None`: no limit), and
+/// keeps the streams handed back meanwhile.
+fn next(receiver: &Receiver<Event>, deadline: Option<Instant>, streams: &mut Streams) -> Wake {
+    loop {
+        let event = match deadline {
+            Some(deadline) => {
+                receiver.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            }
+            None => receiver.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match event {
+            Ok(Event::Exited(status)) => return Wake::Exited(status),
+            Ok(Event::Overflow) => return Wake::Stop(Outcome::OutputOverflow),
+            Ok(Event::Signal(signal)) => return Wake::Stop(Outcome::Interrupted(signal)),
+            Ok(Event::Stdout(writer)) => streams.stdout = Some(*writer),
+            Ok(Event::Stderr(tail)) => streams.stderr_tail = Some(tail),
+            Err(RecvTimeoutError::Timeout) => return Wake::Deadline,
+            // Every sender is gone: nothing more will come.
+            Err(RecvTimeoutError::Disconnected) => {
+                return Wake::Exited(Err(io::Error::other("event channel closed")));
+            }
+        }
+    }
+}
+
+/// SIGTERM to the tree, up to `kill_after` for the command to exit, then SIGKILL.
+/// Returns once the command itself has exited.
+fn terminate(group: u32, kill_after: Duration, receiver: &Receiver<Event>, streams: &mut Streams) {
+    reap::signal_tree(group, Stop::Term);
+    let grace_ends = Instant::now() + kill_after;
+    loop {
+        match next(receiver, Some(grace_ends), streams) {
+            Wake::Exited(_) => return,
+            Wake::Stop(Outcome::OutputOverflow) => continue,
+            // The grace ran out, or a second Ctrl-C: now.
+            Wake::Stop(_) | Wake::Deadline => break,
+        }
+    }
+    reap::signal_tree(group, Stop::Kill);
+    while !matches!(next(receiver, None, streams), Wake::Exited(_)) {}
+}
+
+fn spawn_error(program: &OsString, error: &io::Error) -> anyhow::Error {
+    let program = program.to_string_lossy();
+    let (status, what) = match error.kind() {
+        io::ErrorKind::NotFound => (exit::NOT_FOUND, "command not found"),
+        _ => (exit::CANNOT_EXECUTE, "cannot execute"),
+    };
+    Exit::new(status, format!("{what}: {program}: {error}")).into()
+}
+
+fn spawn_waiter(mut child: Child, events: Sender<Event>) {
+    thread::spawn(move || {
+        let _ = events.send(Event::Exited(child.wait()));
+    });
+}
+
+fn outcome_of(status: io::Result<ExitStatus>) -> Outcome {
+    let Ok(status) = status else {
+        return Outcome::Exited(exit::INTERNAL);
+    };
+    if let Some(code) = status.code() {
+        return Outcome::Exited(code);
+    }
+    #[cfg(unix)]
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+        return Outcome::Signaled(signal);
+    }
+    Outcome::Exited(exit::INTERNAL)
+}
+
+/// Copies stdout into the writer, never past `max` bytes: at the cap it reports the
+/// overflow and stops reading (the run is then killed).
+fn stream_stdout(mut out: ChildStdout, mut writer: EntryWriter, max: u64, events: Sender<Event>) {
+    let mut buffer = vec![0; CHUNK];
+    loop {
+        let n = match out.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let room = max.saturating_sub(writer.len());
+        if n as u64 > room {
+            writer.write(&buffer[..room as usize]);
+            let _ = events.send(Event::Overflow);
+            break;
+        }
+        writer.write(&buffer[..n]);
+    }
+    let _ = events.send(Event::Stdout(Box::new(writer)));
+}
+
+/// Passes stderr through as it comes (with `pass`) and keeps its tail.
+fn tee_stderr(mut err: ChildStderr, pass: bool) -> Vec<u8> {
+    let mut buffer = vec![0; CHUNK];
+    let mut tail = Vec::new();
+    let mut stderr = io::stderr();
+    loop {
+        let n = match err.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if pass {
+            let _ = stderr.write_all(&buffer[..n]);
+        }
+        tail.extend_from_slice(&buffer[..n]);
+        if tail.len() > 2 * STDERR_TAIL {
+            tail.drain(..tail.len() - STDERR_TAIL);
+        }
+    }
+    if tail.len() > STDERR_TAIL {
+        tail.drain(..tail.len() - STDERR_TAIL);
+    }
+    tail
+}
+
+/// Turns SIGINT, SIGTERM and SIGHUP into events while a run is in flight.
+struct SignalForwarder {
+    #[cfg(unix)]
+    handle: Option<signal_hook::iterator::Handle>,
+}
+
+impl SignalForwarder {
+    fn start(events: Sender<Event>) -> SignalForwarder {
+        #[cfg(unix)]
+        {
+            use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+            let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+            else {
+                return SignalForwarder { handle: None };
+            };
+            let handle = signals.handle();
+            thread::spawn(move || {
+                for signal in signals.forever() {
+                    let _ = events.send(Event::Signal(signal));
+                }
+            });
+            SignalForwarder {
+                handle: Some(handle),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = events;
+            SignalForwarder {}
+        }
+    }
+
+    fn stop(self) {
+        #[cfg(unix)]
+        if let Some(handle) = self.handle {
+            handle.close();
+        }
+    }
+}

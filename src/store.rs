@@ -1,0 +1,204 @@
+//! The cache dir: where it is, creating it `0700` and refusing one that another user
+//! could write into, the file names of a NAME, atomic replacement, old temp cleanup.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+
+use crate::exit::{Exit, INTERNAL};
+use crate::values::Name;
+
+/// Temp files older than this belong to a crashed run and are removed.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(15 * 60);
+/// Every temp file starts with this, so cleanup never touches anything else.
+const TEMP_PREFIX: &str = ".tmp.";
+
+/// The files of one NAME.
+pub struct Paths {
+    /// The cached result: header, stdout, metadata (see `entry`).
+    pub result: PathBuf,
+    /// The advisory lock; never deleted.
+    pub lock: PathBuf,
+    /// The last failed run (see `record`).
+    pub failure: PathBuf,
+    /// The run in flight, so that a later winner can kill what a killed run left.
+    pub run: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// The cache dir to use: `--cache-dir` / `SINGLEFLIGHT_CACHE_DIR`, else the
+    /// platform's cache dir + `singleflight`. Nothing is touched on disk.
+    pub fn locate(explicit: Option<PathBuf>) -> Result<Store> {
+        let dir = match explicit {
+            Some(dir) => dir,
+            None => dirs::cache_dir()
+                .ok_or_else(|| {
+                    Exit::new(
+                        INTERNAL,
+                        "no cache dir: set HOME, SINGLEFLIGHT_CACHE_DIR or --cache-dir",
+                    )
+                })?
+                .join("singleflight"),
+        };
+        Ok(Store { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn paths(&self, name: &Name) -> Paths {
+        let file = |extension: &str| self.dir.join(format!("{name}.{extension}"));
+        Paths {
+            result: file("result"),
+            lock: file("lock"),
+            failure: file("failure"),
+            run: file("run"),
+        }
+    }
+
+    /// Checks the dir if it exists: `Ok(false)` when it does not (nothing is cached).
+    /// This is the only check on the hit path: one `stat`.
+    pub fn verify_existing(&self) -> Result<bool> {
+        match fs::metadata(&self.dir) {
+            Ok(meta) => self.verify(&meta).map(|()| true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.unusable(&e.to_string())),
+        }
+    }
+
+    /// Creates the dir (`0700`) if needed and checks it.
+    pub fn ensure(&self) -> Result<()> {
+        if self.verify_existing()? {
+            return Ok(());
+        }
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(&self.dir)
+            .map_err(|e| self.unusable(&format!("cannot create it: {e}")))?;
+        let meta = fs::metadata(&self.dir).map_err(|e| self.unusable(&e.to_string()))?;
+        self.verify(&meta)
+    }
+
+    fn verify(&self, meta: &fs::Metadata) -> Result<()> {
+        if !meta.is_dir() {
+            return Err(self.unusable("it is not a directory"));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let me = rustix::process::geteuid().as_raw();
+            if meta.uid() != me {
+                return Err(self.unusable(&format!(
+                    "it is owned by uid {}, not by you (uid {me})",
+                    meta.uid()
+                )));
+            }
+            let mode = meta.mode() & 0o7777;
+            if mode & 0o022 != 0 {
+                return Err(self.unusable(&format!(
+                    "it is writable by others (mode {mode:04o}); run chmod 700 on it"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn unusable(&self, reason: &str) -> anyhow::Error {
+        Exit::new(
+            INTERNAL,
+            format!("cache dir {} is unusable: {reason}", self.dir.display()),
+        )
+        .into()
+    }
+
+    /// A new temp file in the cache dir (`0600`), to be renamed over a real name.
+    pub fn temp_file(&self, name: &Name) -> io::Result<tempfile::NamedTempFile> {
+        tempfile::Builder::new()
+            .prefix(&format!("{TEMP_PREFIX}{name}."))
+            .tempfile_in(&self.dir)
+    }
+
+    /// Writes `bytes` to `path` all at once: temp file, rename. With `durable`, the
+    /// file and the dir are fsynced too.
+    pub fn write_atomically(
+        &self,
+        name: &Name,
+        path: &Path,
+        bytes: &[u8],
+        durable: bool,
+    ) -> Result<()> {
+        let mut temp = self.temp_file(name)?;
+        temp.write_all(bytes)?;
+        if durable {
+            temp.as_file().sync_all()?;
+        }
+        temp.persist(path)
+            .with_context(|| format!("cannot replace {}", path.display()))?;
+        if durable {
+            self.sync_dir();
+        }
+        Ok(())
+    }
+
+    /// Makes a rename in the cache dir durable. Best effort: not every platform can
+    /// open a directory to fsync it.
+    pub fn sync_dir(&self) {
+        #[cfg(unix)]
+        if let Ok(dir) = File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+    }
+
+    /// Removes temp files that crashed runs left behind, once they are old.
+    pub fn remove_stale_temps(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let now = SystemTime::now();
+        for entry in entries.flatten() {
+            let is_temp = entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX);
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|modified| {
+                    now.duration_since(modified).unwrap_or_default() > STALE_TEMP_AGE
+                });
+            if is_temp && old {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Every NAME that has a file in the cache dir, sorted.
+    pub fn names(&self) -> Result<Vec<Name>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.unusable(&e.to_string())),
+        };
+        let mut names: Vec<Name> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let file = entry.file_name();
+                let (stem, extension) = file.to_str()?.rsplit_once('.')?;
+                matches!(extension, "result" | "lock" | "failure" | "run")
+                    .then(|| Name::parse(stem).ok())?
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+}
