@@ -1,0 +1,176 @@
+//! A throw-away world for one test: a private cache dir, helper scripts, a run
+//! counter, gates to hold a command until the test lets it go, and a look at the
+//! process table. Every test drives the real binary.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for something that must happen before calling it a hang.
+/// Not a speed assertion: a correct run is done in a small fraction of it.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub struct TestEnv {
+    root: tempfile::TempDir,
+    pub cache: PathBuf,
+}
+
+impl TestEnv {
+    pub fn new() -> TestEnv {
+        let root = tempfile::tempdir().expect("temp dir");
+        let cache = root.path().join("cache");
+        TestEnv { root, cache }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// A path inside the test's private dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// `singleflight` with this test's cache dir and nothing inherited that matters.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_singleflight"));
+        command
+            .env("SINGLEFLIGHT_CACHE_DIR", &self.cache)
+            .env_remove("SINGLEFLIGHT_BACKEND")
+            .current_dir(self.root.path());
+        command
+    }
+
+    /// `singleflight` as an `assert_cmd` command, for tests that read like the manual.
+    pub fn sf(&self) -> assert_cmd::Command {
+        assert_cmd::Command::from_std(self.command())
+    }
+
+    /// `singleflight ARGS...`, run to the end with stdin from nothing.
+    pub fn run<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("singleflight runs")
+    }
+
+    /// `singleflight ARGS...` started in the background with stdout and stderr piped.
+    pub fn spawn<I, S>(&self, args: I) -> Child
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.command()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("singleflight starts")
+    }
+
+    /// Writes an executable `sh` script and returns its path.
+    pub fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.path(name);
+        fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod script");
+        path
+    }
+
+    /// A file that each run appends a line to; `runs()` counts them.
+    pub fn counter(&self) -> PathBuf {
+        self.path("runs")
+    }
+
+    pub fn runs(&self) -> usize {
+        fs::read_to_string(self.counter()).map_or(0, |text| text.lines().count())
+    }
+
+    /// A named pipe; a command that reads it blocks until the test writes to it.
+    pub fn fifo(&self, name: &str) -> PathBuf {
+        let path = self.path(name);
+        let status = Command::new("mkfifo").arg(&path).status().expect("mkfifo runs");
+        assert!(status.success(), "mkfifo {}", path.display());
+        path
+    }
+
+    /// The files of NAME in the cache dir.
+    pub fn result_file(&self, name: &str) -> PathBuf {
+        self.cache.join(format!("{name}.result"))
+    }
+}
+
+/// Waits until `condition` holds; panics (the test failed) after [`PATIENCE`].
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < PATIENCE, "gave up waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits for a child to exit, panicking if it hangs past [`PATIENCE`].
+pub fn finish(child: Child) -> Output {
+    let pid = child.id();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(child.wait_with_output());
+    });
+    match receiver.recv_timeout(PATIENCE) {
+        Ok(output) => output.expect("wait for singleflight"),
+        Err(_) => panic!("singleflight (pid {pid}) did not exit"),
+    }
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn status(output: &Output) -> i32 {
+    output.status.code().unwrap_or(-1)
+}
+
+/// The pids of live processes whose command line contains `marker`.
+pub fn alive(marker: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !zombie && cmdline.contains(marker) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// A marker unique to this call, for `sleep MARKER` style processes.
+pub fn marker() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{}.{}{:04}", 1000 + std::process::id() % 9000, n, std::process::id() % 10000)
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
