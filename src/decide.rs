@@ -106,8 +106,11 @@ pub enum AfterWait {
     GiveUp,
 }
 
-pub fn after_wait(cached: Cached, policy: Policy) -> AfterWait {
-    if cached.servable_stale(policy.max_stale) {
+/// `fresh_from_run`: the result was written by the run that was waited for, which
+/// makes it servable whatever `--max-stale` says (that bounds only results served
+/// while a run is in flight).
+pub fn after_wait(cached: Cached, fresh_from_run: bool, policy: Policy) -> AfterWait {
+    if cached != Cached::Missing && fresh_from_run || cached.servable_stale(policy.max_stale) {
         AfterWait::Serve
     } else {
         AfterWait::GiveUp
@@ -193,7 +196,15 @@ mod tests {
                 (OnLost::Wait, AfterWait::GiveUp)
             };
             assert_eq!(on_lost(cached, p), lost, "{cached:?} {max_stale:?}");
-            assert_eq!(after_wait(cached, p), after, "{cached:?} {max_stale:?}");
+            assert_eq!(after_wait(cached, false, p), after, "{cached:?} {max_stale:?}");
         }
+    }
+
+    #[test]
+    fn what_the_awaited_run_wrote_is_served_whatever_its_age() {
+        let p = policy(Some(0));
+        assert_eq!(after_wait(stale(5), true, p), AfterWait::Serve);
+        assert_eq!(after_wait(stale(5), false, p), AfterWait::GiveUp);
+        assert_eq!(after_wait(Cached::Missing, true, p), AfterWait::GiveUp);
     }
 }

@@ -1,6 +1,7 @@
 //! The run form, `singleflight NAME -- COMMAND`: look, lock, then run, wait or serve,
 //! as `decide` says. All the I/O of a call lives here or below.
 
+use std::cell::Cell;
 use std::fs;
 use std::io;
 use std::time::{Duration, SystemTime};
@@ -25,6 +26,8 @@ pub struct Flight {
     paths: Paths,
     digest: String,
     say: Say,
+    /// A damaged result is reported once per call, not at every look.
+    reported_invalid: Cell<bool>,
 }
 
 /// What the cache holds, read and judged at one moment.
@@ -41,6 +44,7 @@ impl Flight {
             opts,
             store,
             say,
+            reported_invalid: Cell::new(false),
         }
     }
 
@@ -97,6 +101,9 @@ impl Flight {
             }
             Ok(Ok(_)) => self.nothing(),
             Ok(Err(invalid)) => {
+                if self.reported_invalid.replace(true) {
+                    return self.nothing();
+                }
                 self.say.warn(format_args!(
                     "ignoring the cached result: it is {} ({}); the next run replaces it",
                     invalid.as_str(),
@@ -216,11 +223,12 @@ impl Flight {
                 ));
                 self.serve(look)
             }
-            OnLost::Wait => self.wait_for_run(&self.describe(look.cached)),
+            OnLost::Wait => self.wait_for_run(&look, &self.describe(look.cached)),
         }
     }
 
-    fn wait_for_run(&self, why: &str) -> Result<i32> {
+    /// Waits for the run in flight; `before` is what the cache held before it.
+    fn wait_for_run(&self, before: &Look, why: &str) -> Result<i32> {
         let released = lock::wait_released(&self.paths.lock, self.opts.wait)
             .with_context(|| format!("cannot lock {}", self.paths.lock.display()))?;
         let name = &self.opts.name;
@@ -231,7 +239,9 @@ impl Flight {
             return Err(Exit::new(exit::NOTHING_TO_SERVE, message).into());
         }
         let look = self.look();
-        match decide::after_wait(look.cached, self.policy()) {
+        let written = |look: &Look| look.entry.as_ref().map(|e| e.meta.written_at_ms);
+        let fresh_from_run = written(&look) != written(before);
+        match decide::after_wait(look.cached, fresh_from_run, self.policy()) {
             AfterWait::Serve => {
                 self.say.decided(format_args!(
                     "{why}; waited for the run in flight: served its result"
@@ -269,7 +279,8 @@ impl Flight {
                 self.serve(look)
             }
             OnLost::Wait => {
-                self.wait_for_run(&format!("{}; {refresh}", self.describe(look.cached)))
+                let why = format!("{}; {refresh}", self.describe(look.cached));
+                self.wait_for_run(&look, &why)
             }
         }
     }

@@ -1,0 +1,144 @@
+//! Bad input and an unusable cache dir: one clear line on stderr, the documented exit
+//! status, the command not run, and nothing cached lost.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use common::{TestEnv, is_root, status, stderr, stdout};
+
+/// A cache with one good result in it, and the command that made it.
+fn primed() -> (TestEnv, Vec<String>, Vec<u8>) {
+    let env = TestEnv::new();
+    let script = format!("echo run >> '{}'; echo cached", env.counter().display());
+    let command = vec!["sh".into(), "-c".into(), script];
+    let out = env.run([&["keep".to_string(), "--".into()][..], &command].concat());
+    assert_eq!(stdout(&out), "cached\n");
+    let bytes = fs::read(env.result_file("keep")).unwrap();
+    (env, command, bytes)
+}
+
+fn assert_one_line(text: &str, needle: &str) {
+    assert!(text.contains(needle), "expected {needle:?} in {text:?}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("singleflight") || l.starts_with("error")).count(), 1, "{text}");
+}
+
+#[test]
+fn bad_values_are_usage_errors_that_quote_the_value_and_lose_nothing() {
+    let (env, command, before) = primed();
+    let long = "x".repeat(200);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["../x"], "\"../x\""),
+        (vec!["a/b"], "\"a/b\""),
+        (vec![""], "invalid NAME"),
+        (vec![&long], "invalid NAME"),
+        (vec!["keep", "--ttl", "5parsecs"], "\"5parsecs\""),
+        (vec!["keep", "--timeout", "-1"], "-1"),
+        (vec!["keep", "--max-output", "12XB"], "\"12XB\""),
+        (vec!["keep", "--bogus"], "--bogus"),
+    ];
+    for (args, needle) in cases {
+        let full: Vec<String> = args.iter().map(|s| s.to_string()).chain(["--".into()]).chain(command.clone()).collect();
+        let out = env.run(&full);
+        assert_eq!(status(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty());
+    }
+    let no_command = env.run(["keep"]);
+    assert_eq!(status(&no_command), 2);
+    assert!(stderr(&no_command).contains("COMMAND"), "{}", stderr(&no_command));
+    let empty_command = env.run(["keep", "--"]);
+    assert_eq!(status(&empty_command), 2);
+    assert_eq!(fs::read(env.result_file("keep")).unwrap(), before);
+    assert_eq!(env.runs(), 1);
+}
+
+#[test]
+fn a_name_error_says_what_a_valid_name_looks_like() {
+    let env = TestEnv::new();
+    let out = env.run(["a/b", "--", "true"]);
+    assert!(stderr(&out).contains("letters, digits, '.', '_' or '-'"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_missing_or_unexecutable_command_is_127_or_126_and_keeps_the_cache() {
+    let (env, _, before) = primed();
+    let out = env.run(["keep", "--ttl", "0", "--", "no-such-command-here"]);
+    assert_eq!(status(&out), 127);
+    assert_one_line(&stderr(&out), "no-such-command-here");
+    let file = env.path("not-executable");
+    fs::write(&file, "echo hi").unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = env.run(["keep", "--ttl", "0", "--", file.to_str().unwrap()]);
+    assert_eq!(status(&out), 126);
+    assert_one_line(&stderr(&out), "not-executable");
+    assert_eq!(fs::read(env.result_file("keep")).unwrap(), before);
+}
+
+fn assert_refused(env: &TestEnv, cache: &std::path::Path, reason: &str) {
+    let script = format!("echo run >> '{}'", env.counter().display());
+    let out = env
+        .command()
+        .args(["--cache-dir", cache.to_str().unwrap(), "x", "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert_one_line(&stderr(&out), reason);
+    assert!(stderr(&out).contains(cache.to_str().unwrap()), "names the dir: {}", stderr(&out));
+    assert_eq!(env.runs(), 0, "the command was not run");
+}
+
+#[test]
+fn an_unusable_cache_dir_is_125_naming_the_dir_and_the_reason() {
+    let env = TestEnv::new();
+    let file = env.path("a-file");
+    fs::write(&file, "").unwrap();
+    assert_refused(&env, &file, "not a directory");
+    assert_refused(&env, &file.join("below"), "Not a directory");
+    assert_refused(&env, std::path::Path::new("/proc/self/no-such-cache"), "cannot create it");
+    let open = env.path("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+    assert_refused(&env, &open, "writable by others (mode 0777)");
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o770)).unwrap();
+    assert_refused(&env, &open, "writable by others (mode 0770)");
+}
+
+#[test]
+fn a_cache_dir_owned_by_another_user_is_refused() {
+    let env = TestEnv::new();
+    let theirs = env.path("theirs");
+    fs::create_dir(&theirs).unwrap();
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to give a dir to another user");
+        return;
+    }
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    assert_refused(&env, &theirs, "owned by uid 65534");
+}
+
+#[test]
+fn verbose_says_what_was_decided_in_one_line_and_quiet_says_nothing() {
+    let env = TestEnv::new();
+    let ran = env.run(["-v", "v", "--", "echo", "x"]);
+    assert_one_line(&stderr(&ran), "ran the command");
+    let hit = env.run(["v", "-v", "--", "echo", "x"]);
+    assert_one_line(&stderr(&hit), "fresh");
+    fs::write(env.result_file("v"), "garbage").unwrap();
+    let warned = env.run(["v", "--", "echo", "x"]);
+    assert_one_line(&stderr(&warned), "ignoring the cached result");
+    fs::write(env.result_file("v"), "garbage").unwrap();
+    let quiet = env.run(["v", "-q", "--", "echo", "x"]);
+    assert_eq!(stderr(&quiet), "");
+    assert_eq!(stdout(&quiet), "x\n");
+}
+
+#[test]
+fn durations_in_every_documented_form_are_accepted() {
+    let env = TestEnv::new();
+    for ttl in ["500ms", "30s", "5m", "1h", "1h30m", "30", "0"] {
+        let out = env.run(["d", "--ttl", ttl, "--", "true"]);
+        assert_eq!(status(&out), 0, "--ttl {ttl}: {}", stderr(&out));
+    }
+}
