@@ -56,11 +56,7 @@ impl TestEnv {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.command()
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("singleflight runs")
+        finish(self.spawn(args))
     }
 
     /// `singleflight ARGS...` started in the background with stdout and stderr piped.
