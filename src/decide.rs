@@ -196,7 +196,11 @@ mod tests {
                 (OnLost::Wait, AfterWait::GiveUp)
             };
             assert_eq!(on_lost(cached, p), lost, "{cached:?} {max_stale:?}");
-            assert_eq!(after_wait(cached, false, p), after, "{cached:?} {max_stale:?}");
+            assert_eq!(
+                after_wait(cached, false, p),
+                after,
+                "{cached:?} {max_stale:?}"
+            );
         }
     }
 

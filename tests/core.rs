@@ -11,7 +11,10 @@ use common::{TestEnv, alive, finish, marker, status, stderr, stdout, wait_until}
 
 /// A command that counts its runs in the test's counter file and prints `output`.
 fn counting(env: &TestEnv, output: &str) -> Vec<String> {
-    let script = format!("echo run >> '{}'; printf '%s' '{output}'", env.counter().display());
+    let script = format!(
+        "echo run >> '{}'; printf '%s' '{output}'",
+        env.counter().display()
+    );
     vec!["sh".into(), "-c".into(), script]
 }
 
@@ -39,7 +42,11 @@ fn a_hit_is_byte_for_byte_for_binary_empty_and_unterminated_output() {
     let env = TestEnv::new();
     let binary: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
     fs::write(env.path("blob"), &binary).unwrap();
-    let cases: [(&str, &[u8]); 3] = [("blob", &binary), ("empty", b""), ("unterminated", b"no newline")];
+    let cases: [(&str, &[u8]); 3] = [
+        ("blob", &binary),
+        ("empty", b""),
+        ("unterminated", b"no newline"),
+    ];
     for (name, bytes) in cases {
         fs::write(env.path(name), bytes).unwrap();
         let command = ["cat".to_string(), env.path(name).display().to_string()];
@@ -54,7 +61,10 @@ fn a_hit_is_byte_for_byte_for_binary_empty_and_unterminated_output() {
 #[test]
 fn a_cached_failure_is_served_with_its_own_exit_status() {
     let env = TestEnv::new();
-    let script = format!("echo run >> '{}'; echo partial; exit 3", env.counter().display());
+    let script = format!(
+        "echo run >> '{}'; echo partial; exit 3",
+        env.counter().display()
+    );
     let command = ["sh".to_string(), "-c".into(), script];
     for _ in 0..2 {
         let out = call(&env, "flaky", &["--cache-failures"], &command);
@@ -87,7 +97,12 @@ fn a_herd_of_callers_on_a_cold_name_runs_the_command_once_and_all_get_its_output
     fs::write(&gate, "").unwrap();
     for caller in callers {
         let out = finish(caller);
-        assert_eq!((status(&out), stdout(&out).as_str()), (4, "herd-output\n"), "{}", stderr(&out));
+        assert_eq!(
+            (status(&out), stdout(&out).as_str()),
+            (4, "herd-output\n"),
+            "{}",
+            stderr(&out)
+        );
     }
     assert_eq!(env.runs(), 1);
 }
@@ -131,13 +146,19 @@ fn with_nothing_servable_a_loser_waits_for_the_run_and_gives_up_after_wait() {
         gate.display()
     );
     let args = |wait: &str| {
-        ["slow", "--wait", wait, "--", "sh", "-c", &script].map(String::from).to_vec()
+        ["slow", "--wait", wait, "--", "sh", "-c", &script]
+            .map(String::from)
+            .to_vec()
     };
     let winner = env.spawn(args("60s"));
     wait_until("the run started", || started.exists());
     let impatient = env.run(args("100ms"));
     assert_eq!(status(&impatient), 75);
-    assert!(stderr(&impatient).contains("--wait 100ms ran out"), "{}", stderr(&impatient));
+    assert!(
+        stderr(&impatient).contains("--wait 100ms ran out"),
+        "{}",
+        stderr(&impatient)
+    );
     assert!(impatient.stdout.is_empty());
     let patient = env.spawn(args("60s"));
     fs::write(&gate, "").unwrap();
@@ -187,12 +208,25 @@ fn a_failed_run_keeps_the_last_good_result_and_reports_its_own_status() {
         env.counter().display(),
         mode.display()
     );
-    let args = ["f", "--ttl", "0", "--retry-after", "1h", "--", "sh", "-c", &script];
+    let args = [
+        "f",
+        "--ttl",
+        "0",
+        "--retry-after",
+        "1h",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
     assert_eq!(stdout(&env.run(args)), "good\n");
     fs::write(&mode, "").unwrap();
     let failed = env.run(args);
     assert_eq!((status(&failed), stdout(&failed).as_str()), (3, "good\n"));
-    assert!(stderr(&failed).contains("oops"), "the run's stderr passes through");
+    assert!(
+        stderr(&failed).contains("oops"),
+        "the run's stderr passes through"
+    );
     // --retry-after: nobody reruns the failing command; all get the last good result.
     for _ in 0..5 {
         let out = env.run(args);
@@ -200,19 +234,40 @@ fn a_failed_run_keeps_the_last_good_result_and_reports_its_own_status() {
     }
     assert_eq!(env.runs(), 2);
     // --cache-failures: the failing output replaces the good one.
-    let replaced = env.run(["f", "--ttl", "0", "--retry-after", "0", "--cache-failures", "--", "sh", "-c", &script]);
-    assert_eq!((status(&replaced), stdout(&replaced).as_str()), (3, "broken\n"));
+    let replaced = env.run([
+        "f",
+        "--ttl",
+        "0",
+        "--retry-after",
+        "0",
+        "--cache-failures",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(
+        (status(&replaced), stdout(&replaced).as_str()),
+        (3, "broken\n")
+    );
 }
 
 #[test]
 fn a_failing_command_with_nothing_cached_prints_its_own_output_then_backs_off() {
     let env = TestEnv::new();
-    let script = format!("echo run >> '{}'; echo own; exit 5", env.counter().display());
+    let script = format!(
+        "echo run >> '{}'; echo own; exit 5",
+        env.counter().display()
+    );
     let first = env.run(["nf", "--", "sh", "-c", &script]);
     assert_eq!((status(&first), stdout(&first).as_str()), (5, "own\n"));
     let second = env.run(["nf", "--", "sh", "-c", &script]);
     assert_eq!(status(&second), 75);
-    assert!(stderr(&second).contains("last run failed"), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("last run failed"),
+        "{}",
+        stderr(&second)
+    );
     assert_eq!(env.runs(), 1);
 }
 
@@ -222,7 +277,17 @@ fn a_timeout_kills_the_whole_group_even_children_that_ignore_sigterm() {
     let env = TestEnv::new();
     let mark = marker();
     let script = format!("trap '' TERM; sleep {mark} & sleep {mark} & echo partial; wait");
-    let out = env.run(["t", "--timeout", "500ms", "--kill-after", "500ms", "--", "sh", "-c", &script]);
+    let out = env.run([
+        "t",
+        "--timeout",
+        "500ms",
+        "--kill-after",
+        "500ms",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
     assert_eq!(status(&out), 124, "{}", stderr(&out));
     assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
     assert_eq!(alive(&mark), Vec::<u32>::new());
@@ -284,7 +349,11 @@ fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
         fs::write(env.result_file("c"), &bytes).unwrap();
         let out = call(&env, "c", &["--ttl", "1h"], &command);
         assert_eq!((status(&out), stdout(&out).as_str()), (0, "real"), "{what}");
-        assert!(stderr(&out).contains("ignoring the cached result"), "{what}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("ignoring the cached result"),
+            "{what}: {}",
+            stderr(&out)
+        );
         assert_eq!(env.runs(), i + 2, "{what}: ran again");
         let hit = call(&env, "c", &["--ttl", "1h"], &command);
         assert_eq!(stdout(&hit), "real", "{what}: replaced by a valid result");

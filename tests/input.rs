@@ -21,7 +21,13 @@ fn primed() -> (TestEnv, Vec<String>, Vec<u8>) {
 
 fn assert_one_line(text: &str, needle: &str) {
     assert!(text.contains(needle), "expected {needle:?} in {text:?}");
-    assert_eq!(text.lines().filter(|l| l.starts_with("singleflight") || l.starts_with("error")).count(), 1, "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("singleflight") || l.starts_with("error"))
+            .count(),
+        1,
+        "{text}"
+    );
 }
 
 #[test]
@@ -39,7 +45,12 @@ fn bad_values_are_usage_errors_that_quote_the_value_and_lose_nothing() {
         (vec!["keep", "--bogus"], "--bogus"),
     ];
     for (args, needle) in cases {
-        let full: Vec<String> = args.iter().map(|s| s.to_string()).chain(["--".into()]).chain(command.clone()).collect();
+        let full: Vec<String> = args
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--".into()])
+            .chain(command.clone())
+            .collect();
         let out = env.run(&full);
         assert_eq!(status(&out), 2, "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
@@ -47,7 +58,11 @@ fn bad_values_are_usage_errors_that_quote_the_value_and_lose_nothing() {
     }
     let no_command = env.run(["keep"]);
     assert_eq!(status(&no_command), 2);
-    assert!(stderr(&no_command).contains("COMMAND"), "{}", stderr(&no_command));
+    assert!(
+        stderr(&no_command).contains("COMMAND"),
+        "{}",
+        stderr(&no_command)
+    );
     let empty_command = env.run(["keep", "--"]);
     assert_eq!(status(&empty_command), 2);
     assert_eq!(fs::read(env.result_file("keep")).unwrap(), before);
@@ -58,7 +73,11 @@ fn bad_values_are_usage_errors_that_quote_the_value_and_lose_nothing() {
 fn a_name_error_says_what_a_valid_name_looks_like() {
     let env = TestEnv::new();
     let out = env.run(["a/b", "--", "true"]);
-    assert!(stderr(&out).contains("letters, digits, '.', '_' or '-'"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("letters, digits, '.', '_' or '-'"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -80,12 +99,24 @@ fn assert_refused(env: &TestEnv, cache: &std::path::Path, reason: &str) {
     let script = format!("echo run >> '{}'", env.counter().display());
     let out = env
         .command()
-        .args(["--cache-dir", cache.to_str().unwrap(), "x", "--", "sh", "-c", &script])
+        .args([
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "x",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .output()
         .unwrap();
     assert_eq!(status(&out), 125, "{}", stderr(&out));
     assert_one_line(&stderr(&out), reason);
-    assert!(stderr(&out).contains(cache.to_str().unwrap()), "names the dir: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains(cache.to_str().unwrap()),
+        "names the dir: {}",
+        stderr(&out)
+    );
     assert_eq!(env.runs(), 0, "the command was not run");
 }
 
@@ -96,7 +127,11 @@ fn an_unusable_cache_dir_is_125_naming_the_dir_and_the_reason() {
     fs::write(&file, "").unwrap();
     assert_refused(&env, &file, "not a directory");
     assert_refused(&env, &file.join("below"), "Not a directory");
-    assert_refused(&env, std::path::Path::new("/proc/self/no-such-cache"), "cannot create it");
+    assert_refused(
+        &env,
+        std::path::Path::new("/proc/self/no-such-cache"),
+        "cannot create it",
+    );
     let open = env.path("open");
     fs::create_dir(&open).unwrap();
     fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();

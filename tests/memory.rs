@@ -24,5 +24,8 @@ fn a_100_mib_output_is_streamed_not_held_in_memory() {
         assert_eq!(libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage), 0);
         usage.ru_maxrss as u64
     };
-    assert!(peak_kib < 32 * 1024, "peak RSS {peak_kib} KiB for a 100 MiB result");
+    assert!(
+        peak_kib < 32 * 1024,
+        "peak RSS {peak_kib} KiB for a 100 MiB result"
+    );
 }

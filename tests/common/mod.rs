@@ -94,7 +94,10 @@ impl TestEnv {
     /// A named pipe; a command that reads it blocks until the test writes to it.
     pub fn fifo(&self, name: &str) -> PathBuf {
         let path = self.path(name);
-        let status = Command::new("mkfifo").arg(&path).status().expect("mkfifo runs");
+        let status = Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("mkfifo runs");
         assert!(status.success(), "mkfifo {}", path.display());
         path
     }
@@ -150,7 +153,9 @@ pub fn alive(marker: &str) -> Vec<u32> {
             continue;
         };
         let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        let zombie = state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if !zombie && cmdline.contains(marker) {
             found.push(pid);
@@ -164,7 +169,12 @@ pub fn marker() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(1);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{}.{}{:04}", 1000 + std::process::id() % 9000, n, std::process::id() % 10000)
+    format!(
+        "{}.{}{:04}",
+        1000 + std::process::id() % 9000,
+        n,
+        std::process::id() % 10000
+    )
 }
 
 pub fn is_root() -> bool {
