@@ -258,39 +258,49 @@ impl Flight {
     }
 
     /// `--background`: make sure one detached refresher runs, then serve stale or wait.
+    /// Only the caller that wins the lock starts one, and hands the lock over to it, so
+    /// there is at most one refresher per NAME however many callers arrive.
     fn background(self, look: Look) -> Result<i32> {
         self.store.ensure()?;
+        let servable = decide::on_lost(look.cached, self.policy()) == OnLost::ServeStale;
         let refresh = match self.try_lock()? {
-            None => "a refresh is already in flight".to_owned(),
+            None => "a run is already in flight".to_owned(),
+            // Inside --retry-after of a failed run, or refreshed meanwhile: no refresher.
             Some(guard) => match self.won_decision() {
                 (OnWon::Run, _) => {
-                    let pid = self.start_refresher(&guard)?;
-                    format!("refresh started in background (pid {pid})")
+                    let started = self.start_refresher(&guard);
+                    // Our copy of the lock goes now: the refresher's is the only one
+                    // left, and a wait below must not wait for ourselves.
+                    drop(guard);
+                    match started {
+                        Ok(pid) => format!("refresh started in background (pid {pid})"),
+                        Err(e) if servable => {
+                            self.say.warn(format_args!("{e:#}; serving stale"));
+                            "no refresh started".to_owned()
+                        }
+                        Err(e) => return Err(Exit::new(exit::INTERNAL, format!("{e:#}")).into()),
+                    }
                 }
                 (decision, look) => return self.serve_without_run(decision, look),
             },
         };
-        match decide::on_lost(look.cached, self.policy()) {
-            OnLost::ServeStale => {
-                self.say.decided(format_args!(
-                    "{}; {refresh}; serving stale",
-                    self.describe(look.cached)
-                ));
-                self.serve(look)
-            }
-            OnLost::Wait => {
-                let why = format!("{}; {refresh}", self.describe(look.cached));
-                self.wait_for_run(&look, &why)
-            }
+        let why = format!("{}; {refresh}", self.describe(look.cached));
+        if servable {
+            self.say.decided(format_args!("{why}; serving stale"));
+            self.serve(look)
+        } else {
+            self.wait_for_run(&look, &why)
         }
     }
 
-    /// Starts `singleflight --refresher=FD <the same arguments>` in its own session,
-    /// handing it the held lock: flock belongs to the open file, which it inherits.
+    /// Starts `singleflight --refresher=FD <the same arguments>` detached: its own
+    /// session, stdin, stdout and stderr on /dev/null, and no other file descriptor than
+    /// the held lock, which it inherits (flock belongs to the open file, so the lock
+    /// stays held across our exit). Anything else inherited, such as the pipe of a
+    /// `$(…)` or `| cat` reader, would keep that reader waiting for the refresh.
     fn start_refresher(&self, guard: &LockGuard) -> Result<u32> {
-        use std::process::{Command, Stdio};
-        let exe = std::env::current_exe().context("cannot find singleflight's own executable")?;
-        let mut command = Command::new(exe);
+        use std::process::Stdio;
+        let mut command = refresher_command()?;
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -300,8 +310,9 @@ impl Flight {
             use std::os::fd::{AsRawFd, BorrowedFd};
             use std::os::unix::process::CommandExt;
             let fd = guard.file().as_raw_fd();
+            close_others_on_exec(fd);
             // SAFETY: only async-signal-safe syscalls between fork and exec; the fd
-            // is open in the child, inherited from us.
+            // is open in the child, a copy of ours.
             unsafe {
                 command.pre_exec(move || {
                     rustix::process::setsid()?;
@@ -327,9 +338,12 @@ impl Flight {
     }
 
     /// The detached refresher: holds the lock it inherited and runs if still needed.
+    /// A run that cannot even start leaves a failure record too, so that `status`
+    /// shows why and `--retry-after` keeps callers from starting refresher after
+    /// refresher.
     fn refresh(&self, fd: i32) -> Result<i32> {
         #[cfg(unix)]
-        let guard = LockGuard::inherited(fd);
+        let guard = self.inherited_lock(fd)?;
         #[cfg(not(unix))]
         let Some(guard) = ({
             let _ = fd;
@@ -338,9 +352,53 @@ impl Flight {
             return Ok(0);
         };
         match self.won_decision() {
-            (OnWon::Run, look) => self.execute(look, &guard),
+            (OnWon::Run, look) => self.execute(look, &guard).inspect_err(|e| {
+                self.record_failure_to_start(e);
+            }),
             _ => Ok(0),
         }
+    }
+
+    /// The lock fd named by `--refresher=FD`, checked: it must be open, be this
+    /// NAME's lock file, and hold its lock.
+    #[cfg(unix)]
+    fn inherited_lock(&self, fd: i32) -> Result<LockGuard> {
+        use std::os::fd::BorrowedFd;
+        use std::os::unix::fs::MetadataExt;
+        let refuse = |why: &str| -> anyhow::Error {
+            let message = format!("--refresher={fd} (internal): {why}");
+            Exit::new(exit::INTERNAL, message).into()
+        };
+        // SAFETY: borrowed for one fcntl; a number that is not open fails with EBADF.
+        if fd < 3 || rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) }).is_err() {
+            return Err(refuse("not an open file descriptor"));
+        }
+        let guard = LockGuard::inherited(fd);
+        let (held, named) = (guard.file().metadata(), fs::metadata(&self.paths.lock));
+        let same = matches!((&held, &named), (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino());
+        if !same {
+            return Err(refuse(&format!("not {}", self.paths.lock.display())));
+        }
+        // Our open file holds the lock already, so this only confirms it.
+        if guard.file().try_lock().is_err() {
+            return Err(refuse("the lock is held by another process"));
+        }
+        Ok(guard)
+    }
+
+    fn record_failure_to_start(&self, error: &anyhow::Error) {
+        let failure = Failure {
+            at_ms: entry::now_ms(SystemTime::now()),
+            argv_digest: self.digest.clone(),
+            exit_code: exit::status_of(error),
+            reason: format!("{error:#}"),
+            stderr_tail: String::new(),
+            duration_ms: 0,
+        };
+        let bytes = record::to_bytes(&failure);
+        let _ = self
+            .store
+            .write_atomically(&self.opts.name, &self.paths.failure, &bytes, false);
     }
 
     /// Runs the command under the lock and deals with its outcome.
@@ -508,4 +566,57 @@ fn print_to_stdout(body: Body) -> io::Result<()> {
     }
     #[cfg(not(unix))]
     body.print(&mut io::stdout().lock())
+}
+
+/// The command that starts a refresher: this very executable. On Linux through
+/// /proc/self/exe, which works even after the binary was replaced on disk; the
+/// process keeps its usual name for `ps` and `pgrep`.
+fn refresher_command() -> Result<std::process::Command> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if std::path::Path::new("/proc/self/exe").exists() {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new("/proc/self/exe");
+        let name = std::env::args_os()
+            .next()
+            .unwrap_or_else(|| "singleflight".into());
+        command.arg0(name);
+        return Ok(command);
+    }
+    let exe = std::env::current_exe().context("cannot find singleflight's own executable")?;
+    Ok(std::process::Command::new(exe))
+}
+
+/// Marks every open file descriptor above stderr close-on-exec, except `keep`. std
+/// opens its own files that way already; this is for what we inherited without the
+/// flag (a shell's `3>&1`, a parent's leaked pipe), which a detached refresher must
+/// not hold. Safe to do to ourselves: a `--background` caller execs nothing else.
+#[cfg(unix)]
+fn close_others_on_exec(keep: std::os::fd::RawFd) {
+    use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
+    use std::os::fd::{BorrowedFd, RawFd};
+    let listed = ["/proc/self/fd", "/dev/fd"].iter().find_map(|dir| {
+        let entries = fs::read_dir(dir).ok()?;
+        let fds = entries
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<RawFd>().ok());
+        Some(fds.collect::<Vec<_>>())
+    });
+    let fds = listed.unwrap_or_else(|| {
+        // No fd listing: try every number up to the limit (bounded, to stay quick).
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(1024)
+            .min(1 << 16);
+        (3..limit as RawFd).collect()
+    });
+    for fd in fds.into_iter().filter(|&fd| fd > 2 && fd != keep) {
+        // SAFETY: borrowed for two fcntl calls; a number that is not open (the
+        // listing's own fd, closed by now) fails with EBADF and is skipped.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        if let Ok(flags) = fcntl_getfd(borrowed)
+            && !flags.contains(FdFlags::CLOEXEC)
+        {
+            let _ = fcntl_setfd(borrowed, flags | FdFlags::CLOEXEC);
+        }
+    }
 }
