@@ -374,8 +374,11 @@ impl Flight {
             return Err(refuse("not an open file descriptor"));
         }
         let guard = LockGuard::inherited(fd);
+        // It came without close-on-exec; the command we run must not hold the lock.
+        let _ = rustix::io::fcntl_setfd(guard.file(), rustix::io::FdFlags::CLOEXEC);
         let (held, named) = (guard.file().metadata(), fs::metadata(&self.paths.lock));
-        let same = matches!((&held, &named), (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino());
+        let same =
+            matches!((&held, &named), (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino());
         if !same {
             return Err(refuse(&format!("not {}", self.paths.lock.display())));
         }

@@ -31,7 +31,10 @@ pub fn run(cli: Cli) -> Result<i32> {
     let store = Store::locate(global.cache_dir)?;
     match cli.verb {
         Some(Verb::Status { names, json }) => status::status(&store, names, json),
-        Some(Verb::Clear { names, all }) => status::clear(&store, names, all),
+        Some(Verb::Clear { names, all }) => {
+            let say = Say::new(None, global.verbose, global.quiet);
+            status::clear(&store, names, all, &say)
+        }
         None => {
             let opts = cli
                 .run

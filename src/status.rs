@@ -3,7 +3,8 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::time::SystemTime;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -11,74 +12,117 @@ use serde::Serialize;
 use crate::entry;
 use crate::exit::Exit;
 use crate::lock;
+use crate::reap;
 use crate::record::{self, Failure, RunRecord};
-use crate::store::Store;
+use crate::say::Say;
+use crate::store::{Paths, Store};
 use crate::values::{Name, format_duration, format_size};
 
 /// `status` of a NAME that has nothing in the cache dir.
 pub const UNKNOWN_NAME: i32 = 1;
 
-/// One NAME as `status` shows it; the JSON keys are part of the interface.
+/// The human table fits this many columns.
+const TABLE_WIDTH: usize = 100;
+/// How many of the last lines of a failed run's stderr the table shows.
+const TAIL_LINES: usize = 3;
+
+/// One NAME as `status --json` shows it: one object of the array. The keys are a
+/// stable interface: keys may be added, none is renamed or removed. Times are in
+/// milliseconds (`*_at_ms` since the Unix epoch); `null` means "none" or "not known".
 #[derive(Debug, Serialize)]
 pub struct NameStatus {
+    /// The NAME.
     pub name: String,
-    /// `fresh`, `stale` (by the ttl it was written with), `none` or `invalid`.
+    /// `fresh` or `stale`, judged by the ttl the result was written with; `none` when
+    /// there is no result; `invalid` when the result file is truncated, corrupt or not
+    /// a singleflight result (it is never served, and the next run replaces it).
     pub state: &'static str,
+    /// How long ago the result was written; `null` without a result, or when it is
+    /// dated in the future (which counts as stale).
     pub age_ms: Option<u64>,
+    /// The `--ttl` of the call that wrote the result.
     pub ttl_ms: Option<u64>,
+    /// The size of the cached stdout, in bytes.
     pub size_bytes: Option<u64>,
+    /// When the result was written (the end of its run).
     pub written_at_ms: Option<u64>,
+    /// How long the run that wrote the result took.
     pub duration_ms: Option<u64>,
+    /// The exit status of the run that wrote the result: what a caller served it exits
+    /// with (0 unless `--cache-failures` cached a failure).
     pub exit_code: Option<i32>,
+    /// Whether a run is in flight now: somebody holds the NAME's lock (a fact, not a
+    /// guess from a pid file).
     pub in_flight: bool,
+    /// The pid of the singleflight process running it (a foreground caller or a
+    /// `--background` refresher); `null` when no run is in flight, or in the moment
+    /// between taking the lock and recording the run.
     pub pid: Option<u32>,
+    /// The pid of the command of the run in flight, which is also its process group.
+    pub command_pid: Option<u32>,
+    /// When the run in flight started.
+    pub run_started_at_ms: Option<u64>,
+    /// The command of the result, quoted as a shell would need it.
     pub command: Option<String>,
+    /// The last failed run since the last good one, if any.
     pub last_failure: Option<FailureStatus>,
 }
 
+/// The last failed run of a NAME (key `last_failure` of [`NameStatus`]).
 #[derive(Debug, Serialize)]
 pub struct FailureStatus {
+    /// When it ended.
     pub at_ms: u64,
+    /// How long ago it ended.
     pub age_ms: u64,
+    /// Why, in words: `exit status 3 after 1.2s`, `timed out after 60s; …`,
+    /// `stdout went over --max-output …`, `command not found: …`.
     pub reason: String,
+    /// The status the caller that ran it exited with (124 timeout, 125 output cap, …).
     pub exit_code: i32,
+    /// How long it ran.
     pub duration_ms: u64,
+    /// The end of its stderr (at most 2 KiB), decoded as UTF-8 with replacement.
     pub stderr_tail: String,
 }
 
 pub fn status(store: &Store, names: Vec<Name>, json: bool) -> Result<i32> {
-    if store.verify_existing().is_err() {
-        store.verify_existing()?;
-    }
-    let listed = store.names()?;
-    let mut missing = Vec::new();
-    let names = if names.is_empty() {
-        listed.clone()
-    } else {
-        for name in &names {
-            if !listed.contains(name) {
-                missing.push(name.clone());
-            }
-        }
-        names.into_iter().filter(|n| listed.contains(n)).collect()
-    };
+    store.verify_existing()?;
     let now = SystemTime::now();
-    let statuses: Vec<NameStatus> = names.iter().map(|n| look(store, n, now)).collect();
+    let asked = !names.is_empty();
+    let candidates = if asked { names } else { store.names()? };
+    let mut statuses = Vec::new();
+    let mut unknown = Vec::new();
+    for name in candidates {
+        match look(store, &name, now) {
+            Some(status) => statuses.push(status),
+            None => unknown.push(name.to_string()),
+        }
+    }
     let mut out = io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, &statuses)?;
         writeln!(out)?;
-    } else {
+    } else if !(asked && statuses.is_empty()) {
+        // Asked only for NAMEs that do not exist: the error below says it all.
         write_table(&mut out, &statuses)?;
     }
-    if let Some(name) = missing.first() {
-        let message = format!("no such NAME in {}: {name}", store.dir().display());
+    out.flush()?;
+    if asked && !unknown.is_empty() {
+        let message = format!(
+            "no such NAME in {}: {} (nothing cached, nothing failed, no run in flight)",
+            store.dir().display(),
+            unknown.join(", ")
+        );
         return Err(Exit::new(UNKNOWN_NAME, message).into());
     }
     Ok(0)
 }
 
-fn look(store: &Store, name: &Name, now: SystemTime) -> NameStatus {
+/// The status of `name`, or `None` if it has no result, no failure record and no run
+/// in flight: a bare lock file (left by `clear`, or by a run that never finished) is
+/// nothing to show.
+fn look(store: &Store, name: &Name, now: SystemTime) -> Option<NameStatus> {
     let paths = store.paths(name);
     let mut status = NameStatus {
         name: name.to_string(),
@@ -91,6 +135,8 @@ fn look(store: &Store, name: &Name, now: SystemTime) -> NameStatus {
         exit_code: None,
         in_flight: lock::is_held(&paths.lock).unwrap_or(false),
         pid: None,
+        command_pid: None,
+        run_started_at_ms: None,
         command: None,
         last_failure: None,
     };
@@ -100,7 +146,7 @@ fn look(store: &Store, name: &Name, now: SystemTime) -> NameStatus {
             let age = meta.age(now);
             let fresh = age.is_some_and(|age| age.as_millis() < u128::from(meta.ttl_ms));
             status.state = if fresh { "fresh" } else { "stale" };
-            status.age_ms = age.map(|a| a.as_millis() as u64);
+            status.age_ms = age.map(millis);
             status.ttl_ms = Some(meta.ttl_ms);
             status.size_bytes = Some(found.body.len());
             status.written_at_ms = Some(meta.written_at_ms);
@@ -111,131 +157,210 @@ fn look(store: &Store, name: &Name, now: SystemTime) -> NameStatus {
         Ok(Ok(None)) => {}
         Ok(Err(_)) | Err(_) => status.state = "invalid",
     }
-    if status.in_flight {
-        status.pid = record::load::<RunRecord>(&paths.run).map(|r| r.owner_pid);
+    if status.in_flight
+        && let Some(run) = current_run(&paths)
+    {
+        status.pid = Some(run.owner_pid);
+        status.command_pid = (run.pid != 0).then_some(run.pid);
+        status.run_started_at_ms = Some(run.started_at_ms);
     }
     if let Some(failure) = record::load::<Failure>(&paths.failure) {
         status.last_failure = Some(FailureStatus {
             at_ms: failure.at_ms,
-            age_ms: failure.age(now).as_millis() as u64,
+            age_ms: millis(failure.age(now)),
             reason: failure.reason,
             exit_code: failure.exit_code,
             duration_ms: failure.duration_ms,
             stderr_tail: failure.stderr_tail,
         });
     }
-    status
+    let exists = status.state != "none" || status.in_flight || status.last_failure.is_some();
+    exists.then_some(status)
 }
 
-fn write_table(out: &mut impl Write, statuses: &[NameStatus]) -> io::Result<()> {
-    let ms = |v: Option<u64>| {
-        v.map_or("-".to_owned(), |v| {
-            format_duration(std::time::Duration::from_millis(v))
-        })
-    };
-    let rows: Vec<[String; 8]> = statuses
-        .iter()
-        .map(|s| {
-            [
-                s.name.clone(),
-                s.state.to_owned(),
-                ms(s.age_ms),
-                ms(s.ttl_ms),
-                s.size_bytes.map_or("-".to_owned(), format_size),
-                match (s.duration_ms, s.exit_code) {
-                    (Some(d), Some(code)) => format!("{} exit {code}", ms(Some(d))),
-                    _ => "-".to_owned(),
-                },
-                match (s.in_flight, s.pid) {
-                    (true, Some(pid)) => format!("pid {pid}"),
-                    (true, None) => "yes".to_owned(),
-                    (false, _) => "-".to_owned(),
-                },
-                s.command.clone().unwrap_or_else(|| "-".to_owned()),
-            ]
-        })
-        .collect();
-    let header = [
-        "NAME",
-        "STATE",
-        "AGE",
-        "TTL",
-        "SIZE",
-        "LAST RUN",
-        "IN FLIGHT",
-        "COMMAND",
-    ];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
+/// The record of the run in flight, if it names a live process of this boot. A record
+/// left by a killed run is removed by the next winner, but may still be there in the
+/// moment after it took the lock.
+fn current_run(paths: &Paths) -> Option<RunRecord> {
+    let run = record::load::<RunRecord>(&paths.run)?;
+    if run.boot_id != reap::boot_id() {
+        return None;
+    }
+    #[cfg(unix)]
+    {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(run.owner_pid).ok()?)?;
+        match rustix::process::test_kill_process(pid) {
+            Ok(()) | Err(rustix::io::Errno::PERM) => {}
+            Err(_) => return None,
         }
     }
-    // Fit 100 columns: the command, last, takes what is left.
-    let fixed: usize = widths[..7].iter().map(|w| w + 2).sum();
-    let command_width = 100usize.saturating_sub(fixed).max(10);
+    Some(run)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The table's columns: header and the most a cell may take. The command, last,
+/// takes what is left of [`TABLE_WIDTH`].
+const COLUMNS: [(&str, usize); 8] = [
+    ("NAME", 20),
+    ("STATE", 7),
+    ("AGE", 7),
+    ("TTL", 7),
+    ("SIZE", 8),
+    ("LAST RUN", 14),
+    ("IN FLIGHT", 11),
+    ("COMMAND", TABLE_WIDTH),
+];
+const GAP: &str = "  ";
+
+fn write_table(out: &mut impl Write, statuses: &[NameStatus]) -> io::Result<()> {
+    let rows: Vec<[String; 8]> = statuses.iter().map(row).collect();
+    let mut widths = COLUMNS.map(|(header, _)| header.chars().count());
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count().min(COLUMNS[i].1));
+        }
+    }
+    let fixed: usize = widths[..7].iter().map(|w| w + GAP.len()).sum();
+    widths[7] = TABLE_WIDTH - fixed;
     let line = |cells: [&str; 8]| {
         let mut text = String::new();
-        for (i, cell) in cells.iter().enumerate().take(7) {
-            text.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+        for (i, cell) in cells.iter().enumerate() {
+            let cell = truncate(cell, widths[i]);
+            if i < 7 {
+                let pad = widths[i] - cell.chars().count();
+                text.push_str(&cell);
+                text.push_str(&" ".repeat(pad));
+                text.push_str(GAP);
+            } else {
+                text.push_str(&cell);
+            }
         }
-        text.push_str(&truncate(cells[7], command_width));
         text.trim_end().to_owned()
     };
-    writeln!(out, "{}", line(header))?;
+    writeln!(out, "{}", line(COLUMNS.map(|(header, _)| header)))?;
     for (row, status) in rows.iter().zip(statuses) {
         writeln!(out, "{}", line(row.each_ref().map(String::as_str)))?;
         if let Some(failure) = &status.last_failure {
-            let ago = format_duration(std::time::Duration::from_millis(failure.age_ms));
-            writeln!(
-                out,
-                "  last failure {ago} ago: {}",
-                truncate(&failure.reason, 80)
-            )?;
-            for tail_line in failure
+            let ago = format_duration(Duration::from_millis(failure.age_ms));
+            let text = format!("  last failure {ago} ago: {}", failure.reason);
+            writeln!(out, "{}", truncate(&text, TABLE_WIDTH))?;
+            let tail: Vec<&str> = failure
                 .stderr_tail
                 .lines()
-                .rev()
-                .take(3)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-            {
-                writeln!(out, "    {}", truncate(tail_line, 94))?;
+                .filter(|l| !l.trim().is_empty())
+                .collect();
+            for tail_line in &tail[tail.len().saturating_sub(TAIL_LINES)..] {
+                writeln!(
+                    out,
+                    "{}",
+                    truncate(&format!("    | {tail_line}"), TABLE_WIDTH)
+                )?;
             }
         }
     }
     Ok(())
 }
 
+fn row(s: &NameStatus) -> [String; 8] {
+    let ms = |v: Option<u64>| {
+        v.map_or("-".to_owned(), |v| {
+            format_duration(Duration::from_millis(v))
+        })
+    };
+    [
+        s.name.clone(),
+        s.state.to_owned(),
+        ms(s.age_ms),
+        ms(s.ttl_ms),
+        s.size_bytes.map_or("-".to_owned(), format_size),
+        match (s.duration_ms, s.exit_code) {
+            (Some(took), Some(code)) => format!("{} exit {code}", ms(Some(took))),
+            _ => "-".to_owned(),
+        },
+        match (s.in_flight, s.pid) {
+            (true, Some(pid)) => format!("pid {pid}"),
+            (true, None) => "yes".to_owned(),
+            (false, _) => "-".to_owned(),
+        },
+        s.command.clone().unwrap_or_else(|| "-".to_owned()),
+    ]
+}
+
+/// `text` cut to `width` characters (the last one `…` when cut), with control
+/// characters escaped so that a command or stderr cannot move the terminal's cursor.
 fn truncate(text: &str, width: usize) -> String {
-    if text.chars().count() <= width {
-        return text.to_owned();
+    let clean: String = text
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect();
+    if clean.chars().count() <= width {
+        return clean;
     }
-    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    let mut cut: String = clean.chars().take(width.saturating_sub(1)).collect();
     cut.push('…');
     cut
 }
 
-/// Removes the results and failure records of `names`, each under its lock: a run in
-/// flight finishes first. Clearing a NAME that has nothing is not an error.
-pub fn clear(store: &Store, names: Vec<Name>, all: bool) -> Result<i32> {
+/// Removes the results and failure records of `names` (of every NAME with `all`),
+/// each under its lock: a run in flight finishes first, and its result is removed
+/// after it. Lock files stay (deleting one could split callers onto two locks).
+/// Clearing a NAME that has nothing cached is not an error: afterwards it has no
+/// result, which is all `clear` promises (like `rm -f`).
+pub fn clear(store: &Store, names: Vec<Name>, all: bool, say: &Say) -> Result<i32> {
     if !store.verify_existing()? {
         return Ok(0);
     }
     let names = if all { store.names()? } else { names };
     for name in &names {
         let paths = store.paths(name);
-        let _guard = lock::exclusive(&paths.lock)
-            .with_context(|| format!("cannot lock {}", paths.lock.display()))?;
-        for path in [&paths.result, &paths.failure] {
+        let anything = [&paths.lock, &paths.result, &paths.failure]
+            .iter()
+            .any(|path| path.exists());
+        if !anything {
+            say.decided(format_args!("{name}: nothing to clear"));
+            continue;
+        }
+        let _guard = lock_for_clear(name, &paths.lock, say)?;
+        let mut removed = Vec::new();
+        for (path, what) in [
+            (&paths.result, "result"),
+            (&paths.failure, "failure record"),
+        ] {
             match fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Ok(()) => removed.push(what),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
                     return Err(e).with_context(|| format!("cannot remove {}", path.display()));
                 }
-                _ => {}
             }
+        }
+        if removed.is_empty() {
+            say.decided(format_args!("{name}: nothing to clear"));
+        } else {
+            say.decided(format_args!("{name}: cleared ({})", removed.join(", ")));
         }
     }
     Ok(0)
+}
+
+/// Takes NAME's lock for `clear`, saying so when a run in flight makes it wait.
+fn lock_for_clear(name: &Name, path: &Path, say: &Say) -> Result<lock::LockGuard> {
+    let context = || format!("cannot lock {}", path.display());
+    if let Some(guard) = lock::try_exclusive(path).with_context(context)? {
+        return Ok(guard);
+    }
+    say.warn(format_args!(
+        "{name}: a run is in flight; waiting for it to end before clearing"
+    ));
+    lock::exclusive(path).with_context(context)
 }
