@@ -134,10 +134,10 @@ fn a_hundred_background_callers_get_the_old_output_at_once_and_start_one_run() {
     assert!(!gated.is_open());
     for out in &outputs {
         assert_eq!(
-            (status(&out), stdout(&out).as_str()),
+            (status(out), stdout(out).as_str()),
             (0, "old\n"),
             "{}",
-            stderr(&out)
+            stderr(out)
         );
     }
     let lines: Vec<String> = outputs.iter().map(stderr).collect();
