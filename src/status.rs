@@ -51,12 +51,12 @@ pub struct NameStatus {
     /// The exit status of the run that wrote the result: what a caller served it exits
     /// with (0 unless `--cache-failures` cached a failure).
     pub exit_code: Option<i32>,
-    /// Whether a run is in flight now: somebody holds the NAME's lock (a fact, not a
-    /// guess from a pid file).
+    /// Whether a run is in flight now: the NAME's lock is held (a fact, not a guess
+    /// from a pid file) by a live process that recorded a run. A holder that has not
+    /// recorded its run yet (the first milliseconds) does not count.
     pub in_flight: bool,
     /// The pid of the singleflight process running it (a foreground caller or a
-    /// `--background` refresher); `null` when no run is in flight, or in the moment
-    /// between taking the lock and recording the run.
+    /// `--background` refresher); `null` when no run is in flight.
     pub pid: Option<u32>,
     /// The pid of the command of the run in flight, which is also its process group.
     pub command_pid: Option<u32>,
@@ -133,7 +133,7 @@ fn look(store: &Store, name: &Name, now: SystemTime) -> Option<NameStatus> {
         written_at_ms: None,
         duration_ms: None,
         exit_code: None,
-        in_flight: lock::is_held(&paths.lock).unwrap_or(false),
+        in_flight: false,
         pid: None,
         command_pid: None,
         run_started_at_ms: None,
@@ -157,9 +157,14 @@ fn look(store: &Store, name: &Name, now: SystemTime) -> Option<NameStatus> {
         Ok(Ok(None)) => {}
         Ok(Err(_)) | Err(_) => status.state = "invalid",
     }
-    if status.in_flight
-        && let Some(run) = current_run(&paths)
+    // Only a run record of a live process leads to looking at the lock: the look takes
+    // the lock shared for a moment when nobody holds it, and a caller that tried it in
+    // that moment would take it for a run in flight (and serve stale, or wait for
+    // nothing and exit 75). With a live run the lock is held, and the look takes nothing.
+    if let Some(run) = current_run(&paths)
+        && lock::is_held(&paths.lock).unwrap_or(false)
     {
+        status.in_flight = true;
         status.pid = Some(run.owner_pid);
         status.command_pid = (run.pid != 0).then_some(run.pid);
         status.run_started_at_ms = Some(run.started_at_ms);
