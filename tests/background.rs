@@ -1,6 +1,9 @@
 //! `--background` as a status line meets it: a stale result at once, one detached
 //! refresher however many callers, nothing that keeps a pipe reader waiting, and the
 //! run options and failure handling of a normal run (issue 5).
+//!
+//! Linux only: the refresher and its descriptors are found in /proc.
+#![cfg(target_os = "linux")]
 
 mod common;
 
@@ -26,13 +29,14 @@ impl Gated {
         let body = format!(
             "echo run >> '{counter}'\n\
              if [ -e '{armed}' ]; then\n\
-               while [ ! -e '{gate}' ]; do sleep 0.01; done\n\
+               while [ ! -e '{gate}' ] && [ -d '{root}' ]; do sleep 0.01; done\n\
              fi\n\
              cat '{value}'",
             counter = env.counter().display(),
             armed = armed.display(),
             gate = gate.display(),
             value = value.display(),
+            root = env.root().display(),
         );
         let script = env.script("gated", &body);
         fs::write(&value, "old\n").unwrap();
@@ -63,7 +67,8 @@ impl Gated {
     }
 }
 
-/// Opens the gate however the test ends, so that no run waits for it until its timeout.
+/// Opens the gate however the test ends, so that no run waits for it until its timeout
+/// (and should the test's dir go first, the command stops waiting too).
 impl Drop for Gated {
     fn drop(&mut self) {
         let _ = fs::write(&self.gate, "");
@@ -99,14 +104,31 @@ fn seed_stale(env: &TestEnv, gated: &Gated, names: &[&str]) {
 }
 
 /// Live `singleflight --refresher=…` processes whose command line mentions `marker`.
+/// A child a refresher has forked but not yet exec'd shows the same command line: it
+/// is not counted.
 fn refreshers(marker: &str) -> Vec<u32> {
-    alive(marker)
+    let found: Vec<u32> = alive(marker)
         .into_iter()
         .filter(|pid| {
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             String::from_utf8_lossy(&cmdline).contains("--refresher=")
         })
+        .collect();
+    found
+        .iter()
+        .copied()
+        .filter(|pid| parent(*pid).is_none_or(|parent| !found.contains(&parent)))
         .collect()
+}
+
+fn parent(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// The pid in `refresh started in background (pid N)`.
@@ -172,10 +194,10 @@ fn a_hundred_background_callers_get_the_old_output_at_once_and_start_one_run() {
     assert_eq!(in_flight["in_flight"], true);
 
     gated.open();
-    wait_until("the refresh ends", || {
-        status_of(&env, "sl")["in_flight"] == false
+    wait_until("the refresher exits", || {
+        refreshers(&gated.command()).is_empty()
     });
-    assert!(refreshers(&gated.command()).is_empty());
+    assert_eq!(status_of(&env, "sl")["in_flight"], false);
     let after = env.run(args(
         "sl",
         &["--background", "--ttl", "1s"],
@@ -227,13 +249,14 @@ fn background_under_a_pipe_or_command_substitution_returns_before_the_refresh_en
         );
         // The shell is gone while the refresh is still held at the gate.
         assert!(!gated.is_open());
-        assert_eq!(status_of(&env, name)["in_flight"], true, "{line}");
+        let refresher = format!("--background {name} --ttl 1s -- {}", gated.command());
+        assert_eq!(refreshers(&refresher).len(), 1, "{line}");
     }
     gated.open();
+    wait_until("the refreshers exit", || {
+        refreshers(&gated.command()).is_empty()
+    });
     for name in names {
-        wait_until("the refreshes end", || {
-            status_of(&env, name)["in_flight"] == false
-        });
         assert_eq!(
             status_of(&env, name)["size_bytes"],
             4,
@@ -317,7 +340,7 @@ fn the_refresher_has_its_own_session_stdio_on_null_and_no_descriptor_but_the_loc
     // handle on its script.
     let sh = alive(&gated.command())
         .into_iter()
-        .find(|p| !refreshers(&gated.command()).contains(p))
+        .find(|p| parent(*p) == Some(pid) && !refreshers(&gated.command()).contains(p))
         .expect("the command is running");
     let command_fds = fd_targets(sh);
     assert_eq!(
@@ -421,12 +444,14 @@ fn seed_good_then_stale(env: &TestEnv, name: &str, command: &str) {
     });
 }
 
-fn wait_for_failure(env: &TestEnv, name: &str) -> Value {
-    wait_until("the refresher fails", || {
-        let s = status_of(env, name);
-        s["in_flight"] == false && !s["last_failure"].is_null()
-    });
-    status_of(env, name)
+/// Waits until the refresher of `command` has exited, and returns the NAME's status,
+/// which must show a failure.
+fn wait_for_failure(env: &TestEnv, name: &str, command: &str) -> Value {
+    wait_until("the refresher exits", || refreshers(command).is_empty());
+    let s = status_of(env, name);
+    assert_eq!(s["in_flight"], false, "{s}");
+    assert!(!s["last_failure"].is_null(), "{s}");
+    s
 }
 
 #[test]
@@ -448,7 +473,7 @@ fn a_failing_refresher_keeps_the_last_good_result_records_why_and_backs_off() {
         "{}",
         stderr(&first)
     );
-    let failed = wait_for_failure(&env, "flaky");
+    let failed = wait_for_failure(&env, "flaky", &command);
     assert_eq!(env.runs(), 2);
     assert_eq!(failed["state"], "stale");
     assert_eq!(failed["exit_code"], 0, "the last good result stays");
@@ -495,7 +520,7 @@ fn the_refresher_obeys_timeout_and_kills_the_tree() {
     );
     let out = env.run(&call);
     assert_eq!(stdout(&out), "good\n", "{}", stderr(&out));
-    let failed = wait_for_failure(&env, "slow");
+    let failed = wait_for_failure(&env, "slow", &command);
     assert_eq!(failed["last_failure"]["exit_code"], 124);
     let reason = failed["last_failure"]["reason"].as_str().unwrap();
     assert!(reason.starts_with("timed out after 300ms"), "{reason}");
@@ -517,7 +542,7 @@ fn the_refresher_obeys_max_output() {
     );
     let out = env.run(&call);
     assert_eq!(stdout(&out), "good\n", "{}", stderr(&out));
-    let failed = wait_for_failure(&env, "big");
+    let failed = wait_for_failure(&env, "big", &command);
     assert_eq!(failed["last_failure"]["exit_code"], 125);
     let reason = failed["last_failure"]["reason"].as_str().unwrap();
     assert!(reason.contains("--max-output 1.0KiB"), "{reason}");
@@ -540,7 +565,7 @@ fn a_refresher_whose_command_cannot_start_records_it() {
         "{}",
         stderr(&out)
     );
-    let failed = wait_for_failure(&env, "gone");
+    let failed = wait_for_failure(&env, "gone", &missing.display().to_string());
     assert_eq!(failed["last_failure"]["exit_code"], 127);
     let reason = failed["last_failure"]["reason"].as_str().unwrap();
     assert!(reason.contains("command not found"), "{reason}");
