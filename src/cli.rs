@@ -17,15 +17,17 @@ Examples:
   singleflight status
   singleflight clear ccusage";
 
-/// Run an expensive command at most once at a time per NAME; everyone else gets the
-/// last good result at once.
+/// Run a command at most once at a time per NAME; every other caller gets its last good
+/// result at once.
 #[derive(Debug, Parser)]
 #[command(
     name = "singleflight",
     version,
     after_help = EXAMPLES,
-    args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
+    override_usage = "singleflight [OPTIONS] <NAME> -- <COMMAND> [ARG]...\n       \
+                      singleflight status [NAME]... [--json]\n       \
+                      singleflight clear (<NAME>... | --all)",
     subcommand_value_name = "VERB",
     subcommand_help_heading = "Verbs",
     max_term_width = 100
@@ -134,6 +136,29 @@ pub enum Verb {
         #[arg(long, conflicts_with = "names")]
         all: bool,
     },
+}
+
+impl Cli {
+    /// Parses the command line, exiting with a usage error (2) as clap does. Global
+    /// options may come before a verb (`singleflight -v status`), but a NAME may not.
+    pub fn parse_args() -> Cli {
+        use clap::{CommandFactory, Parser, error::ErrorKind};
+        let cli = Cli::parse();
+        if let (Some(verb), Some(name)) = (&cli.verb, &cli.run.name) {
+            let verb = match verb {
+                Verb::Status { .. } => "status",
+                Verb::Clear { .. } => "clear",
+            };
+            let message = format!(
+                "NAME '{name}' cannot be followed by the verb '{verb}': run `singleflight {verb} …` \
+                 or `singleflight {name} -- COMMAND`"
+            );
+            Cli::command()
+                .error(ErrorKind::ArgumentConflict, message)
+                .exit();
+        }
+        cli
+    }
 }
 
 /// The options of one run call, with every default resolved.

@@ -1,12 +1,10 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 use singleflight::cli::Cli;
 use singleflight::exit;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     let status = match singleflight::run(cli) {
         Ok(status) => status,
         // A reader that went away (`status | head`) is not worth a word.

@@ -177,3 +177,22 @@ fn durations_in_every_documented_form_are_accepted() {
         assert_eq!(status(&out), 0, "--ttl {ttl}: {}", stderr(&out));
     }
 }
+
+#[test]
+fn global_options_may_come_before_a_verb_but_a_name_may_not() {
+    let env = TestEnv::new();
+    env.run(["seen", "--", "echo", "x"]);
+    let status_out = env.run(["-v", "status", "seen"]);
+    assert_eq!(status(&status_out), 0, "{}", stderr(&status_out));
+    assert!(stdout(&status_out).contains("seen"));
+    let dir = env.cache.to_str().unwrap();
+    let with_dir = env.run(["--cache-dir", dir, "status", "seen"]);
+    assert_eq!(status(&with_dir), 0, "{}", stderr(&with_dir));
+    let confused = env.run(["seen", "status", "--", "echo", "x"]);
+    assert_eq!(status(&confused), 2);
+    assert!(
+        stderr(&confused).contains("cannot be followed by the verb 'status'"),
+        "{}",
+        stderr(&confused)
+    );
+}
