@@ -264,7 +264,7 @@ impl Flight {
             None => "a refresh is already in flight".to_owned(),
             Some(guard) => match self.won_decision() {
                 (OnWon::Run, _) => {
-                    let pid = self.start_refresher(&guard)?;
+                    let pid = self.start_refresher(guard)?;
                     format!("refresh started in background (pid {pid})")
                 }
                 (decision, look) => return self.serve_without_run(decision, look),
@@ -287,7 +287,8 @@ impl Flight {
 
     /// Starts `singleflight --refresher=FD <the same arguments>` in its own session,
     /// handing it the held lock: flock belongs to the open file, which it inherits.
-    fn start_refresher(&self, guard: &LockGuard) -> Result<u32> {
+    /// (Windows: see `hand_over_lock`.)
+    fn start_refresher(&self, guard: LockGuard) -> Result<u32> {
         use std::process::{Command, Stdio};
         let exe = std::env::current_exe().context("cannot find singleflight's own executable")?;
         let mut command = Command::new(exe);
@@ -313,17 +314,37 @@ impl Flight {
             fd
         };
         #[cfg(not(unix))]
-        let fd = {
-            let _ = guard;
-            -1
-        };
+        let fd = -1;
         command
             .arg(format!("--refresher={fd}"))
             .args(std::env::args_os().skip(1));
-        let child = command
-            .spawn()
-            .context("cannot start the background refresher")?;
-        Ok(child.id())
+        #[cfg(windows)]
+        let child = windows::spawn_detached(&mut command);
+        #[cfg(not(windows))]
+        let child = command.spawn();
+        let child = child.context("cannot start the background refresher")?;
+        let pid = child.id();
+        #[cfg(windows)]
+        self.hand_over_lock(guard, child);
+        #[cfg(not(windows))]
+        drop(guard);
+        Ok(pid)
+    }
+
+    /// A LockFileEx lock cannot be handed to another process: let it go and wait until
+    /// the refresher has taken it (or has ended), so that a caller that goes on to
+    /// wait for the run does not find the lock free before the run has begun.
+    #[cfg(windows)]
+    fn hand_over_lock(&self, guard: LockGuard, mut refresher: std::process::Child) {
+        use std::time::Instant;
+        drop(guard);
+        let deadline = Instant::now() + windows::HAND_OVER;
+        while Instant::now() < deadline
+            && !lock::is_held(&self.paths.lock).unwrap_or(true)
+            && matches!(refresher.try_wait(), Ok(None))
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// The detached refresher: holds the lock it inherited and runs if still needed.
@@ -333,7 +354,8 @@ impl Flight {
         #[cfg(not(unix))]
         let Some(guard) = ({
             let _ = fd;
-            self.try_lock()?
+            lock::try_exclusive_for(&self.paths.lock, windows::HAND_OVER)
+                .with_context(|| format!("cannot lock {}", self.paths.lock.display()))?
         }) else {
             return Ok(0);
         };
@@ -508,4 +530,36 @@ fn print_to_stdout(body: Body) -> io::Result<()> {
     }
     #[cfg(not(unix))]
     body.print(&mut io::stdout().lock())
+}
+
+#[cfg(windows)]
+mod windows {
+    use std::io;
+    use std::os::windows::process::CommandExt;
+    use std::process::{Child, Command};
+    use std::time::Duration;
+
+    use windows_sys::Win32::System::Threading::{
+        CREATE_BREAKAWAY_FROM_JOB, CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW,
+    };
+
+    /// How long the lock may take to pass from a `--background` caller to its refresher.
+    pub const HAND_OVER: Duration = Duration::from_secs(5);
+
+    /// Starts the refresher apart from the caller: its own hidden console (no window
+    /// flashes up, closing the caller's terminal does not end it), its own process
+    /// group (the caller's Ctrl+C is not its), and out of the caller's Job Object when
+    /// that job allows it (a terminal or editor that kills its job on exit).
+    pub fn spawn_detached(command: &mut Command) -> io::Result<Child> {
+        let flags = CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP;
+        match command
+            .creation_flags(flags | CREATE_BREAKAWAY_FROM_JOB)
+            .spawn()
+        {
+            Ok(child) => Ok(child),
+            // ERROR_ACCESS_DENIED: the caller's job does not allow breaking away.
+            Err(e) if e.raw_os_error() == Some(5) => command.creation_flags(flags).spawn(),
+            Err(e) => Err(e),
+        }
+    }
 }
