@@ -286,7 +286,8 @@ fn exit_status(roff: &mut Roff) {
         (
             exit::NOTHING_TO_SERVE,
             "Nothing to serve: another run is in flight and --wait ran out, or it failed \
-             with nothing cached.",
+             with nothing cached, or a failed run is being backed off (--retry-after) with \
+             nothing cached.",
         ),
         (
             exit::TIMED_OUT,
