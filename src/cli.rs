@@ -9,13 +9,35 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::values::{Name, parse_duration, parse_size};
 
-const EXAMPLES: &str = "\
-Examples:
-  singleflight ccusage --ttl 30s -- ccusage blocks --json
-  singleflight lint --ttl 0 --timeout 5m -- cargo clippy
-  singleflight --background weather --ttl 10m -- curl -s wttr.in/?format=3
-  singleflight status
-  singleflight clear ccusage";
+/// The examples of `--help` and of the man page: what each does, then the command line.
+pub const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "A status line source: run at most once per 30s however many callers ask",
+        "singleflight ccusage --ttl 30s -- ccusage blocks --json",
+    ),
+    (
+        "A slow check shared by parallel callers: who comes during a run waits for it",
+        "singleflight lint --ttl 1m --max-stale 0 --timeout 5m -- cargo clippy",
+    ),
+    (
+        "Serve the last result at once and refresh it in one detached process",
+        "singleflight --background weather --ttl 10m -- curl -s 'wttr.in/?format=3'",
+    ),
+    (
+        "What is cached, how old, and why the last run failed",
+        "singleflight status",
+    ),
+    ("Forget a result", "singleflight clear ccusage"),
+];
+
+/// `--help`'s closing section, from [`EXAMPLES`].
+fn examples_help() -> String {
+    let mut text = String::from("Examples:");
+    for (what, line) in EXAMPLES {
+        text.push_str(&format!("\n  # {what}\n  {line}"));
+    }
+    text
+}
 
 /// Run a command at most once at a time per NAME; every other caller gets its last good
 /// result at once.
@@ -23,7 +45,7 @@ Examples:
 #[command(
     name = "singleflight",
     version,
-    after_help = EXAMPLES,
+    after_help = examples_help(),
     subcommand_negates_reqs = true,
     override_usage = "singleflight [OPTIONS] <NAME> -- <COMMAND> [ARG]...\n       \
                       singleflight status [NAME]... [--json]\n       \

@@ -375,7 +375,7 @@ impl EntryWriter {
             self.temp = Some(temp);
             return Err((e, self.into_body()));
         }
-        match temp.persist(path) {
+        match crate::store::persist(temp, path) {
             Ok(file) => {
                 store.sync_dir();
                 Ok(Body::File {

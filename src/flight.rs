@@ -268,11 +268,9 @@ impl Flight {
             // Inside --retry-after of a failed run, or refreshed meanwhile: no refresher.
             Some(guard) => match self.won_decision() {
                 (OnWon::Run, _) => {
-                    let started = self.start_refresher(&guard);
-                    // Our copy of the lock goes now: the refresher's is the only one
-                    // left, and a wait below must not wait for ourselves.
-                    drop(guard);
-                    match started {
+                    // Our copy of the lock goes in there: the refresher's is the only
+                    // one left, and a wait below must not wait for ourselves.
+                    match self.start_refresher(guard) {
                         Ok(pid) => format!("refresh started in background (pid {pid})"),
                         Err(e) if servable => {
                             self.say.warn(format_args!("{e:#}; serving stale"));
@@ -298,7 +296,8 @@ impl Flight {
     /// the held lock, which it inherits (flock belongs to the open file, so the lock
     /// stays held across our exit). Anything else inherited, such as the pipe of a
     /// `$(…)` or `| cat` reader, would keep that reader waiting for the refresh.
-    fn start_refresher(&self, guard: &LockGuard) -> Result<u32> {
+    /// (Windows: see `hand_over_lock`.)
+    fn start_refresher(&self, guard: LockGuard) -> Result<u32> {
         use std::process::Stdio;
         let mut command = refresher_command()?;
         command
@@ -324,17 +323,37 @@ impl Flight {
             fd
         };
         #[cfg(not(unix))]
-        let fd = {
-            let _ = guard;
-            -1
-        };
+        let fd = -1;
         command
             .arg(format!("--refresher={fd}"))
             .args(std::env::args_os().skip(1));
-        let child = command
-            .spawn()
-            .context("cannot start the background refresher")?;
-        Ok(child.id())
+        #[cfg(windows)]
+        let child = windows::spawn_detached(&mut command);
+        #[cfg(not(windows))]
+        let child = command.spawn();
+        let child = child.context("cannot start the background refresher")?;
+        let pid = child.id();
+        #[cfg(windows)]
+        self.hand_over_lock(guard, child);
+        #[cfg(not(windows))]
+        drop(guard);
+        Ok(pid)
+    }
+
+    /// A LockFileEx lock cannot be handed to another process: let it go and wait until
+    /// the refresher has taken it (or has ended), so that a caller that goes on to
+    /// wait for the run does not find the lock free before the run has begun.
+    #[cfg(windows)]
+    fn hand_over_lock(&self, guard: LockGuard, mut refresher: std::process::Child) {
+        use std::time::Instant;
+        drop(guard);
+        let deadline = Instant::now() + windows::HAND_OVER;
+        while Instant::now() < deadline
+            && !lock::is_held(&self.paths.lock).unwrap_or(true)
+            && matches!(refresher.try_wait(), Ok(None))
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// The detached refresher: holds the lock it inherited and runs if still needed.
@@ -347,7 +366,8 @@ impl Flight {
         #[cfg(not(unix))]
         let Some(guard) = ({
             let _ = fd;
-            self.try_lock()?
+            lock::try_exclusive_for(&self.paths.lock, windows::HAND_OVER)
+                .with_context(|| format!("cannot lock {}", self.paths.lock.display()))?
         }) else {
             return Ok(0);
         };
@@ -620,6 +640,38 @@ fn close_others_on_exec(keep: std::os::fd::RawFd) {
             && !flags.contains(FdFlags::CLOEXEC)
         {
             let _ = fcntl_setfd(borrowed, flags | FdFlags::CLOEXEC);
+        }
+    }
+}
+
+#[cfg(windows)]
+mod windows {
+    use std::io;
+    use std::os::windows::process::CommandExt;
+    use std::process::{Child, Command};
+    use std::time::Duration;
+
+    use windows_sys::Win32::System::Threading::{
+        CREATE_BREAKAWAY_FROM_JOB, CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW,
+    };
+
+    /// How long the lock may take to pass from a `--background` caller to its refresher.
+    pub const HAND_OVER: Duration = Duration::from_secs(5);
+
+    /// Starts the refresher apart from the caller: its own hidden console (no window
+    /// flashes up, closing the caller's terminal does not end it), its own process
+    /// group (the caller's Ctrl+C is not its), and out of the caller's Job Object when
+    /// that job allows it (a terminal or editor that kills its job on exit).
+    pub fn spawn_detached(command: &mut Command) -> io::Result<Child> {
+        let flags = CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP;
+        match command
+            .creation_flags(flags | CREATE_BREAKAWAY_FROM_JOB)
+            .spawn()
+        {
+            Ok(child) => Ok(child),
+            // ERROR_ACCESS_DENIED: the caller's job does not allow breaking away.
+            Err(e) if e.raw_os_error() == Some(5) => command.creation_flags(flags).spawn(),
+            Err(e) => Err(e),
         }
     }
 }

@@ -33,6 +33,23 @@ impl LockGuard {
     }
 }
 
+/// Windows frees the locks of a closed handle only "when resources allow": unlock
+/// first, so the next caller finds the lock free at once. (Not on Unix, where the lock
+/// belongs to the open file, which a `--background` refresher may share.)
+#[cfg(windows)]
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
+/// Releases a look at the lock (a shared lock taken only to see whether it is free).
+fn release(file: File) {
+    #[cfg(windows)]
+    let _ = file.unlock();
+    drop(file);
+}
+
 fn open(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
@@ -62,7 +79,10 @@ pub fn is_held(path: &Path) -> io::Result<bool> {
     }
     let file = File::open(path)?;
     match file.try_lock_shared() {
-        Ok(()) => Ok(false),
+        Ok(()) => {
+            release(file);
+            Ok(false)
+        }
         Err(std::fs::TryLockError::WouldBlock) => Ok(true),
         Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
@@ -74,6 +94,7 @@ pub fn is_held(path: &Path) -> io::Result<bool> {
 pub fn wait_released(path: &Path, limit: Duration) -> io::Result<bool> {
     let file = open(path)?;
     if file.try_lock_shared().is_ok() {
+        release(file);
         return Ok(true);
     }
     // flock has no timeout: block on a thread and stop listening at the deadline. A
@@ -81,6 +102,9 @@ pub fn wait_released(path: &Path, limit: Duration) -> io::Result<bool> {
     let (sender, receiver) = mpsc::channel();
     thread::spawn(move || {
         let result = file.lock_shared();
+        if result.is_ok() {
+            release(file);
+        }
         let _ = sender.send(result);
     });
     match receiver.recv_timeout(limit) {
@@ -94,4 +118,21 @@ pub fn exclusive(path: &Path) -> io::Result<LockGuard> {
     let file = open(path)?;
     file.lock()?;
     Ok(LockGuard { file })
+}
+
+/// Takes the exclusive lock, trying for up to `limit`; `None` if it stayed held. For
+/// the Windows refresher, which cannot inherit its caller's lock and takes it over
+/// once the caller lets go.
+#[cfg(windows)]
+pub fn try_exclusive_for(path: &Path, limit: Duration) -> io::Result<Option<LockGuard>> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(guard) = try_exclusive(path)? {
+            return Ok(Some(guard));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::entry::EntryWriter;
 use crate::exit::{self, Exit};
-use crate::reap::{self, Stop};
+use crate::reap::{self, Stop, Tree};
 
 /// How much of a failed run's stderr is kept for `status`.
 const STDERR_TAIL: usize = 2048;
@@ -100,8 +100,13 @@ pub fn run(
     let mut child = command
         .spawn()
         .map_err(|e| spawn_error(&spec.argv[0], &e))?;
-    let group = child.id();
-    started(group);
+    let tree = Tree::adopt(&mut child).map_err(|e| {
+        Exit::new(
+            exit::INTERNAL,
+            format!("cannot take charge of the command's process tree: {e}"),
+        )
+    })?;
+    started(tree.pid());
 
     let out = child.stdout.take().expect("stdout is piped");
     let max = spec.max_output;
@@ -118,15 +123,15 @@ pub fn run(
     let outcome = match next(&receiver, Some(start + spec.timeout), &mut streams) {
         Wake::Exited(status) => outcome_of(status),
         Wake::Stop(stop) => {
-            terminate(group, spec.kill_after, &receiver, &mut streams);
+            terminate(&tree, spec.kill_after, &receiver, &mut streams);
             stop
         }
         Wake::Deadline => {
-            terminate(group, spec.kill_after, &receiver, &mut streams);
+            terminate(&tree, spec.kill_after, &receiver, &mut streams);
             Outcome::TimedOut
         }
     };
-    reap::kill_leftovers(group);
+    tree.kill_leftovers();
     let duration = start.elapsed();
     signals.stop();
 
@@ -190,8 +195,8 @@ fn next(receiver: &Receiver<Event>, deadline: Option<Instant>, streams: &mut Str
 
 /// SIGTERM to the tree, up to `kill_after` for the command to exit, then SIGKILL.
 /// Returns once the command itself has exited.
-fn terminate(group: u32, kill_after: Duration, receiver: &Receiver<Event>, streams: &mut Streams) {
-    reap::signal_tree(group, Stop::Term);
+fn terminate(tree: &Tree, kill_after: Duration, receiver: &Receiver<Event>, streams: &mut Streams) {
+    tree.signal(Stop::Term);
     let grace_ends = Instant::now() + kill_after;
     loop {
         match next(receiver, Some(grace_ends), streams) {
@@ -201,7 +206,7 @@ fn terminate(group: u32, kill_after: Duration, receiver: &Receiver<Event>, strea
             Wake::Stop(_) | Wake::Deadline => break,
         }
     }
-    reap::signal_tree(group, Stop::Kill);
+    tree.signal(Stop::Kill);
     while !matches!(next(receiver, None, streams), Wake::Exited(_)) {}
 }
 
@@ -282,7 +287,8 @@ fn tee_stderr(mut err: ChildStderr, pass: bool) -> Vec<u8> {
     tail
 }
 
-/// Turns SIGINT, SIGTERM and SIGHUP into events while a run is in flight.
+/// Turns SIGINT, SIGTERM and SIGHUP (on Windows: Ctrl+C and Ctrl+Break) into events
+/// while a run is in flight.
 struct SignalForwarder {
     #[cfg(unix)]
     handle: Option<signal_hook::iterator::Handle>,
@@ -307,7 +313,17 @@ impl SignalForwarder {
                 handle: Some(handle),
             }
         }
-        #[cfg(not(unix))]
+        #[cfg(windows)]
+        {
+            let events = std::sync::Mutex::new(events);
+            reap::windows::on_ctrl(Some(Box::new(move |signal| {
+                if let Ok(events) = events.lock() {
+                    let _ = events.send(Event::Signal(signal));
+                }
+            })));
+            SignalForwarder {}
+        }
+        #[cfg(not(any(unix, windows)))]
         {
             let _ = events;
             SignalForwarder {}
@@ -319,5 +335,7 @@ impl SignalForwarder {
         if let Some(handle) = self.handle {
             handle.close();
         }
+        #[cfg(windows)]
+        reap::windows::on_ctrl(None);
     }
 }

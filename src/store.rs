@@ -144,8 +144,7 @@ impl Store {
         if durable {
             temp.as_file().sync_all()?;
         }
-        temp.persist(path)
-            .with_context(|| format!("cannot replace {}", path.display()))?;
+        persist(temp, path).with_context(|| format!("cannot replace {}", path.display()))?;
         if durable {
             self.sync_dir();
         }
@@ -153,7 +152,7 @@ impl Store {
     }
 
     /// Makes a rename in the cache dir durable. Best effort: not every platform can
-    /// open a directory to fsync it.
+    /// open a directory to fsync it (Windows cannot, and needs not: NTFS journals it).
     pub fn sync_dir(&self) {
         #[cfg(unix)]
         if let Ok(dir) = File::open(&self.dir) {
@@ -200,5 +199,66 @@ impl Store {
         names.sort();
         names.dedup();
         Ok(names)
+    }
+}
+
+/// Renames a complete temp file over `path` in one step and returns it, open.
+///
+/// On Windows, std's rename replaces the target even while readers have it open, as
+/// long as they opened it sharing delete access (every reader in singleflight does,
+/// through std). A reader of another program (an editor, a virus scanner) may not, and
+/// blocks the replace for as long as it holds the file: retry for a moment.
+pub fn persist(temp: tempfile::NamedTempFile, path: &Path) -> Result<File, tempfile::PersistError> {
+    #[cfg(not(windows))]
+    return temp.persist(path);
+    #[cfg(windows)]
+    windows::persist(temp, path)
+}
+
+#[cfg(windows)]
+mod windows {
+    use std::fs::{self, File};
+    use std::io;
+    use std::os::windows::ffi::OsStrExt;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use windows_sys::Win32::Storage::FileSystem::{FILE_ATTRIBUTE_NORMAL, SetFileAttributesW};
+
+    /// How long a replace blocked by another program's reader is retried.
+    const BLOCKED_PATIENCE: Duration = Duration::from_secs(2);
+    const ERROR_ACCESS_DENIED: i32 = 5;
+    const ERROR_SHARING_VIOLATION: i32 = 32;
+    const ERROR_LOCK_VIOLATION: i32 = 33;
+
+    pub fn persist(
+        temp: tempfile::NamedTempFile,
+        path: &Path,
+    ) -> Result<File, tempfile::PersistError> {
+        // tempfile marks its files temporary (kept in memory by the cache manager if it
+        // can); a result is not temporary.
+        let wide: Vec<u16> = temp.path().as_os_str().encode_wide().chain([0]).collect();
+        // SAFETY: a NUL-terminated path.
+        unsafe { SetFileAttributesW(wide.as_ptr(), FILE_ATTRIBUTE_NORMAL) };
+        let deadline = Instant::now() + BLOCKED_PATIENCE;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match fs::rename(temp.path(), path) {
+                // The temp name is gone: dropping its path removes nothing.
+                Ok(()) => return Ok(temp.into_file()),
+                Err(e) if blocked(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(error) => return Err(tempfile::PersistError { error, file: temp }),
+            }
+        }
+    }
+
+    fn blocked(error: &io::Error) -> bool {
+        matches!(
+            error.raw_os_error(),
+            Some(ERROR_ACCESS_DENIED | ERROR_SHARING_VIOLATION | ERROR_LOCK_VIOLATION)
+        )
     }
 }

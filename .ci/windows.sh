@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The Windows target: cargo check and a release build of x86_64-pc-windows-gnu (the target
+# and mingw-w64 are installed if missing). With SINGLEFLIGHT_WINE_SMOKE=1, also a smoke
+# test of the built .exe under wine64: a miss, a hit, four concurrent callers sharing one
+# run, a timeout that kills a command's child, and singleflight killed with its tree.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGET=x86_64-pc-windows-gnu
+
+apt_install() {
+    if [ -z "${APT_UPDATED:-}" ]; then
+        apt-get update -qq
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+rustup target list --installed | grep -qx "$TARGET" || rustup target add "$TARGET"
+command -v x86_64-w64-mingw32-gcc >/dev/null || apt_install mingw-w64
+
+cargo check --target "$TARGET"
+cargo clippy --target "$TARGET" -- -D warnings
+cargo build --release --target "$TARGET"
+exe="target/$TARGET/release/singleflight.exe"
+echo "windows: built $exe ($(stat -c %s "$exe") bytes)"
+
+[ "${SINGLEFLIGHT_WINE_SMOKE:-}" = 1 ] || exit 0
+
+# ---- the smoke test under wine ----------------------------------------------------
+[ -x /usr/lib/wine/wine64 ] || apt_install wine64
+wine=/usr/lib/wine/wine64
+work=$(mktemp -d)
+export WINEPREFIX="$work/prefix" WINEDEBUG=-all
+"$wine" wineboot -i >/dev/null 2>&1 || true
+# wine 8 lacks bcryptprimitives.dll, which Rust's std imports (ProcessPrng): a stub.
+x86_64-w64-mingw32-gcc -O2 -shared -o "$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll" \
+    .ci/wine/bcryptprimitives.c -ladvapi32
+x86_64-w64-mingw32-gcc -O2 -o "$work/tree.exe" .ci/wine/tree.c
+tree="Z:${work//\//\\}\\tree.exe"
+# The cache is in the prefix's %LOCALAPPDATA%\singleflight, the Windows default.
+unset SINGLEFLIGHT_CACHE_DIR
+sf() { "$wine" "$exe" "$@"; }
+fail() { echo "wine smoke: FAILED: $*" >&2; exit 1; }
+# Live processes running tree.exe (wine shows them by their Windows or Unix path).
+tree_pids() { ps -eo pid=,stat=,args= | W="$work/tree.exe" Z="$tree" awk \
+    '($3 == ENVIRON["W"] || $3 == ENVIRON["Z"]) && $2 !~ /^Z/ { print $1 }'; }
+
+out=$(sf -v hit --ttl 1m -- cmd /c echo hello 2>"$work/err") || fail "miss exited $?"
+[ "${out%$'\r'}" = hello ] || fail "miss printed '$out'"
+grep -q 'ran the command' "$work/err" || fail "miss: $(cat "$work/err")"
+out=$(sf -v hit --ttl 1m -- cmd /c echo hello 2>"$work/err") || fail "hit exited $?"
+grep -q 'fresh (ttl 1m0s): served' "$work/err" || fail "hit: $(cat "$work/err")"
+echo "wine smoke: miss then hit: ok"
+
+runs="Z:${work//\//\\}\\runs.txt"
+for i in 1 2 3 4; do
+    sf conc --ttl 1m -- cmd /c "echo run>>$runs & ping -n 3 127.0.0.1 >nul & echo done" \
+        >"$work/conc$i" 2>&1 &
+done
+wait
+[ "$(wc -l <"$work/runs.txt")" = 1 ] || fail "$(wc -l <"$work/runs.txt") runs for 4 callers"
+for i in 1 2 3 4; do grep -q done "$work/conc$i" || fail "caller $i: $(cat "$work/conc$i")"; done
+echo "wine smoke: 4 concurrent callers, 1 run, all served: ok"
+
+status=0
+sf timeout --timeout 2s -- "$tree" parent >/dev/null 2>&1 || status=$?
+[ "$status" = 124 ] || fail "timeout exited $status, not 124"
+sleep 1
+[ -z "$(tree_pids)" ] || fail "left alive after the timeout: $(tree_pids)"
+echo "wine smoke: timeout (exit 124), command and its child killed: ok"
+
+"$wine" "$exe" killed --timeout 60s -- "$tree" parent >/dev/null 2>&1 &
+sf_pid=$!
+for _ in $(seq 100); do [ "$(tree_pids | wc -l)" = 2 ] && break; sleep 0.1; done
+[ "$(tree_pids | wc -l)" = 2 ] || fail "the tree did not start"
+kill -9 "$sf_pid"
+wait "$sf_pid" 2>/dev/null || true
+for _ in $(seq 50); do [ -z "$(tree_pids)" ] && break; sleep 0.1; done
+[ -z "$(tree_pids)" ] || fail "left alive after singleflight was killed: $(tree_pids)"
+echo "wine smoke: singleflight SIGKILLed, its Job Object killed the tree: ok"
+
+/usr/lib/wine/wineserver64 -k 2>/dev/null || true
+rm -rf "$work"

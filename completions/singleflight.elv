@@ -1,0 +1,76 @@
+
+use builtin;
+use str;
+
+set edit:completion:arg-completer[singleflight] = {|@words|
+    fn spaces {|n|
+        builtin:repeat $n ' ' | str:join ''
+    }
+    fn cand {|text desc|
+        edit:complex-candidate $text &display=$text' '(spaces (- 14 (wcswidth $text)))$desc
+    }
+    var command = 'singleflight'
+    for word $words[1..-1] {
+        if (str:has-prefix $word '-') {
+            break
+        }
+        set command = $command';'$word
+    }
+    var completions = [
+        &'singleflight'= {
+            cand --ttl 'A result younger than this is fresh'
+            cand --timeout 'Hard limit on one run of the command'
+            cand --kill-after 'Grace between SIGTERM and SIGKILL of the command''s process tree'
+            cand --wait 'How long a caller with nothing servable waits for the in-flight run [default: timeout + kill-after]'
+            cand --max-stale 'The oldest result served while another run is in flight [default: unlimited]'
+            cand --retry-after 'After a failed run, no new run starts for this long [default: the --ttl]'
+            cand --max-output 'Cap on captured stdout; past it the run is killed and fails'
+            cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
+            cand --background 'Serve a stale result at once and refresh it in one detached process'
+            cand --cache-failures 'A run that exits non-zero replaces the last good result'
+            cand -v 'Say on stderr what was decided and why'
+            cand --verbose 'Say on stderr what was decided and why'
+            cand -q 'No warnings on stderr (errors still print)'
+            cand --quiet 'No warnings on stderr (errors still print)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand -V 'Print version'
+            cand --version 'Print version'
+            cand status 'Show each NAME''s result, age, last run and whether a run is in flight'
+            cand clear 'Remove results, waiting for any run in flight'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'singleflight;status'= {
+            cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
+            cand --json 'One JSON array with stable snake_case keys'
+            cand -v 'Say on stderr what was decided and why'
+            cand --verbose 'Say on stderr what was decided and why'
+            cand -q 'No warnings on stderr (errors still print)'
+            cand --quiet 'No warnings on stderr (errors still print)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'singleflight;clear'= {
+            cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
+            cand --all 'Clear every NAME'
+            cand -v 'Say on stderr what was decided and why'
+            cand --verbose 'Say on stderr what was decided and why'
+            cand -q 'No warnings on stderr (errors still print)'
+            cand --quiet 'No warnings on stderr (errors still print)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'singleflight;help'= {
+            cand status 'Show each NAME''s result, age, last run and whether a run is in flight'
+            cand clear 'Remove results, waiting for any run in flight'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'singleflight;help;status'= {
+        }
+        &'singleflight;help;clear'= {
+        }
+        &'singleflight;help;help'= {
+        }
+    ]
+    $completions[$command]
+}

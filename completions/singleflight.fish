@@ -1,0 +1,56 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_singleflight_global_optspecs
+    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= background cache-failures max-output= cache-dir= v/verbose q/quiet h/help V/version
+end
+
+function __fish_singleflight_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_singleflight_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_singleflight_using_subcommand
+    set -l cmd (__fish_singleflight_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c singleflight -n "__fish_singleflight_needs_command" -l ttl -d 'A result younger than this is fresh' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l timeout -d 'Hard limit on one run of the command' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l kill-after -d 'Grace between SIGTERM and SIGKILL of the command\'s process tree' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l wait -d 'How long a caller with nothing servable waits for the in-flight run [default: timeout + kill-after]' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l max-stale -d 'The oldest result served while another run is in flight [default: unlimited]' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-after -d 'After a failed run, no new run starts for this long [default: the --ttl]' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l max-output -d 'Cap on captured stdout; past it the run is killed and fails' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
+complete -c singleflight -n "__fish_singleflight_needs_command" -l background -d 'Serve a stale result at once and refresh it in one detached process'
+complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-failures -d 'A run that exits non-zero replaces the last good result'
+complete -c singleflight -n "__fish_singleflight_needs_command" -s v -l verbose -d 'Say on stderr what was decided and why'
+complete -c singleflight -n "__fish_singleflight_needs_command" -s q -l quiet -d 'No warnings on stderr (errors still print)'
+complete -c singleflight -n "__fish_singleflight_needs_command" -s h -l help -d 'Print help'
+complete -c singleflight -n "__fish_singleflight_needs_command" -s V -l version -d 'Print version'
+complete -c singleflight -n "__fish_singleflight_needs_command" -a "status" -d 'Show each NAME\'s result, age, last run and whether a run is in flight'
+complete -c singleflight -n "__fish_singleflight_needs_command" -a "clear" -d 'Remove results, waiting for any run in flight'
+complete -c singleflight -n "__fish_singleflight_needs_command" -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l json -d 'One JSON array with stable snake_case keys'
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s v -l verbose -d 'Say on stderr what was decided and why'
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s q -l quiet -d 'No warnings on stderr (errors still print)'
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s h -l help -d 'Print help'
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l all -d 'Clear every NAME'
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s v -l verbose -d 'Say on stderr what was decided and why'
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s q -l quiet -d 'No warnings on stderr (errors still print)'
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s h -l help -d 'Print help'
+complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status clear help" -f -a "status" -d 'Show each NAME\'s result, age, last run and whether a run is in flight'
+complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status clear help" -f -a "clear" -d 'Remove results, waiting for any run in flight'
+complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status clear help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

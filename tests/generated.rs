@@ -1,0 +1,399 @@
+//! The shell completions in `completions/` and the man page `man/singleflight.1`, generated
+//! from the clap definition and committed. This test fails when they are stale;
+//! `SINGLEFLIGHT_REGENERATE=1 cargo test --test generated` rewrites them.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use clap::CommandFactory;
+use clap_complete::Shell;
+use clap_mangen::Man;
+use clap_mangen::roff::{Roff, bold, italic, roman};
+
+use singleflight::cli::{Cli, EXAMPLES};
+use singleflight::exit;
+
+const REGENERATE: &str = "SINGLEFLIGHT_REGENERATE";
+
+/// Every generated file: its path in the repository and its contents.
+fn generated() -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for (shell, file) in [
+        (Shell::Bash, "singleflight.bash"),
+        (Shell::Zsh, "_singleflight"),
+        (Shell::Fish, "singleflight.fish"),
+        (Shell::Elvish, "singleflight.elv"),
+        (Shell::PowerShell, "_singleflight.ps1"),
+    ] {
+        let mut bytes = Vec::new();
+        clap_complete::generate(
+            shell,
+            &mut public(Cli::command()),
+            "singleflight",
+            &mut bytes,
+        );
+        files.push((Path::new("completions").join(file), bytes));
+    }
+    files.push((Path::new("man").join("singleflight.1"), man_page()));
+    files
+}
+
+/// The command without its hidden (internal) options, which clap_complete would offer:
+/// the same name, texts, options and verbs, rebuilt without the hidden ones.
+fn public(command: clap::Command) -> clap::Command {
+    let args: Vec<clap::Arg> = command
+        .get_arguments()
+        .filter(|arg| !arg.is_hide_set())
+        .cloned()
+        .collect();
+    let verbs: Vec<clap::Command> = command.get_subcommands().cloned().map(public).collect();
+    // Leaked: clap wants 'static names without its `string` feature; a test can afford it.
+    let name: &'static str = String::leak(command.get_name().to_owned());
+    let mut public = clap::Command::new(name)
+        .args(args)
+        .subcommands(verbs)
+        .args_conflicts_with_subcommands(command.is_args_conflicts_with_subcommands_set())
+        .subcommand_negates_reqs(command.is_subcommand_negates_reqs_set());
+    if let Some(about) = command.get_about() {
+        public = public.about(about.clone());
+    }
+    if let Some(version) = command.get_version() {
+        public = public.version(String::leak(version.to_owned()) as &str);
+    }
+    public
+}
+
+#[test]
+fn completions_and_man_page_are_up_to_date() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let regenerate = std::env::var_os(REGENERATE).is_some_and(|v| !v.is_empty() && v != "0");
+    let mut stale = Vec::new();
+    for (path, bytes) in generated() {
+        let full = root.join(&path);
+        if fs::read(&full).ok().as_deref() == Some(&bytes[..]) {
+            continue;
+        }
+        if regenerate {
+            fs::create_dir_all(full.parent().expect("a file in a folder")).expect("mkdir");
+            fs::write(&full, &bytes).unwrap_or_else(|e| panic!("write {}: {e}", full.display()));
+            eprintln!("regenerated {}", path.display());
+        } else {
+            stale.push(path.display().to_string());
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "stale generated files: {}\nthe clap definition changed; regenerate them with\n  \
+         {REGENERATE}=1 cargo test --test generated\nand commit the result",
+        stale.join(", ")
+    );
+}
+
+#[test]
+fn the_man_page_has_what_a_reader_looks_for() {
+    let page = String::from_utf8(man_page()).expect("utf-8");
+    for needed in [
+        ".SH OPTIONS",
+        ".SH \"EXIT STATUS\"",
+        ".SH FILES",
+        ".SH ENVIRONMENT",
+        ".SH EXAMPLES",
+        "SINGLEFLIGHT_CACHE_DIR",
+        "XDG_CACHE_HOME",
+        "Library/Caches",
+        "LOCALAPPDATA",
+        "\\-\\-kill\\-after",
+        "124",
+    ] {
+        assert!(page.contains(needed), "the man page lacks {needed:?}");
+    }
+    // Internal options stay out of the page.
+    assert!(
+        !page.contains("refresher"),
+        "the man page shows --refresher"
+    );
+}
+
+#[test]
+fn completions_offer_the_options_and_verbs() {
+    for (path, bytes) in generated() {
+        if !path.starts_with("completions") {
+            continue;
+        }
+        let text = String::from_utf8(bytes).expect("utf-8");
+        for word in ["--ttl", "--background", "--cache-dir", "status", "clear"] {
+            let word = word.trim_start_matches('-');
+            assert!(text.contains(word), "{} lacks {word}", path.display());
+        }
+        assert!(
+            !text.contains("refresher"),
+            "{} offers --refresher",
+            path.display()
+        );
+    }
+}
+
+/// The man page: clap's sections (name, synopsis, description, options, verbs), then
+/// the ones clap has no place for.
+fn man_page() -> Vec<u8> {
+    let command = Cli::command();
+    let man = Man::new(command.clone())
+        .date("")
+        .source(format!("singleflight {}", env!("CARGO_PKG_VERSION")))
+        .manual("User Commands");
+    let mut out = Vec::new();
+    man.render_title(&mut out).expect("render to memory");
+    man.render_name_section(&mut out).expect("render to memory");
+    let mut roff = Roff::default();
+    synopsis(&mut roff);
+    description(&mut roff);
+    roff.to_writer(&mut out).expect("render to memory");
+    man.render_options_section(&mut out)
+        .expect("render to memory");
+    let mut roff = Roff::default();
+    verbs(&mut roff, &command);
+    exit_status(&mut roff);
+    files(&mut roff);
+    environment(&mut roff);
+    examples(&mut roff);
+    see_also(&mut roff);
+    roff.to_writer(&mut out).expect("render to memory");
+    out
+}
+
+/// clap_mangen's synopsis has no place for `--` and lists options without values.
+fn synopsis(roff: &mut Roff) {
+    heading(roff, "SYNOPSIS");
+    let lines: [&[_]; 3] = [
+        &[
+            bold("singleflight"),
+            roman(" [OPTIONS] "),
+            italic("NAME"),
+            roman(" -- "),
+            italic("COMMAND"),
+            roman(" ["),
+            italic("ARG"),
+            roman("]..."),
+        ],
+        &[
+            bold("singleflight status"),
+            roman(" ["),
+            italic("NAME"),
+            roman("]... [--json]"),
+        ],
+        &[
+            bold("singleflight clear"),
+            roman(" ("),
+            italic("NAME"),
+            roman("... | --all)"),
+        ],
+    ];
+    for (i, line) in lines.into_iter().enumerate() {
+        if i > 0 {
+            roff.control("br", []);
+        }
+        roff.text(line.to_vec());
+    }
+}
+
+fn description(roff: &mut Roff) {
+    heading(roff, "DESCRIPTION");
+    for (i, paragraph) in DESCRIPTION.split("\n\n").enumerate() {
+        if i > 0 {
+            roff.control("PP", []);
+        }
+        roff.text([roman(paragraph)]);
+    }
+}
+
+/// The verbs with their own options (clap_mangen would point to man pages per verb).
+fn verbs(roff: &mut Roff, command: &clap::Command) {
+    heading(roff, "VERBS");
+    for verb in command.get_subcommands() {
+        let mut line = vec![bold(format!("singleflight {}", verb.get_name()))];
+        let mut options = Vec::new();
+        for arg in verb
+            .get_arguments()
+            .filter(|a| !a.is_global_set() && !a.is_hide_set())
+        {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            match arg.get_long() {
+                Some(long) => {
+                    line.push(roman(format!(" [--{long}]")));
+                    options.push((format!("--{long}"), help));
+                }
+                None => {
+                    line.push(roman(" ["));
+                    line.push(italic("NAME"));
+                    line.push(roman("]..."));
+                    options.push(("NAME".to_owned(), help));
+                }
+            }
+        }
+        roff.control("TP", []);
+        roff.text(line);
+        roff.text([roman(
+            verb.get_about()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        )]);
+        roff.control("RS", []);
+        for (tag, help) in options {
+            item(roff, &tag, &help);
+        }
+        roff.control("RE", []);
+    }
+}
+
+const DESCRIPTION: &str = "\
+Of any number of concurrent callers with the same NAME, at most one runs COMMAND; the \
+others get the last good result at once, or wait for the run in flight when nothing is \
+cached. The command's stdout is cached in the cache dir and replaced atomically; a \
+result younger than --ttl is printed without taking a lock or starting a process.
+
+A run has a hard --timeout: the command runs in its own process group (a Job Object on \
+Windows), and on timeout its whole tree gets SIGTERM, then SIGKILL --kill-after later. \
+No process the command started outlives the run. On Windows the tree gets CTRL_BREAK \
+and is terminated with its Job Object --kill-after later; a tree without a console is \
+terminated at once.
+
+A failed run (non-zero exit, timeout) keeps the last good result, which callers get \
+until --retry-after has passed; --cache-failures caches the failed run's output \
+instead. stdin of the command is /dev/null; its stderr passes through when the caller \
+runs it in the foreground, and the tail of a failed run's stderr is kept for status.";
+
+fn heading(roff: &mut Roff, title: &str) {
+    roff.control("SH", [title]);
+}
+
+fn item(roff: &mut Roff, tag: &str, text: &str) {
+    roff.control("TP", []);
+    roff.text([bold(tag)]);
+    roff.text([roman(text)]);
+}
+
+fn exit_status(roff: &mut Roff) {
+    heading(roff, "EXIT STATUS");
+    roff.text([roman(
+        "A served result (fresh, stale, or just produced) exits with the status its run \
+         exited with. Otherwise:",
+    )]);
+    let rows = [
+        (
+            exit::USAGE,
+            "Usage error: bad option, NAME, duration or size, or no command.",
+        ),
+        (
+            exit::NOTHING_TO_SERVE,
+            "Nothing to serve: another run is in flight and --wait ran out, or it failed \
+             with nothing cached, or a failed run is being backed off (--retry-after) with \
+             nothing cached.",
+        ),
+        (
+            exit::TIMED_OUT,
+            "The command timed out and its process tree was killed.",
+        ),
+        (
+            exit::INTERNAL,
+            "singleflight itself failed (cache dir unusable, disk error; the command was \
+             not run), or the command's stdout went past --max-output.",
+        ),
+        (
+            exit::CANNOT_EXECUTE,
+            "The command exists but could not be executed.",
+        ),
+        (exit::NOT_FOUND, "The command was not found."),
+    ];
+    for (status, text) in rows {
+        item(roff, &status.to_string(), text);
+    }
+    item(
+        roff,
+        "128+N",
+        "The command was killed by signal N, or singleflight was (SIGINT, SIGTERM, SIGHUP: \
+         the run is stopped and nothing is cached).",
+    );
+    roff.control("PP", []);
+    roff.text([roman(
+        "status exits 1 when a NAME it was asked about has nothing in the cache dir.",
+    )]);
+}
+
+fn files(roff: &mut Roff) {
+    heading(roff, "FILES");
+    roff.text([roman(
+        "The cache dir, unless --cache-dir or SINGLEFLIGHT_CACHE_DIR names another:",
+    )]);
+    for (platform, dir) in [
+        (
+            "Linux",
+            "$XDG_CACHE_HOME/singleflight, or ~/.cache/singleflight",
+        ),
+        ("macOS", "~/Library/Caches/singleflight"),
+        ("Windows", "%LOCALAPPDATA%\\singleflight"),
+    ] {
+        item(roff, platform, dir);
+    }
+    roff.control("PP", []);
+    roff.text([roman(
+        "It is created with mode 0700; singleflight refuses (exit 125) one owned by another \
+         user or writable by group or others. For each NAME it holds ",
+    )]);
+    for (i, (file, what)) in [
+        ("NAME.result", "the cached result"),
+        ("NAME.lock", "the lock, never deleted"),
+        ("NAME.failure", "the last failed run"),
+        ("NAME.run", "the run in flight"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let sep = if i == 3 { "." } else { ", " };
+        roff.text([italic(*file), roman(format!(" ({what}){sep}"))]);
+    }
+}
+
+fn environment(roff: &mut Roff) {
+    heading(roff, "ENVIRONMENT");
+    item(
+        roff,
+        "SINGLEFLIGHT_CACHE_DIR",
+        "The cache dir, if --cache-dir is not given.",
+    );
+    item(
+        roff,
+        "XDG_CACHE_HOME",
+        "On Linux, the base of the default cache dir when it is an absolute path.",
+    );
+    item(
+        roff,
+        singleflight::reap::RUN_ID_ENV,
+        "Set by singleflight in the environment of the command: a token that marks \
+         every process of one run.",
+    );
+}
+
+fn examples(roff: &mut Roff) {
+    heading(roff, "EXAMPLES");
+    for (what, line) in EXAMPLES {
+        roff.control("PP", []);
+        roff.text([roman(*what)]);
+        roff.control("RS", ["4"]);
+        roff.control("EX", []);
+        roff.text([roman(*line)]);
+        roff.control("EE", []);
+        roff.control("RE", []);
+    }
+}
+
+fn see_also(roff: &mut Roff) {
+    heading(roff, "SEE ALSO");
+    roff.text([
+        bold("flock"),
+        roman("(1), "),
+        bold("timeout"),
+        roman("(1), "),
+        bold("cron"),
+        roman("(8)"),
+    ]);
+}
