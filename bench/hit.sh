@@ -2,7 +2,8 @@
 # The cost of a fresh hit: `singleflight NAME --ttl 1h -- CMD` served from the cache,
 # measured in one hyperfine run against `cat` of the same bytes and a `bkt` hit of the
 # same command, plus the hit's max RSS. Not a test: it prints figures, it asserts
-# nothing about speed.
+# nothing about speed. The figures are only as good as the machine is quiet: the load
+# average is printed with them.
 #
 #   bench/hit.sh              # 10 KiB result, then a 100 MiB one
 #   SKIP_LARGE=1 bench/hit.sh # 10 KiB only
@@ -107,7 +108,7 @@ hyperfine -N --warmup 100 --runs "$runs" --style basic --export-json "$work/smal
     -n bkt "$bkt --ttl=1h -- cat $small" >&2
 
 echo
-echo "== 10 KiB result, $(uname -sr), $runs runs each (hyperfine -N) =="
+echo "== 10 KiB result, $runs runs each (hyperfine -N), $(uname -sr), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg) =="
 ratios "$work/small.json" hit,cat,bkt
 echo "max RSS: hit $(max_rss_kib "$sf" bench --ttl 1h -- cat "$small") KiB," \
     "cat $(max_rss_kib cat "$small") KiB," \
