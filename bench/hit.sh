@@ -8,6 +8,7 @@
 #   bench/hit.sh              # 10 KiB result, then a 100 MiB one
 #   SKIP_LARGE=1 bench/hit.sh # 10 KiB only
 #   RUNS=2000 bench/hit.sh    # more runs per command (default 1000)
+#   SF_BIN=/path/to/singleflight bench/hit.sh  # measure that binary, build nothing
 #
 # Installs what is missing: hyperfine (apt, else cargo), bkt (cargo, into bench/.tools),
 # GNU time and python3 (apt).
@@ -43,9 +44,12 @@ need_tools() {
 }
 
 need_tools
-say "building singleflight (release)"
-cargo build --release --quiet
-sf="${CARGO_TARGET_DIR:-$root/target}/release/singleflight"
+sf=${SF_BIN:-}
+if [[ -z $sf ]]; then
+    say "building singleflight (release)"
+    cargo build --release --quiet
+    sf="${CARGO_TARGET_DIR:-$root/target}/release/singleflight"
+fi
 bkt=$(command -v bkt)
 
 work=$(mktemp -d)
