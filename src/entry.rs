@@ -26,6 +26,8 @@ use crate::values::Name;
 const MAGIC: &[u8; 7] = b"SFLIGHT";
 const VERSION: u8 = 1;
 const HEADER_LEN: u64 = 32;
+/// Far above any real metadata (a command line and a few numbers).
+const META_MAX: u64 = 1 << 20;
 /// Results up to this size are read and checked in one go; larger ones are streamed.
 const READ_WHOLE_MAX: u64 = 1 << 20;
 
@@ -204,6 +206,11 @@ impl Header {
             meta_len: word(16),
             checksum: word(24),
         };
+        // Metadata is a few hundred bytes; a huge length is damage, and must not make a
+        // reader collect a damaged multi-GB file in memory before the checksum fails.
+        if header.meta_len > META_MAX {
+            return Err(Invalid::Corrupt);
+        }
         let expected = HEADER_LEN
             .checked_add(header.body_len)
             .and_then(|n| n.checked_add(header.meta_len));
