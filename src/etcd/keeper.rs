@@ -4,8 +4,8 @@
 //! The lease is counted on until `last successful renewal sent + TTL`, measured on
 //! our clock from when the request was *sent*: etcd restarts the TTL when it
 //! receives the renewal, later, so etcd cannot free the lock before that moment.
-//! A little before it ([`guard`]) the loss is reported, so that the run's tree gets
-//! its SIGTERM while the lock is still ours.
+//! The loss is reported `lead` before it ([`default_lead`]: a little), so that the
+//! run's tree gets its SIGTERM while the lock is still ours.
 
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread;
@@ -32,18 +32,21 @@ pub struct LeaseKeeper {
 
 impl LeaseKeeper {
     /// Starts renewing `lease`. `on_lost` is called at most once, from the keeper's
-    /// thread, when the lease is lost or may expire before another renewal gets
-    /// through; the keeper stops then.
+    /// thread, when etcd says the lease is gone, or when no renewal got through and
+    /// the lease may expire within `lead`; the keeper stops then. A `lead` as long as
+    /// the run's `--kill-after` would have the tree dead before the lock can pass on,
+    /// at the price of giving up on shorter etcd hiccups.
     pub fn start(
         client: Client,
         lease: Lease,
+        lead: Duration,
         on_lost: impl FnOnce(LeaseLost) + Send + 'static,
     ) -> std::io::Result<LeaseKeeper> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = thread::Builder::new()
             .name(format!("lease-{}", lease.id))
             .spawn(move || {
-                if let Some(lost) = keep(&client, lease, &stopped) {
+                if let Some(lost) = keep(&client, lease, lead, &stopped) {
                     on_lost(lost);
                 }
             })?;
@@ -69,15 +72,20 @@ impl Drop for LeaseKeeper {
     }
 }
 
-/// How long before the lease may expire its loss is reported.
-fn guard(ttl: Duration) -> Duration {
+/// A lead that leaves time to deliver SIGTERM before the lease may expire, and
+/// gives up only after renewals failed for most of the TTL.
+pub fn default_lead(ttl: Duration) -> Duration {
     (ttl / 10).min(Duration::from_millis(500))
 }
 
 /// Renews until told to stop (`None`) or the lease is lost (`Some`).
-fn keep(client: &Client, lease: Lease, stopped: &mpsc::Receiver<()>) -> Option<LeaseLost> {
+fn keep(
+    client: &Client,
+    lease: Lease,
+    lead: Duration,
+    stopped: &mpsc::Receiver<()>,
+) -> Option<LeaseLost> {
     let interval = lease.ttl / 3;
-    let guard = guard(lease.ttl);
     let mut expires = lease.granted_at + lease.ttl;
     let mut next = lease.granted_at + interval;
     let mut last_error: Option<EtcdError> = None;
@@ -92,7 +100,7 @@ fn keep(client: &Client, lease: Lease, stopped: &mpsc::Receiver<()>) -> Option<L
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return None,
         }
-        let give_up_at = expires.checked_sub(guard).unwrap_or(expires);
+        let give_up_at = expires.checked_sub(lead).unwrap_or(lease.granted_at);
         if Instant::now() >= give_up_at {
             let why = match &last_error {
                 Some(e) => format!(
@@ -124,9 +132,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn guard_is_small_against_the_ttl() {
-        assert_eq!(guard(Duration::from_secs(2)), Duration::from_millis(200));
-        assert_eq!(guard(Duration::from_secs(10)), Duration::from_millis(500));
-        assert_eq!(guard(Duration::from_secs(60)), Duration::from_millis(500));
+    fn the_default_lead_is_small_against_the_ttl() {
+        assert_eq!(
+            default_lead(Duration::from_secs(2)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            default_lead(Duration::from_secs(10)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            default_lead(Duration::from_secs(60)),
+            Duration::from_millis(500)
+        );
     }
 }

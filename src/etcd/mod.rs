@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 pub use endpoints::{DEFAULT_PORT, Endpoints};
-pub use keeper::{LeaseKeeper, LeaseLost};
+pub use keeper::{LeaseKeeper, LeaseLost, default_lead};
 pub use keys::{DEFAULT_PREFIX, Keys, Prefix};
 
 use crate::values::format_size;
