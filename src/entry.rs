@@ -431,6 +431,56 @@ impl EntryWriter {
     }
 }
 
+/// A whole result as bytes in the same format as a result file (header, body,
+/// metadata), for a backend that stores values rather than files (etcd), so that a
+/// value is checked exactly as a file is.
+pub fn to_bytes(body: &[u8], meta: &Meta) -> Vec<u8> {
+    let meta_bytes = serde_json::to_vec(meta).expect("Meta serializes");
+    let mut hasher = Xxh3::new();
+    hasher.update(body);
+    hasher.update(&meta_bytes);
+    let header = Header {
+        body_len: body.len() as u64,
+        meta_len: meta_bytes.len() as u64,
+        checksum: hasher.digest(),
+    };
+    let mut bytes = Vec::with_capacity(HEADER_LEN as usize + body.len() + meta_bytes.len());
+    bytes.extend_from_slice(&header.to_bytes());
+    bytes.extend_from_slice(body);
+    bytes.extend_from_slice(&meta_bytes);
+    bytes
+}
+
+/// How long [`to_bytes`] of a body of `body_len` bytes is, to check a size limit
+/// before reading the body into memory.
+pub fn encoded_len(body_len: u64, meta: &Meta) -> u64 {
+    let meta_len = serde_json::to_vec(meta).expect("Meta serializes").len() as u64;
+    HEADER_LEN + body_len + meta_len
+}
+
+/// Checks a result held in memory (see [`to_bytes`]): `Err` if the bytes are not a
+/// complete result of this format.
+pub fn from_bytes(bytes: Vec<u8>) -> Result<Entry, Invalid> {
+    let len = bytes.len() as u64;
+    if len < HEADER_LEN {
+        return Err(Invalid::Truncated);
+    }
+    let header = Header::parse(&bytes, len)?;
+    if xxh3_64(&bytes[HEADER_LEN as usize..]) != header.checksum {
+        return Err(Invalid::Corrupt);
+    }
+    let body_end = (HEADER_LEN + header.body_len) as usize;
+    let meta = serde_json::from_slice(&bytes[body_end..]).map_err(|_| Invalid::Corrupt)?;
+    Ok(Entry {
+        meta,
+        body: Body::Memory {
+            bytes,
+            start: HEADER_LEN as usize,
+            end: body_end,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,5 +569,31 @@ mod tests {
             display_command(&argv),
             r"ccusage blocks --json 'a b' 'it'\''s'"
         );
+    }
+
+    #[test]
+    fn bytes_round_trip_and_refuse_damage() {
+        let body = b"hello from etcd\n";
+        let bytes = to_bytes(body, &meta());
+        assert_eq!(bytes.len() as u64, encoded_len(body.len() as u64, &meta()));
+        let entry = from_bytes(bytes.clone()).ok().unwrap();
+        assert_eq!(entry.meta.command, "echo hi");
+        assert_eq!(printed(entry.body), body);
+        for len in 0..bytes.len() {
+            assert!(
+                from_bytes(bytes[..len].to_vec()).is_err(),
+                "truncated to {len}"
+            );
+        }
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x20;
+            assert!(from_bytes(bad).is_err(), "byte {i} flipped");
+        }
+        // The same bytes as a file are a valid result file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.result");
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(read(&path).unwrap().unwrap().is_some());
     }
 }

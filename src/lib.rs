@@ -8,6 +8,8 @@
 pub mod cli;
 pub mod decide;
 pub mod entry;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod exit;
 pub mod flight;
 pub mod lock;

@@ -3,6 +3,8 @@
 //! process table. Every test drives the real binary.
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

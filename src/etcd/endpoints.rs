@@ -1,0 +1,175 @@
+//! The `--backend etcd://HOST:PORT[,HOST:PORT...]` value: parsed once into the list of
+//! etcd members to talk to, in the order the user gave them.
+
+use std::fmt;
+
+/// etcd's default client port, for a HOST given without one.
+pub const DEFAULT_PORT: u16 = 2379;
+
+const SCHEME: &str = "etcd://";
+
+/// The members of one etcd cluster, as `host:port` (IPv6 hosts in brackets).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoints(Vec<String>);
+
+impl Endpoints {
+    /// Parses `etcd://HOST[:PORT][,HOST[:PORT]...]`; the error says what a valid
+    /// value looks like.
+    pub fn parse(value: &str) -> Result<Endpoints, String> {
+        let bad = |why: &str| {
+            format!(
+                "invalid backend {value:?}: {why}; use etcd://HOST:PORT[,HOST:PORT...], \
+                 e.g. etcd://127.0.0.1:2379"
+            )
+        };
+        let Some(rest) = strip_prefix_ignore_case(value, SCHEME) else {
+            let why = match value.split_once("://") {
+                Some(("https" | "etcds", _)) => "TLS is not supported",
+                Some((scheme, _)) => return Err(bad(&format!("unknown scheme {scheme:?}"))),
+                None => "it does not start with etcd://",
+            };
+            return Err(bad(why));
+        };
+        // One trailing slash is what people paste from URLs; a path is something else.
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#', '@']) {
+            return Err(bad("a path, query or user is not allowed"));
+        }
+        let mut members = Vec::new();
+        for member in rest.split(',') {
+            members.push(parse_member(member.trim()).map_err(|why| bad(&why))?);
+        }
+        Ok(Endpoints(members))
+    }
+
+    /// `host:port` of each member.
+    pub fn members(&self) -> &[String] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Endpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{SCHEME}{}", self.0.join(","))
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = value.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &value[prefix.len()..])
+}
+
+/// One `HOST[:PORT]`: a name, an IPv4 address or a bracketed IPv6 address.
+fn parse_member(member: &str) -> Result<String, String> {
+    if member.is_empty() {
+        return Err("an empty member".to_owned());
+    }
+    let (host, port) = if let Some(bracketed) = member.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| format!("{member:?} has no closing ']'"))?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{host:?} is not an IPv6 address"));
+        }
+        let port = match after {
+            "" => None,
+            _ => Some(
+                after
+                    .strip_prefix(':')
+                    .ok_or_else(|| format!("{member:?}: expected ':PORT' after ']'"))?,
+            ),
+        };
+        (format!("[{host}]"), port)
+    } else {
+        match member.split_once(':') {
+            Some((_, port)) if port.contains(':') => {
+                return Err(format!("{member:?}: put an IPv6 address in brackets"));
+            }
+            Some((host, port)) => (host.to_owned(), Some(port)),
+            None => (member.to_owned(), None),
+        }
+    };
+    let host_ok = host.starts_with('[')
+        || (!host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')));
+    if !host_ok {
+        return Err(format!("{host:?} is not a host name or address"));
+    }
+    let port = match port {
+        None => DEFAULT_PORT,
+        Some(port) => match port.parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => return Err(format!("{port:?} is not a port number")),
+        },
+    };
+    Ok(format!("{host}:{port}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(value: &str) -> Vec<String> {
+        Endpoints::parse(value).unwrap().members().to_vec()
+    }
+
+    #[test]
+    fn parses_one_or_more_members() {
+        assert_eq!(members("etcd://127.0.0.1:2379"), ["127.0.0.1:2379"]);
+        assert_eq!(
+            members("etcd://a.example:1,b-2.example:2, c:3/"),
+            ["a.example:1", "b-2.example:2", "c:3"]
+        );
+        assert_eq!(members("ETCD://node1"), ["node1:2379"]);
+        assert_eq!(
+            members("etcd://[::1]:23790,[fe80::1]"),
+            ["[::1]:23790", "[fe80::1]:2379"]
+        );
+        let endpoints = Endpoints::parse("etcd://x:1,y:2").unwrap();
+        assert_eq!(endpoints.to_string(), "etcd://x:1,y:2");
+        assert_eq!(endpoints.len(), 2);
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_etcd_url() {
+        for (bad, why) in [
+            ("", "does not start with etcd://"),
+            ("127.0.0.1:2379", "does not start with etcd://"),
+            ("http://127.0.0.1:2379", "unknown scheme \"http\""),
+            ("https://127.0.0.1:2379", "TLS is not supported"),
+            ("etcd://", "an empty member"),
+            ("etcd://a:1,,b:2", "an empty member"),
+            ("etcd://a:1/v3", "a path"),
+            ("etcd://user@a:1", "user"),
+            ("etcd://a:0", "not a port number"),
+            ("etcd://a:65536", "not a port number"),
+            ("etcd://a:", "not a port number"),
+            ("etcd://a:b", "not a port number"),
+            ("etcd://::1:2379", "brackets"),
+            ("etcd://[::1", "closing"),
+            ("etcd://[nope]:1", "not an IPv6 address"),
+            ("etcd://[::1]x", "expected ':PORT'"),
+            ("etcd://a b:1", "not a host name"),
+            ("etcd://:1", "not a host name"),
+        ] {
+            let err = Endpoints::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+            assert!(err.contains(&format!("{bad:?}")), "quotes the value: {err}");
+            assert!(
+                err.contains("etcd://HOST:PORT"),
+                "says what is valid: {err}"
+            );
+        }
+    }
+}
