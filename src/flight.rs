@@ -367,12 +367,14 @@ impl Flight {
         let outcome = finished.outcome;
         let status = outcome.exit_status();
         let what = self.describe_outcome(outcome, finished.duration);
-        if let Outcome::Interrupted(_) = outcome {
+        if let Outcome::Interrupted(signal) = outcome {
             self.say.decided(format_args!(
                 "{}; ran the command: {what}; nothing cached",
                 self.describe(last.cached)
             ));
-            return Ok(status);
+            // The temp file goes first; the kernel frees the lock.
+            drop(finished);
+            return Ok(run::die_of(signal));
         }
         if outcome.succeeded() {
             let _ = fs::remove_file(&self.paths.failure);
