@@ -399,30 +399,26 @@ impl EntryWriter {
         }
     }
 
-    /// The output for printing without saving it; the temp file is removed once the
-    /// body has been printed (it is unlinked on drop, the open file stays readable).
+    /// The output for printing without saving it. The temp file is unlinked at once;
+    /// its open handle stays readable, so the output survives even when its path is
+    /// gone (a cache dir deleted during the run).
     pub fn into_body(mut self) -> Body {
+        let tail = std::mem::take(&mut self.tail);
         match self.temp.take() {
             Some(temp) => {
-                let tail = std::mem::take(&mut self.tail);
-                match temp.reopen() {
-                    Ok(file) => Body::File {
-                        file,
-                        offset: HEADER_LEN,
-                        len: self.written,
-                        tail,
-                    },
-                    Err(_) => Body::Memory {
-                        bytes: tail.clone(),
-                        start: 0,
-                        end: tail.len(),
-                    },
+                let (file, path) = temp.into_parts();
+                drop(path);
+                Body::File {
+                    file,
+                    offset: HEADER_LEN,
+                    len: self.written,
+                    tail,
                 }
             }
             None => {
-                let end = self.tail.len();
+                let end = tail.len();
                 Body::Memory {
-                    bytes: std::mem::take(&mut self.tail),
+                    bytes: tail,
                     start: 0,
                     end,
                 }

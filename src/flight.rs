@@ -394,8 +394,6 @@ impl Flight {
             return Err(refuse("not an open file descriptor"));
         }
         let guard = LockGuard::inherited(fd);
-        // It came without close-on-exec; the command we run must not hold the lock.
-        let _ = rustix::io::fcntl_setfd(guard.file(), rustix::io::FdFlags::CLOEXEC);
         let (held, named) = (guard.file().metadata(), fs::metadata(&self.paths.lock));
         let same =
             matches!((&held, &named), (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino());
@@ -459,12 +457,14 @@ impl Flight {
         let outcome = finished.outcome;
         let status = outcome.exit_status();
         let what = self.describe_outcome(outcome, finished.duration);
-        if let Outcome::Interrupted(_) = outcome {
+        if let Outcome::Interrupted(signal) = outcome {
             self.say.decided(format_args!(
                 "{}; ran the command: {what}; nothing cached",
                 self.describe(last.cached)
             ));
-            return Ok(status);
+            // The temp file goes first; the kernel frees the lock.
+            drop(finished);
+            return Ok(run::die_of(signal));
         }
         if outcome.succeeded() {
             let _ = fs::remove_file(&self.paths.failure);

@@ -22,9 +22,12 @@ impl LockGuard {
         use std::os::fd::FromRawFd;
         // SAFETY: the caller that started us passed this fd open and locked, and
         // nothing else in this process owns it.
-        LockGuard {
-            file: unsafe { File::from_raw_fd(fd) },
-        }
+        let file = unsafe { File::from_raw_fd(fd) };
+        // It came without close-on-exec. The command must not inherit it: a process
+        // of the run that outlived a killed refresher would hold the lock, and no
+        // winner would ever come to kill it.
+        let _ = rustix::io::fcntl_setfd(&file, rustix::io::FdFlags::CLOEXEC);
+        LockGuard { file }
     }
 
     /// The locked file, so that a detached refresher can inherit the lock.

@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::process::ExitCode;
 
 use singleflight::cli::Cli;
@@ -10,7 +11,8 @@ fn main() -> ExitCode {
         // A reader that went away (`status | head`) is not worth a word.
         Err(error) if is_broken_pipe(&error) => 0,
         Err(error) => {
-            eprintln!("singleflight: {error:#}");
+            // Not eprintln!, which panics when stderr is gone (a closed terminal).
+            let _ = writeln!(std::io::stderr(), "singleflight: {error:#}");
             exit::status_of(&error)
         }
     };

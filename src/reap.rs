@@ -166,11 +166,14 @@ pub fn kill_remains(record: &crate::record::RunRecord) {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     linux::kill_remains(record);
     #[cfg(all(unix, not(any(target_os = "linux", target_os = "android"))))]
-    if record.pid != 0 {
-        // Without /proc there is no start time to check; a group whose id is the
-        // recorded pid is only signalled if that pid is gone or was never reused.
-        use rustix::process::{Pid, Signal, kill_process_group};
-        if let Some(pid) = Pid::from_raw(record.pid as i32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(record.pid as i32) {
+        // Without /proc there is no start time to check. A live process with the
+        // recorded pid may be a stranger that reused it: it is left alone (and with
+        // it, there being no death signal here, the run's own leader). A pid that is
+        // gone cannot have been handed out again while its group lives on, so a group
+        // with that id is still the run's.
+        use rustix::process::{Signal, kill_process_group, test_kill_process};
+        if test_kill_process(pid).is_err_and(|e| e == rustix::io::Errno::SRCH) {
             let _ = kill_process_group(pid, Signal::KILL);
         }
     }

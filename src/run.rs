@@ -7,6 +7,7 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -120,38 +121,54 @@ pub fn run(
     spawn_waiter(child, events);
 
     let mut streams = Streams::default();
-    let outcome = match next(&receiver, Some(start + spec.timeout), &mut streams) {
+    let mut outcome = match next(&receiver, Some(start + spec.timeout), &mut streams) {
         Wake::Exited(status) => outcome_of(status),
-        Wake::Stop(stop) => {
+        Wake::Stop(stop @ Outcome::Interrupted(_)) => {
             terminate(&tree, spec.kill_after, &receiver, &mut streams);
             stop
         }
-        Wake::Deadline => {
-            terminate(&tree, spec.kill_after, &receiver, &mut streams);
-            Outcome::TimedOut
-        }
+        // A signal to singleflight while it stops the run for another reason wins.
+        Wake::Stop(stop) => terminate(&tree, spec.kill_after, &receiver, &mut streams)
+            .map_or(stop, Outcome::Interrupted),
+        Wake::Deadline => terminate(&tree, spec.kill_after, &receiver, &mut streams)
+            .map_or(Outcome::TimedOut, Outcome::Interrupted),
     };
     tree.kill_leftovers();
     let duration = start.elapsed();
-    signals.stop();
 
     // Every process that held the pipes is dead now, so both readers reach the end.
-    let mut outcome = outcome;
+    // (Not `next`: it returns only on an exit, an overflow or a signal.)
     while streams.stdout.is_none() || streams.stderr_tail.is_none() {
-        match next(&receiver, None, &mut streams) {
-            Wake::Stop(Outcome::OutputOverflow) if outcome.succeeded() => {
-                outcome = Outcome::OutputOverflow
-            }
-            Wake::Stop(Outcome::Interrupted(signal)) => outcome = Outcome::Interrupted(signal),
-            _ => {}
+        match receiver.recv() {
+            Ok(Event::Stdout(writer)) => streams.stdout = Some(*writer),
+            Ok(Event::Stderr(tail)) => streams.stderr_tail = Some(tail),
+            Ok(Event::Overflow) if outcome.succeeded() => outcome = Outcome::OutputOverflow,
+            Ok(Event::Signal(signal)) => interrupt(&mut outcome, signal),
+            Ok(Event::Overflow | Event::Exited(_)) => {}
+            // The signal forwarder holds a sender to the end: not before the streams.
+            Err(_) => break,
         }
+    }
+    // From here on a signal ends singleflight at once; one that came before still
+    // counts: nothing of this run is cached then.
+    for signal in signals.stop(&receiver) {
+        interrupt(&mut outcome, signal);
     }
     Ok(Finished {
         outcome,
         duration,
-        stdout: streams.stdout.expect("loop ends with stdout"),
-        stderr_tail: streams.stderr_tail.expect("loop ends with the tail"),
+        stdout: streams
+            .stdout
+            .expect("the stdout reader always hands its writer back"),
+        stderr_tail: streams.stderr_tail.unwrap_or_default(),
     })
+}
+
+/// Records that singleflight got `signal`; the first such signal is the one it dies of.
+fn interrupt(outcome: &mut Outcome, signal: i32) {
+    if !matches!(outcome, Outcome::Interrupted(_)) {
+        *outcome = Outcome::Interrupted(signal);
+    }
 }
 
 /// What the reader threads hand back when their streams end.
@@ -194,20 +211,37 @@ fn next(receiver: &Receiver<Event>, deadline: Option<Instant>, streams: &mut Str
 }
 
 /// SIGTERM to the tree, up to `kill_after` for the command to exit, then SIGKILL.
-/// Returns once the command itself has exited.
-fn terminate(tree: &Tree, kill_after: Duration, receiver: &Receiver<Event>, streams: &mut Streams) {
+/// Returns once the command itself has exited, with the signal singleflight got
+/// meanwhile, if any.
+fn terminate(
+    tree: &Tree,
+    kill_after: Duration,
+    receiver: &Receiver<Event>,
+    streams: &mut Streams,
+) -> Option<i32> {
     tree.signal(Stop::Term);
     let grace_ends = Instant::now() + kill_after;
+    let mut signal = None;
     loop {
         match next(receiver, Some(grace_ends), streams) {
-            Wake::Exited(_) => return,
-            Wake::Stop(Outcome::OutputOverflow) => continue,
-            // The grace ran out, or a second Ctrl-C: now.
-            Wake::Stop(_) | Wake::Deadline => break,
+            Wake::Exited(_) => return signal,
+            // A (second) Ctrl-C: no more grace.
+            Wake::Stop(Outcome::Interrupted(got)) => {
+                signal = Some(got);
+                break;
+            }
+            Wake::Stop(_) => continue,
+            Wake::Deadline => break,
         }
     }
     tree.signal(Stop::Kill);
-    while !matches!(next(receiver, None, streams), Wake::Exited(_)) {}
+    loop {
+        match next(receiver, None, streams) {
+            Wake::Exited(_) => return signal,
+            Wake::Stop(Outcome::Interrupted(got)) => signal = signal.or(Some(got)),
+            _ => {}
+        }
+    }
 }
 
 fn spawn_error(program: &OsString, error: &io::Error) -> anyhow::Error {
@@ -287,55 +321,74 @@ fn tee_stderr(mut err: ChildStderr, pass: bool) -> Vec<u8> {
     tail
 }
 
-/// Turns SIGINT, SIGTERM and SIGHUP (on Windows: Ctrl+C and Ctrl+Break) into events
-/// while a run is in flight.
-struct SignalForwarder {
+/// Ends singleflight by `signal` as if it had no handler for it, so that its parent
+/// sees it killed by the signal: a shell shows 128+N, and a shell loop stops on Ctrl-C
+/// (bash goes on with a loop whose child merely *exits* 130). Call it with nothing
+/// left to clean up. Returns 128+N where the signal cannot be raised.
+pub fn die_of(signal: i32) -> i32 {
     #[cfg(unix)]
-    handle: Option<signal_hook::iterator::Handle>,
+    let _ = signal_hook::low_level::emulate_default_handler(signal);
+    exit::signaled(signal)
+}
+
+/// Turns SIGINT, SIGTERM and SIGHUP (on Windows: Ctrl+C and Ctrl+Break) into events
+/// while a run is in flight. Once the run is over such a signal ends singleflight at
+/// once by its default action: a caller that is saving or printing a result obeys it. (Closing signal-hook's iterator
+/// instead would leave the signals ignored: unregistering does not restore the
+/// default action.)
+struct SignalForwarder {
+    /// Taken when the run is over; the lock orders each signal before or after that.
+    events: Arc<Mutex<Option<Sender<Event>>>>,
 }
 
 impl SignalForwarder {
     fn start(events: Sender<Event>) -> SignalForwarder {
+        let events = Arc::new(Mutex::new(Some(events)));
         #[cfg(unix)]
         {
             use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-            let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
-            else {
-                return SignalForwarder { handle: None };
-            };
-            let handle = signals.handle();
-            thread::spawn(move || {
-                for signal in signals.forever() {
-                    let _ = events.send(Event::Signal(signal));
-                }
-            });
-            SignalForwarder {
-                handle: Some(handle),
+            // Without handlers the signals keep their default action: singleflight
+            // dies, and the death signal and the next winner stop the tree.
+            if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+            {
+                let events = Arc::clone(&events);
+                thread::spawn(move || {
+                    for signal in signals.forever() {
+                        let slot = events.lock().unwrap_or_else(|e| e.into_inner());
+                        let sent = slot
+                            .as_ref()
+                            .is_some_and(|events| events.send(Event::Signal(signal)).is_ok());
+                        if !sent {
+                            die_of(signal);
+                        }
+                    }
+                });
             }
         }
         #[cfg(windows)]
         {
-            let events = std::sync::Mutex::new(events);
+            let events = Arc::clone(&events);
             reap::windows::on_ctrl(Some(Box::new(move |signal| {
-                if let Ok(events) = events.lock() {
+                let slot = events.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(events) = slot.as_ref() {
                     let _ = events.send(Event::Signal(signal));
                 }
             })));
-            SignalForwarder {}
         }
-        #[cfg(not(any(unix, windows)))]
-        {
-            let _ = events;
-            SignalForwarder {}
-        }
+        SignalForwarder { events }
     }
 
-    fn stop(self) {
-        #[cfg(unix)]
-        if let Some(handle) = self.handle {
-            handle.close();
-        }
+    /// Ends forwarding; returns the signals that came before and are still queued.
+    fn stop(self, receiver: &Receiver<Event>) -> Vec<i32> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).take();
         #[cfg(windows)]
         reap::windows::on_ctrl(None);
+        receiver
+            .try_iter()
+            .filter_map(|event| match event {
+                Event::Signal(signal) => Some(signal),
+                _ => None,
+            })
+            .collect()
     }
 }

@@ -2,6 +2,7 @@
 //! warnings unless `-q`. Errors are printed by `main`.
 
 use std::fmt;
+use std::io::{self, Write};
 
 use crate::values::Name;
 
@@ -34,10 +35,13 @@ impl Say {
         }
     }
 
+    /// One line on stderr. A failed write is ignored: `eprintln!` would panic when the
+    /// terminal is gone (EIO after SIGHUP), in the middle of stopping a run.
     fn line(&self, what: fmt::Arguments) {
-        match &self.name {
-            Some(name) => eprintln!("singleflight: {name}: {what}"),
-            None => eprintln!("singleflight: {what}"),
-        }
+        let mut stderr = io::stderr().lock();
+        let _ = match &self.name {
+            Some(name) => writeln!(stderr, "singleflight: {name}: {what}"),
+            None => writeln!(stderr, "singleflight: {what}"),
+        };
     }
 }
