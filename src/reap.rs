@@ -443,30 +443,39 @@ mod linux {
         found
     }
 
-    pub fn kill(stat: Stat, signal: Signal) {
-        if let Some(pid) = Pid::from_raw(stat.pid as i32) {
-            let _ = rustix::process::kill_process(pid, signal);
-        }
+    /// Sends `signal`; false only if the process exists and may not be signalled
+    /// (EPERM: a setuid program, say).
+    pub fn kill(stat: Stat, signal: Signal) -> bool {
+        Pid::from_raw(stat.pid as i32).is_none_or(|pid| {
+            !matches!(rustix::process::kill_process(pid, signal), Err(e) if e == rustix::io::Errno::PERM)
+        })
     }
 
     /// Kills and reaps every descendant until none is left. Orphans are reparented to
     /// singleflight (a subreaper) as their parents die, so each pass finds the next
-    /// generation; SIGKILLed processes cannot fork, so the passes end.
+    /// generation; SIGKILLed processes cannot fork, so the passes end. A process that
+    /// may not be killed is left (and not waited for), or this would never return.
     pub fn reap_descendants(command_pid: u32) {
         let me = std::process::id();
+        let mut unkillable = std::collections::HashSet::new();
         loop {
-            let rest = descendants(me);
+            let rest: Vec<Stat> = descendants(me)
+                .into_iter()
+                .filter(|p| !unkillable.contains(&p.pid) && (p.alive() || p.ppid == me))
+                .collect();
             if rest.is_empty() {
                 return;
             }
+            for stat in &rest {
+                if stat.alive() && !kill(*stat, Signal::KILL) {
+                    unkillable.insert(stat.pid);
+                }
+            }
             let children: Vec<u32> = rest
                 .iter()
-                .filter(|p| p.ppid == me && p.pid != command_pid)
+                .filter(|p| p.ppid == me && p.pid != command_pid && !unkillable.contains(&p.pid))
                 .map(|p| p.pid)
                 .collect();
-            for stat in rest {
-                kill(stat, Signal::KILL);
-            }
             for child in &children {
                 if let Some(pid) = Pid::from_raw(*child as i32) {
                     let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());

@@ -331,6 +331,17 @@ pub fn die_of(signal: i32) -> i32 {
     exit::signaled(signal)
 }
 
+/// Whether `signal` is ignored now (inherited across exec as ignored).
+#[cfg(unix)]
+fn ignored(signal: i32) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 /// Turns SIGINT, SIGTERM and SIGHUP (on Windows: Ctrl+C and Ctrl+Break) into events
 /// while a run is in flight. Once the run is over such a signal ends singleflight at
 /// once by its default action: a caller that is saving or printing a result obeys it. (Closing signal-hook's iterator
@@ -349,8 +360,12 @@ impl SignalForwarder {
             use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
             // Without handlers the signals keep their default action: singleflight
             // dies, and the death signal and the next winner stop the tree.
-            if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
-            {
+            // A signal ignored when we started stays ignored (`nohup singleflight …`, a
+            // background job of a script): the classic `if (signal(…) != SIG_IGN)`.
+            let wanted = [SIGINT, SIGTERM, SIGHUP]
+                .into_iter()
+                .filter(|&s| !ignored(s));
+            if let Ok(mut signals) = signal_hook::iterator::Signals::new(wanted) {
                 let events = Arc::clone(&events);
                 thread::spawn(move || {
                     for signal in signals.forever() {

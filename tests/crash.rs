@@ -257,6 +257,41 @@ fn sighup_stops_the_run_and_caches_nothing() {
     signal_stops_the_run(Signal::HUP, 1);
 }
 
+/// `nohup singleflight …`: a signal ignored when singleflight started stays ignored,
+/// for singleflight and for the command, and the run goes on to be cached.
+#[test]
+fn a_signal_ignored_at_start_stays_ignored() {
+    let env = TestEnv::new();
+    let (started, gate) = (env.path("started"), env.path("gate"));
+    let script = format!(
+        "touch {}; while [ ! -e {} ]; do sleep 0.01; done; echo survived",
+        started.display(),
+        gate.display()
+    );
+    let bin = env!("CARGO_BIN_EXE_singleflight");
+    let nohup = format!("trap '' HUP; exec {bin} hup -- sh -c \"$0\"");
+    let child = env
+        .command_for("sh")
+        .args(["-c", &nohup, &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the command started", || started.exists());
+    send(child.id(), Signal::HUP);
+    // The run is still on: its command sees the gate only now.
+    fs::write(&gate, "").unwrap();
+    let output = finish(child);
+    assert_eq!(
+        (status(&output), stdout(&output)),
+        (0, "survived\n".into()),
+        "{}",
+        stderr(&output)
+    );
+    assert!(env.result_file("hup").exists(), "the run was cached");
+}
+
 #[test]
 fn a_signal_gives_the_tree_sigterm_then_sigkill_after_the_grace() {
     let env = TestEnv::new();

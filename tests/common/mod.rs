@@ -52,6 +52,16 @@ impl TestEnv {
         assert_cmd::Command::from_std(self.command())
     }
 
+    /// Another program, run with this test's cache dir in its environment.
+    pub fn command_for(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command
+            .env("SINGLEFLIGHT_CACHE_DIR", &self.cache)
+            .env_remove("SINGLEFLIGHT_BACKEND")
+            .current_dir(self.root.path());
+        command
+    }
+
     /// `singleflight ARGS...`, run to the end with stdin from nothing.
     pub fn run<I, S>(&self, args: I) -> Output
     where
