@@ -491,8 +491,12 @@ impl Flight {
                     body
                 }
                 Err((e, body)) => {
+                    let kept = match last.entry {
+                        Some(_) => "the previous result is kept",
+                        None => "nothing is cached",
+                    };
                     self.say.warn(format_args!(
-                        "{what}, but the result could not be saved ({e}); the previous result is kept"
+                        "{what}, but the result could not be saved ({e}); {kept}"
                     ));
                     body
                 }

@@ -1070,7 +1070,8 @@ fn a_full_disk_keeps_the_old_result_and_still_prints_the_run() {
     assert_eq!(output.stdout.len(), 65536, "{}", stderr(&output));
     assert!(output.stdout.chunks(4).all(|c| c == &b"new\n"[..c.len()]));
     assert!(
-        stderr(&output).contains("could not be saved"),
+        stderr(&output).contains("could not be saved")
+            && stderr(&output).contains("the previous result is kept"),
         "no warning: {}",
         stderr(&output)
     );
