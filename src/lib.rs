@@ -17,6 +17,8 @@ pub mod reap;
 pub mod record;
 pub mod run;
 pub mod say;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub mod start;
 pub mod status;
 pub mod store;
 pub mod values;
