@@ -9,8 +9,9 @@ pub const USAGE: i32 = 2;
 pub const NOTHING_TO_SERVE: i32 = 75;
 /// The command timed out and its process tree was killed.
 pub const TIMED_OUT: i32 = 124;
-/// singleflight itself failed (cache dir unusable, disk error) or stopped the run for
-/// exceeding `--max-output`.
+/// singleflight itself failed (cache dir unusable, disk error, etcd unreachable: the
+/// command was not run), or stopped the run for exceeding `--max-output` (or the etcd
+/// backend's limit for a result), or because the etcd lock was lost mid-run.
 pub const INTERNAL: i32 = 125;
 /// The command exists but could not be executed.
 pub const CANNOT_EXECUTE: i32 = 126;
