@@ -30,10 +30,6 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         "singleflight status",
     ),
     ("Forget a result", "singleflight clear ccusage"),
-    (
-        "One run across a fleet: the lock and the result live in etcd",
-        "singleflight --backend etcd://etcd1:2379,etcd2:2379 report --ttl 1h -- ./report.sh",
-    ),
 ];
 
 /// `--help`'s closing section, from [`EXAMPLES`].

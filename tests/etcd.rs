@@ -11,7 +11,9 @@ mod common;
 
 #[cfg(feature = "etcd")]
 use std::fs;
+#[cfg(feature = "etcd")]
 use std::net::TcpListener;
+#[cfg(feature = "etcd")]
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 #[cfg(feature = "etcd")]
@@ -20,8 +22,10 @@ use std::time::Instant;
 #[cfg(feature = "etcd")]
 use common::etcd::Etcd;
 #[cfg(feature = "etcd")]
+use common::stdout;
+#[cfg(feature = "etcd")]
 use common::{PATIENCE, alive, marker, wait_until};
-use common::{TestEnv, finish, status, stderr, stdout};
+use common::{TestEnv, finish, status, stderr};
 #[cfg(feature = "etcd")]
 use serde_json::Value;
 
@@ -72,10 +76,12 @@ impl Machine {
 }
 
 /// A dir shared by every machine: the run counter, gates, the overlap detector.
+#[cfg(feature = "etcd")]
 struct Shared {
     dir: tempfile::TempDir,
 }
 
+#[cfg(feature = "etcd")]
 impl Shared {
     fn new() -> Shared {
         Shared {
@@ -105,11 +111,13 @@ impl Shared {
 }
 
 /// A loopback port with nothing listening on it (bound, then released).
+#[cfg(feature = "etcd")]
 fn dead_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     listener.local_addr().expect("bound address").port()
 }
 
+#[cfg(feature = "etcd")]
 #[test]
 fn with_etcd_down_a_caller_exits_125_at_once_and_never_runs_the_command() {
     let shared = Shared::new();
