@@ -29,6 +29,9 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--retry-after', '--retry-after', [CompletionResultType]::ParameterName, 'After a failed run, no new run starts for this long [default: the --ttl]')
             [CompletionResult]::new('--max-output', '--max-output', [CompletionResultType]::ParameterName, 'Cap on captured stdout; past it the run is killed and fails')
             [CompletionResult]::new('--cache-dir', '--cache-dir', [CompletionResultType]::ParameterName, 'Where locks and results live [default: the platform cache dir + /singleflight]')
+            [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]')
+            [CompletionResult]::new('--etcd-prefix', '--etcd-prefix', [CompletionResultType]::ParameterName, 'The etcd key prefix of singleflight''s keys [default: /singleflight/]')
+            [CompletionResult]::new('--backend-timeout', '--backend-timeout', [CompletionResultType]::ParameterName, 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]')
             [CompletionResult]::new('--background', '--background', [CompletionResultType]::ParameterName, 'Serve a stale result at once and refresh it in one detached process')
             [CompletionResult]::new('--cache-failures', '--cache-failures', [CompletionResultType]::ParameterName, 'A run that exits non-zero replaces the last good result')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
@@ -46,6 +49,9 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
         }
         'singleflight;status' {
             [CompletionResult]::new('--cache-dir', '--cache-dir', [CompletionResultType]::ParameterName, 'Where locks and results live [default: the platform cache dir + /singleflight]')
+            [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]')
+            [CompletionResult]::new('--etcd-prefix', '--etcd-prefix', [CompletionResultType]::ParameterName, 'The etcd key prefix of singleflight''s keys [default: /singleflight/]')
+            [CompletionResult]::new('--backend-timeout', '--backend-timeout', [CompletionResultType]::ParameterName, 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON array with stable snake_case keys')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
@@ -57,6 +63,9 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
         }
         'singleflight;clear' {
             [CompletionResult]::new('--cache-dir', '--cache-dir', [CompletionResultType]::ParameterName, 'Where locks and results live [default: the platform cache dir + /singleflight]')
+            [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]')
+            [CompletionResult]::new('--etcd-prefix', '--etcd-prefix', [CompletionResultType]::ParameterName, 'The etcd key prefix of singleflight''s keys [default: /singleflight/]')
+            [CompletionResult]::new('--backend-timeout', '--backend-timeout', [CompletionResultType]::ParameterName, 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]')
             [CompletionResult]::new('--all', '--all', [CompletionResultType]::ParameterName, 'Clear every NAME')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')

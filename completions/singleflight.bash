@@ -41,7 +41,7 @@ _singleflight() {
 
     case "${cmd}" in
         singleflight)
-            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --background --cache-failures --max-output --cache-dir --verbose --quiet --help --version status clear help"
+            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --background --cache-failures --max-output --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help --version status clear help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -79,6 +79,18 @@ _singleflight() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --backend)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -87,13 +99,25 @@ _singleflight() {
             return 0
             ;;
         singleflight__subcmd__clear)
-            opts="-v -q -h --all --cache-dir --verbose --quiet --help"
+            opts="-v -q -h --all --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --cache-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -161,13 +185,25 @@ _singleflight() {
             return 0
             ;;
         singleflight__subcmd__status)
-            opts="-v -q -h --json --cache-dir --verbose --quiet --help"
+            opts="-v -q -h --json --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --cache-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

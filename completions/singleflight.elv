@@ -26,6 +26,9 @@ set edit:completion:arg-completer[singleflight] = {|@words|
             cand --retry-after 'After a failed run, no new run starts for this long [default: the --ttl]'
             cand --max-output 'Cap on captured stdout; past it the run is killed and fails'
             cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
+            cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'
+            cand --etcd-prefix 'The etcd key prefix of singleflight''s keys [default: /singleflight/]'
+            cand --backend-timeout 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]'
             cand --background 'Serve a stale result at once and refresh it in one detached process'
             cand --cache-failures 'A run that exits non-zero replaces the last good result'
             cand -v 'Say on stderr what was decided and why'
@@ -42,6 +45,9 @@ set edit:completion:arg-completer[singleflight] = {|@words|
         }
         &'singleflight;status'= {
             cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
+            cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'
+            cand --etcd-prefix 'The etcd key prefix of singleflight''s keys [default: /singleflight/]'
+            cand --backend-timeout 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]'
             cand --json 'One JSON array with stable snake_case keys'
             cand -v 'Say on stderr what was decided and why'
             cand --verbose 'Say on stderr what was decided and why'
@@ -52,6 +58,9 @@ set edit:completion:arg-completer[singleflight] = {|@words|
         }
         &'singleflight;clear'= {
             cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
+            cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'
+            cand --etcd-prefix 'The etcd key prefix of singleflight''s keys [default: /singleflight/]'
+            cand --backend-timeout 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]'
             cand --all 'Clear every NAME'
             cand -v 'Say on stderr what was decided and why'
             cand --verbose 'Say on stderr what was decided and why'

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_singleflight_global_optspecs
-    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= background cache-failures max-output= cache-dir= v/verbose q/quiet h/help V/version
+    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= background cache-failures max-output= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= h/help V/version
 end
 
 function __fish_singleflight_needs_command
@@ -32,6 +32,9 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l max-stale -d 
 complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-after -d 'After a failed run, no new run starts for this long [default: the --ttl]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l max-output -d 'Cap on captured stdout; past it the run is killed and fails' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
+complete -c singleflight -n "__fish_singleflight_needs_command" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l background -d 'Serve a stale result at once and refresh it in one detached process'
 complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-failures -d 'A run that exits non-zero replaces the last good result'
 complete -c singleflight -n "__fish_singleflight_needs_command" -s v -l verbose -d 'Say on stderr what was decided and why'
@@ -42,11 +45,17 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -a "status" -d '
 complete -c singleflight -n "__fish_singleflight_needs_command" -a "clear" -d 'Remove results, waiting for any run in flight'
 complete -c singleflight -n "__fish_singleflight_needs_command" -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l json -d 'One JSON array with stable snake_case keys'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s q -l quiet -d 'No warnings on stderr (errors still print)'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s h -l help -d 'Print help'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l all -d 'Clear every NAME'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s q -l quiet -d 'No warnings on stderr (errors still print)'

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::backend::{LeaseHandover, parse_backend};
+use crate::etcd::{Endpoints, Prefix};
 use crate::values::{Name, parse_duration, parse_size};
 
 /// The examples of `--help` and of the man page: what each does, then the command line.
@@ -83,6 +85,39 @@ pub struct GlobalArgs {
     /// No warnings on stderr (errors still print)
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
+
+    // The backend options have no clap defaults (they are documented in the help and
+    // resolved in `backend`): a defaulted value costs allocations on every call, and a
+    // fresh local hit pays for nothing it does not use.
+    /// Keep locks and results in etcd, shared by every machine that uses it, instead
+    /// of the cache dir: etcd://HOST:PORT[,HOST:PORT...]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SINGLEFLIGHT_BACKEND",
+        value_parser = parse_backend,
+        global = true
+    )]
+    pub backend: Option<Endpoints>,
+
+    /// The etcd key prefix of singleflight's keys [default: /singleflight/]
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        env = "SINGLEFLIGHT_ETCD_PREFIX",
+        value_parser = Prefix::parse,
+        global = true
+    )]
+    pub etcd_prefix: Option<Prefix>,
+
+    /// How long one request to one etcd member may take; a caller that cannot reach
+    /// etcd exits 125 without running the command [default: 2s]
+    #[arg(long, value_name = "D", value_parser = parse_duration, global = true)]
+    pub backend_timeout: Option<Duration>,
+
+    /// Internal: the TTL of the etcd lease that holds a NAME's lock [default: 10s]
+    #[arg(long, hide = true, value_name = "D", value_parser = parse_duration, global = true)]
+    pub lease_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -130,8 +165,18 @@ pub struct RunArgs {
 
     /// Internal: run as the detached refresher started by --background, holding the
     /// lock open as this file descriptor
-    #[arg(long, hide = true, value_name = "FD")]
+    #[arg(
+        long,
+        hide = true,
+        value_name = "FD",
+        conflicts_with = "refresher_lease"
+    )]
     pub refresher: Option<i32>,
+
+    /// Internal: run as the detached refresher started by --background, holding the
+    /// etcd lock with this lease and fencing token
+    #[arg(long, hide = true, value_name = "LEASE:TOKEN", value_parser = LeaseHandover::parse)]
+    pub refresher_lease: Option<LeaseHandover>,
 
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -183,6 +228,15 @@ impl Cli {
     }
 }
 
+/// The lock a detached refresher was handed by its `--background` caller.
+#[derive(Clone, Copy, Debug)]
+pub enum Refresher {
+    /// The locked lock file, open as this file descriptor (the cache dir backend).
+    Fd(i32),
+    /// The etcd lease that holds the lock, and its fencing token.
+    Lease(LeaseHandover),
+}
+
 /// The options of one run call, with every default resolved.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -195,7 +249,7 @@ pub struct RunOptions {
     pub max_stale: Option<Duration>,
     pub retry_after: Duration,
     pub background: bool,
-    pub refresher: Option<i32>,
+    pub refresher: Option<Refresher>,
     pub cache_failures: bool,
     pub max_output: u64,
 }
@@ -214,7 +268,11 @@ impl RunArgs {
             kill_after: self.kill_after,
             max_stale: self.max_stale,
             background: self.background,
-            refresher: self.refresher,
+            refresher: match (self.refresher, self.refresher_lease) {
+                (Some(fd), _) => Some(Refresher::Fd(fd)),
+                (None, Some(lease)) => Some(Refresher::Lease(lease)),
+                (None, None) => None,
+            },
             cache_failures: self.cache_failures,
             max_output: self.max_output,
         })

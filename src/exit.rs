@@ -9,8 +9,9 @@ pub const USAGE: i32 = 2;
 pub const NOTHING_TO_SERVE: i32 = 75;
 /// The command timed out and its process tree was killed.
 pub const TIMED_OUT: i32 = 124;
-/// singleflight itself failed (cache dir unusable, disk error) or stopped the run for
-/// exceeding `--max-output`.
+/// singleflight itself failed (cache dir unusable, disk error, etcd unreachable: the
+/// command was not run), or stopped the run for exceeding `--max-output` (or the etcd
+/// backend's limit for a result), or because the etcd lock was lost mid-run.
 pub const INTERNAL: i32 = 125;
 /// The command exists but could not be executed.
 pub const CANNOT_EXECUTE: i32 = 126;
@@ -28,6 +29,9 @@ pub const fn signaled(signal: i32) -> i32 {
 pub struct Exit {
     pub status: i32,
     pub message: String,
+    /// singleflight was stopped by this signal: once everything is cleaned up (locks
+    /// released, temp files removed), it dies of it rather than exiting.
+    pub signal: Option<i32>,
 }
 
 impl Exit {
@@ -35,6 +39,16 @@ impl Exit {
         Exit {
             status,
             message: message.into(),
+            signal: None,
+        }
+    }
+
+    /// Stopped by `signal` (exit status 128+N where it cannot die of it); says nothing.
+    pub fn killed_by(signal: i32) -> Self {
+        Exit {
+            status: signaled(signal),
+            message: String::new(),
+            signal: Some(signal),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The run form, `singleflight NAME -- COMMAND`: look, lock, then run, wait or serve,
-//! as `decide` says. All the I/O of a call lives here or below.
+//! as `decide` says. All the I/O of a call lives here or below; where the lock and the
+//! result live (the cache dir or etcd) is the [`Slot`]'s business.
 
 use std::cell::Cell;
 use std::fs;
@@ -8,22 +9,20 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 
-use crate::cli::RunOptions;
+use crate::backend::{Held, OutputCap, Read, Slot};
+use crate::cli::{Refresher, RunOptions};
 use crate::decide::{self, AfterWait, Cached, OnArrival, OnLost, OnWon, Policy};
 use crate::entry::{self, Body, Entry, EntryWriter, Meta};
 use crate::exit::{self, Exit};
-use crate::lock::{self, LockGuard};
 use crate::reap;
 use crate::record::{self, Failure, RunRecord};
 use crate::run::{self, Outcome, RunSpec};
 use crate::say::Say;
-use crate::store::{Paths, Store};
 use crate::values::{format_duration as human, format_size};
 
 pub struct Flight {
     opts: RunOptions,
-    store: Store,
-    paths: Paths,
+    slot: Slot,
     digest: String,
     say: Say,
     /// A damaged result is reported once per call, not at every look.
@@ -37,12 +36,11 @@ struct Look {
 }
 
 impl Flight {
-    pub fn new(opts: RunOptions, store: Store, say: Say) -> Flight {
+    pub fn new(opts: RunOptions, slot: Slot, say: Say) -> Flight {
         Flight {
-            paths: store.paths(&opts.name),
             digest: entry::argv_digest(&opts.command),
             opts,
-            store,
+            slot,
             say,
             reported_invalid: Cell::new(false),
         }
@@ -50,11 +48,11 @@ impl Flight {
 
     /// Runs the whole decision of one call; returns the exit status.
     pub fn fly(self) -> Result<i32> {
-        if let Some(fd) = self.opts.refresher {
-            return self.refresh(fd);
+        if let Some(handover) = self.opts.refresher {
+            return self.refresh(handover);
         }
-        let look = if self.store.verify_existing()? {
-            self.look()
+        let look = if self.slot.exists()? {
+            self.look()?
         } else {
             self.nothing()
         };
@@ -65,9 +63,9 @@ impl Flight {
                 self.serve(look)
             }
             OnArrival::TryLock => {
-                self.store.ensure()?;
-                match self.try_lock()? {
-                    Some(guard) => self.won(&guard),
+                self.slot.store().ensure()?;
+                match self.slot.try_lock()? {
+                    Some(held) => self.won(&held),
                     None => self.lost(),
                 }
             }
@@ -89,34 +87,39 @@ impl Flight {
         }
     }
 
-    /// Reads the result; one that is corrupt or of another argv counts as none.
-    fn look(&self) -> Look {
-        match entry::read(&self.paths.result) {
-            Ok(Ok(Some(entry))) if entry.meta.argv_digest == self.digest => {
-                let age = entry.meta.age(SystemTime::now());
+    /// Reads the result; one that is corrupt or of another argv counts as none. An
+    /// error is the backend's (etcd unreachable): the call cannot go on.
+    fn look(&self) -> Result<Look> {
+        Ok(match self.slot.read_result()? {
+            Read::Found(entry) if entry.meta.argv_digest == self.digest => {
+                let now = SystemTime::now();
+                let age = entry.meta.age(now).or_else(|| {
+                    // Dated a little ahead by another machine's clock: just written.
+                    let skew = self.slot.clock_skew();
+                    entry.meta.age(now + skew).map(|_| Duration::ZERO)
+                });
                 Look {
                     cached: Cached::classify(Some(age), self.opts.ttl),
                     entry: Some(entry),
                 }
             }
-            Ok(Ok(_)) => self.nothing(),
-            Ok(Err(invalid)) => {
-                if self.reported_invalid.replace(true) {
-                    return self.nothing();
+            Read::Found(_) | Read::Missing => self.nothing(),
+            Read::Invalid(invalid) => {
+                if !self.reported_invalid.replace(true) {
+                    self.say.warn(format_args!(
+                        "ignoring the cached result: it is {} ({}); the next run replaces it",
+                        invalid.as_str(),
+                        self.slot.result_location()
+                    ));
                 }
-                self.say.warn(format_args!(
-                    "ignoring the cached result: it is {} ({}); the next run replaces it",
-                    invalid.as_str(),
-                    self.paths.result.display()
-                ));
                 self.nothing()
             }
-            Err(e) => {
+            Read::Unreadable(e) => {
                 self.say
                     .warn(format_args!("cannot read the cached result: {e}"));
                 self.nothing()
             }
-        }
+        })
     }
 
     fn describe(&self, cached: Cached) -> String {
@@ -129,25 +132,19 @@ impl Flight {
         }
     }
 
-    fn try_lock(&self) -> Result<Option<LockGuard>> {
-        lock::try_exclusive(&self.paths.lock)
-            .with_context(|| format!("cannot lock {}", self.paths.lock.display()))
-            .map_err(|e| Exit::new(exit::INTERNAL, format!("{e:#}")).into())
-    }
-
     /// Holding the lock: look again, then run, serve, or back off after a failure.
-    fn won(&self, guard: &LockGuard) -> Result<i32> {
-        match self.won_decision() {
-            (OnWon::Run, look) => self.execute(look, guard),
+    fn won(&self, held: &Held) -> Result<i32> {
+        match self.won_decision()? {
+            (OnWon::Run, look) => self.execute(look, held),
             (decision, look) => self.serve_without_run(decision, look),
         }
     }
 
-    fn won_decision(&self) -> (OnWon, Look) {
+    fn won_decision(&self) -> Result<(OnWon, Look)> {
         self.clean_up_after_crashes();
-        let look = self.look();
-        let failed_ago = self.last_failure().map(|f| f.age(SystemTime::now()));
-        (decide::on_won(look.cached, failed_ago, self.policy()), look)
+        let look = self.look()?;
+        let failed_ago = self.last_failure()?.map(|f| f.age(SystemTime::now()));
+        Ok((decide::on_won(look.cached, failed_ago, self.policy()), look))
     }
 
     fn serve_without_run(&self, decision: OnWon, look: Look) -> Result<i32> {
@@ -160,7 +157,7 @@ impl Flight {
                 self.serve(look)
             }
             OnWon::BackOff { serve } => {
-                let why = self.backing_off();
+                let why = self.backing_off()?;
                 if serve {
                     self.say.decided(format_args!(
                         "{}; {why}; serving the last good result",
@@ -179,8 +176,8 @@ impl Flight {
         }
     }
 
-    fn backing_off(&self) -> String {
-        match self.last_failure() {
+    fn backing_off(&self) -> Result<String> {
+        Ok(match self.last_failure()? {
             Some(failure) => {
                 let ago = failure.age(SystemTime::now());
                 let next = self.opts.retry_after.saturating_sub(ago);
@@ -192,29 +189,32 @@ impl Flight {
                 )
             }
             None => "the last run failed".to_owned(),
-        }
+        })
     }
 
-    fn last_failure(&self) -> Option<Failure> {
-        record::load::<Failure>(&self.paths.failure).filter(|f| f.argv_digest == self.digest)
+    fn last_failure(&self) -> Result<Option<Failure>> {
+        let failure = self.slot.read_failure()?;
+        Ok(failure.filter(|f| f.argv_digest == self.digest))
     }
 
-    /// A winner kills what a killed run left behind and removes old temp files.
+    /// A winner kills what a killed run left behind and removes old temp files. The
+    /// run record is this machine's, whatever the backend: a run killed elsewhere is
+    /// that machine's to clean up.
     fn clean_up_after_crashes(&self) {
-        if let Some(run) = record::load::<RunRecord>(&self.paths.run) {
+        if let Some(run) = record::load::<RunRecord>(&self.slot.paths().run) {
             self.say.warn(format_args!(
                 "the previous run (pid {}) was killed with its singleflight; killing what is left of it",
                 run.pid
             ));
             reap::kill_remains(&run);
         }
-        let _ = fs::remove_file(&self.paths.run);
-        self.store.remove_stale_temps();
+        let _ = fs::remove_file(&self.slot.paths().run);
+        self.slot.store().remove_stale_temps();
     }
 
     /// Another caller holds the lock: serve stale at once, or wait for its run.
     fn lost(&self) -> Result<i32> {
-        let look = self.look();
+        let look = self.look()?;
         match decide::on_lost(look.cached, self.policy()) {
             OnLost::ServeStale => {
                 self.say.decided(format_args!(
@@ -229,8 +229,7 @@ impl Flight {
 
     /// Waits for the run in flight; `before` is what the cache held before it.
     fn wait_for_run(&self, before: &Look, why: &str) -> Result<i32> {
-        let released = lock::wait_released(&self.paths.lock, self.opts.wait)
-            .with_context(|| format!("cannot lock {}", self.paths.lock.display()))?;
+        let released = self.slot.wait_released(self.opts.wait)?;
         let name = &self.opts.name;
         if !released {
             let wait = human(self.opts.wait);
@@ -238,7 +237,7 @@ impl Flight {
                 format!("{name}: a run is in flight and --wait {wait} ran out; nothing to serve");
             return Err(Exit::new(exit::NOTHING_TO_SERVE, message).into());
         }
-        let look = self.look();
+        let look = self.look()?;
         let written = |look: &Look| look.entry.as_ref().map(|e| e.meta.written_at_ms);
         let fresh_from_run = written(&look) != written(before);
         match decide::after_wait(look.cached, fresh_from_run, self.policy()) {
@@ -261,16 +260,16 @@ impl Flight {
     /// Only the caller that wins the lock starts one, and hands the lock over to it, so
     /// there is at most one refresher per NAME however many callers arrive.
     fn background(self, look: Look) -> Result<i32> {
-        self.store.ensure()?;
+        self.slot.store().ensure()?;
         let servable = decide::on_lost(look.cached, self.policy()) == OnLost::ServeStale;
-        let refresh = match self.try_lock()? {
+        let refresh = match self.slot.try_lock()? {
             None => "a run is already in flight".to_owned(),
             // Inside --retry-after of a failed run, or refreshed meanwhile: no refresher.
-            Some(guard) => match self.won_decision() {
+            Some(held) => match self.won_decision()? {
                 (OnWon::Run, _) => {
-                    // Our copy of the lock goes in there: the refresher's is the only
+                    // Our hold of the lock goes in there: the refresher's is the only
                     // one left, and a wait below must not wait for ourselves.
-                    match self.start_refresher(guard) {
+                    match self.start_refresher(held) {
                         Ok(pid) => format!("refresh started in background (pid {pid})"),
                         Err(e) if servable => {
                             self.say.warn(format_args!("{e:#}; serving stale"));
@@ -291,13 +290,13 @@ impl Flight {
         }
     }
 
-    /// Starts `singleflight --refresher=FD <the same arguments>` detached: its own
-    /// session, stdin, stdout and stderr on /dev/null, and no other file descriptor than
-    /// the held lock, which it inherits (flock belongs to the open file, so the lock
-    /// stays held across our exit). Anything else inherited, such as the pipe of a
-    /// `$(…)` or `| cat` reader, would keep that reader waiting for the refresh.
-    /// (Windows: see `hand_over_lock`.)
-    fn start_refresher(&self, guard: LockGuard) -> Result<u32> {
+    /// Starts `singleflight --refresher=FD <the same arguments>` (with etcd:
+    /// `--refresher-lease=LEASE:TOKEN`) detached: its own session, stdin, stdout and
+    /// stderr on /dev/null, and no other file descriptor than the held lock file, which
+    /// it inherits (flock belongs to the open file, so the lock stays held across our
+    /// exit). Anything else inherited, such as the pipe of a `$(…)` or `| cat` reader,
+    /// would keep that reader waiting for the refresh. (Windows: see `Held::hand_over`.)
+    fn start_refresher(&self, held: Held) -> Result<u32> {
         use std::process::Stdio;
         let mut command = refresher_command()?;
         command
@@ -305,27 +304,26 @@ impl Flight {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         #[cfg(unix)]
-        let fd = {
-            use std::os::fd::{AsRawFd, BorrowedFd};
+        {
+            use std::os::fd::BorrowedFd;
             use std::os::unix::process::CommandExt;
-            let fd = guard.file().as_raw_fd();
-            close_others_on_exec(fd);
+            let lock = held.inheritable_fd();
+            close_others_on_exec(lock);
             // SAFETY: only async-signal-safe syscalls between fork and exec; the fd
             // is open in the child, a copy of ours.
             unsafe {
                 command.pre_exec(move || {
                     rustix::process::setsid()?;
-                    let lock = BorrowedFd::borrow_raw(fd);
-                    rustix::io::fcntl_setfd(lock, rustix::io::FdFlags::empty())?;
+                    if let Some(fd) = lock {
+                        let lock = BorrowedFd::borrow_raw(fd);
+                        rustix::io::fcntl_setfd(lock, rustix::io::FdFlags::empty())?;
+                    }
                     Ok(())
                 });
             }
-            fd
-        };
-        #[cfg(not(unix))]
-        let fd = -1;
+        }
         command
-            .arg(format!("--refresher={fd}"))
+            .arg(held.refresher_arg())
             .args(std::env::args_os().skip(1));
         #[cfg(windows)]
         let child = windows::spawn_detached(&mut command);
@@ -333,81 +331,44 @@ impl Flight {
         let child = command.spawn();
         let child = child.context("cannot start the background refresher")?;
         let pid = child.id();
-        #[cfg(windows)]
-        self.hand_over_lock(guard, child);
-        #[cfg(not(windows))]
-        drop(guard);
+        held.hand_over(child, &self.slot);
         Ok(pid)
     }
 
-    /// A LockFileEx lock cannot be handed to another process: let it go and wait until
-    /// the refresher has taken it (or has ended), so that a caller that goes on to
-    /// wait for the run does not find the lock free before the run has begun.
-    #[cfg(windows)]
-    fn hand_over_lock(&self, guard: LockGuard, mut refresher: std::process::Child) {
-        use std::time::Instant;
-        drop(guard);
-        let deadline = Instant::now() + windows::HAND_OVER;
-        while Instant::now() < deadline
-            && !lock::is_held(&self.paths.lock).unwrap_or(true)
-            && matches!(refresher.try_wait(), Ok(None))
-        {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// The detached refresher: holds the lock it inherited and runs if still needed.
+    /// The detached refresher: holds the lock it was handed and runs if still needed.
     /// A run that cannot even start leaves a failure record too, so that `status`
     /// shows why and `--retry-after` keeps callers from starting refresher after
     /// refresher.
-    fn refresh(&self, fd: i32) -> Result<i32> {
-        #[cfg(unix)]
-        let guard = self.inherited_lock(fd)?;
-        #[cfg(not(unix))]
-        let Some(guard) = ({
-            let _ = fd;
-            lock::try_exclusive_for(&self.paths.lock, windows::HAND_OVER)
-                .with_context(|| format!("cannot lock {}", self.paths.lock.display()))?
-        }) else {
-            return Ok(0);
+    fn refresh(&self, handover: Refresher) -> Result<i32> {
+        let held = match handover {
+            Refresher::Lease(lease) => self.slot.adopt(lease)?,
+            #[cfg(unix)]
+            Refresher::Fd(fd) => self.slot.inherit(fd)?,
+            #[cfg(not(unix))]
+            Refresher::Fd(_) => {
+                let lock = &self.slot.paths().lock;
+                match crate::lock::try_exclusive_for(lock, crate::backend::HAND_OVER)
+                    .with_context(|| format!("cannot lock {}", lock.display()))?
+                {
+                    Some(guard) => Held::Local(guard),
+                    None => return Ok(0),
+                }
+            }
         };
-        match self.won_decision() {
-            (OnWon::Run, look) => self.execute(look, &guard).inspect_err(|e| {
-                self.record_failure_to_start(e);
+        match self.won_decision()? {
+            (OnWon::Run, look) => self.execute(look, &held).inspect_err(|e| {
+                // A refresher stopped by a signal did not fail.
+                if e.downcast_ref::<Exit>()
+                    .is_none_or(|exit| exit.signal.is_none())
+                {
+                    self.record_failure_to_start(e, &held);
+                }
             }),
             _ => Ok(0),
         }
     }
 
-    /// The lock fd named by `--refresher=FD`, checked: it must be open, be this
-    /// NAME's lock file, and hold its lock.
-    #[cfg(unix)]
-    fn inherited_lock(&self, fd: i32) -> Result<LockGuard> {
-        use std::os::fd::BorrowedFd;
-        use std::os::unix::fs::MetadataExt;
-        let refuse = |why: &str| -> anyhow::Error {
-            let message = format!("--refresher={fd} (internal): {why}");
-            Exit::new(exit::INTERNAL, message).into()
-        };
-        // SAFETY: borrowed for one fcntl; a number that is not open fails with EBADF.
-        if fd < 3 || rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) }).is_err() {
-            return Err(refuse("not an open file descriptor"));
-        }
-        let guard = LockGuard::inherited(fd);
-        let (held, named) = (guard.file().metadata(), fs::metadata(&self.paths.lock));
-        let same =
-            matches!((&held, &named), (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino());
-        if !same {
-            return Err(refuse(&format!("not {}", self.paths.lock.display())));
-        }
-        // Our open file holds the lock already, so this only confirms it.
-        if guard.file().try_lock().is_err() {
-            return Err(refuse("the lock is held by another process"));
-        }
-        Ok(guard)
-    }
-
-    fn record_failure_to_start(&self, error: &anyhow::Error) {
+    fn record_failure_to_start(&self, error: &anyhow::Error, held: &Held) {
         let failure = Failure {
             at_ms: entry::now_ms(SystemTime::now()),
             argv_digest: self.digest.clone(),
@@ -416,14 +377,11 @@ impl Flight {
             stderr_tail: String::new(),
             duration_ms: 0,
         };
-        let bytes = record::to_bytes(&failure);
-        let _ = self
-            .store
-            .write_atomically(&self.opts.name, &self.paths.failure, &bytes, false);
+        let _ = self.slot.save_failure(&self.opts.name, held, &failure);
     }
 
     /// Runs the command under the lock and deals with its outcome.
-    fn execute(&self, last: Look, _guard: &LockGuard) -> Result<i32> {
+    fn execute(&self, last: Look, held: &Held) -> Result<i32> {
         let now = SystemTime::now();
         let mut run_record = RunRecord {
             token: format!("{}-{}", std::process::id(), entry::now_ms(now)),
@@ -433,56 +391,75 @@ impl Flight {
             ..RunRecord::default()
         };
         self.write_run_record(&run_record);
-        let writer = EntryWriter::create(&self.store, &self.opts.name);
-        if let Some(e) = writer.error() {
+        let writer = EntryWriter::create(self.slot.store(), &self.opts.name);
+        if let Some(e) = writer.error()
+            && self.slot.results_in_cache_dir()
+        {
             self.say.warn(format_args!(
                 "cannot write to the cache dir ({e}); this run's result will not be saved"
             ));
         }
+        // The largest metadata the result can have bounds the room left for stdout.
+        let cap = self.slot.output_cap(
+            self.opts.max_output,
+            &self.meta(i32::MIN, u64::MAX, Duration::MAX),
+        );
         let spec = RunSpec {
             argv: &self.opts.command,
             timeout: self.opts.timeout,
             kill_after: self.opts.kill_after,
-            max_output: self.opts.max_output,
+            max_output: cap.bytes,
             pass_stderr: true,
             token: &run_record.token.clone(),
+            env: held.env(),
+            abort: held.abort(),
         };
         let finished = run::run(&spec, writer, |pid| {
             run_record.pid = pid;
             run_record.start_ticks = reap::start_ticks(pid);
             self.write_run_record(&run_record);
         });
-        let _ = fs::remove_file(&self.paths.run);
+        let _ = fs::remove_file(&self.slot.paths().run);
         let finished = finished?;
         let outcome = finished.outcome;
         let status = outcome.exit_status();
-        let what = self.describe_outcome(outcome, finished.duration);
+        if outcome == Outcome::LeaseLost {
+            let why = held.abort().and_then(|abort| abort.reason());
+            let message = format!(
+                "{}: lost the etcd lock mid-run: {}; the command's process tree was killed \
+                 and nothing was stored",
+                self.opts.name,
+                why.as_deref().unwrap_or("lease lost")
+            );
+            return Err(Exit::new(status, message).into());
+        }
+        let what = self.describe_outcome(outcome, finished.duration, cap);
         if let Outcome::Interrupted(signal) = outcome {
             self.say.decided(format_args!(
                 "{}; ran the command: {what}; nothing cached",
                 self.describe(last.cached)
             ));
-            // The temp file goes first; the kernel frees the lock.
-            drop(finished);
-            return Ok(run::die_of(signal));
+            // singleflight dies of the signal in `main`, once the temp file is removed
+            // and the lock released (an etcd lease revoked) on the way there.
+            return Err(Exit::killed_by(signal).into());
         }
         if outcome.succeeded() {
-            let _ = fs::remove_file(&self.paths.failure);
+            self.slot.forget_failure(held);
         } else {
-            self.write_failure(outcome, &what, finished.duration, &finished.stderr_tail);
+            self.write_failure(
+                held,
+                outcome,
+                &what,
+                finished.duration,
+                &finished.stderr_tail,
+            );
         }
         let cache_it =
             outcome.succeeded() || (self.opts.cache_failures && outcome.is_own_failure());
         if cache_it {
-            let meta = Meta {
-                argv_digest: self.digest.clone(),
-                command: entry::display_command(&self.opts.command),
-                written_at_ms: entry::now_ms(SystemTime::now()),
-                ttl_ms: self.opts.ttl.as_millis() as u64,
-                exit_code: status,
-                duration_ms: finished.duration.as_millis() as u64,
-            };
-            let body = match finished.stdout.save(&meta, &self.paths.result, &self.store) {
+            let written_at_ms = entry::now_ms(SystemTime::now());
+            let meta = self.meta(status, written_at_ms, finished.duration);
+            let body = match self.slot.save_result(held, finished.stdout, &meta) {
                 Ok(body) => {
                     self.say.decided(format_args!(
                         "{}; ran the command: {what}; cached",
@@ -519,13 +496,31 @@ impl Flight {
         Ok(status)
     }
 
-    fn describe_outcome(&self, outcome: Outcome, took: Duration) -> String {
+    /// The metadata of a result of this call's command.
+    fn meta(&self, exit_code: i32, written_at_ms: u64, took: Duration) -> Meta {
+        Meta {
+            argv_digest: self.digest.clone(),
+            command: entry::display_command(&self.opts.command),
+            written_at_ms,
+            ttl_ms: self.opts.ttl.as_millis() as u64,
+            exit_code,
+            duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    fn describe_outcome(&self, outcome: Outcome, took: Duration, cap: OutputCap) -> String {
         match outcome {
             Outcome::Exited(code) => format!("exit status {code} after {}", human(took)),
             Outcome::Signaled(signal) => format!("killed by signal {signal} after {}", human(took)),
             Outcome::TimedOut => format!(
                 "timed out after {}; its process tree was killed",
                 human(self.opts.timeout)
+            ),
+            Outcome::OutputOverflow if cap.by_backend => format!(
+                "stdout went over {}, what fits in the etcd backend's limit of {} for a \
+                 result with its metadata; the run was killed",
+                format_size(cap.bytes),
+                format_size(self.slot.backend_limit().unwrap_or(cap.bytes))
             ),
             Outcome::OutputOverflow => format!(
                 "stdout went over --max-output {}; the run was killed",
@@ -534,19 +529,27 @@ impl Flight {
             Outcome::Interrupted(signal) => {
                 format!("singleflight got signal {signal}; the run was stopped")
             }
+            Outcome::LeaseLost => "the etcd lock was lost; the run was stopped".to_owned(),
         }
     }
 
     fn write_run_record(&self, run: &RunRecord) {
-        let _ = self.store.write_atomically(
+        let _ = self.slot.store().write_atomically(
             &self.opts.name,
-            &self.paths.run,
+            &self.slot.paths().run,
             &record::to_bytes(run),
             false,
         );
     }
 
-    fn write_failure(&self, outcome: Outcome, reason: &str, took: Duration, stderr_tail: &[u8]) {
+    fn write_failure(
+        &self,
+        held: &Held,
+        outcome: Outcome,
+        reason: &str,
+        took: Duration,
+        stderr_tail: &[u8],
+    ) {
         let failure = Failure {
             at_ms: entry::now_ms(SystemTime::now()),
             argv_digest: self.digest.clone(),
@@ -555,11 +558,7 @@ impl Flight {
             stderr_tail: String::from_utf8_lossy(stderr_tail).into_owned(),
             duration_ms: took.as_millis() as u64,
         };
-        let bytes = record::to_bytes(&failure);
-        if let Err(e) =
-            self.store
-                .write_atomically(&self.opts.name, &self.paths.failure, &bytes, false)
-        {
+        if let Err(e) = self.slot.save_failure(&self.opts.name, held, &failure) {
             self.say
                 .warn(format_args!("cannot record the failure: {e:#}"));
         }
@@ -618,7 +617,7 @@ fn refresher_command() -> Result<std::process::Command> {
 /// flag (a shell's `3>&1`, a parent's leaked pipe), which a detached refresher must
 /// not hold. Safe to do to ourselves: a `--background` caller execs nothing else.
 #[cfg(unix)]
-fn close_others_on_exec(keep: std::os::fd::RawFd) {
+fn close_others_on_exec(keep: Option<std::os::fd::RawFd>) {
     use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
     use std::os::fd::{BorrowedFd, RawFd};
     let listed = ["/proc/self/fd", "/dev/fd"].iter().find_map(|dir| {
@@ -636,7 +635,7 @@ fn close_others_on_exec(keep: std::os::fd::RawFd) {
             .min(1 << 16);
         (3..limit as RawFd).collect()
     });
-    for fd in fds.into_iter().filter(|&fd| fd > 2 && fd != keep) {
+    for fd in fds.into_iter().filter(|&fd| fd > 2 && Some(fd) != keep) {
         // SAFETY: borrowed for two fcntl calls; a number that is not open (the
         // listing's own fd, closed by now) fails with EBADF and is skipped.
         let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
@@ -653,14 +652,10 @@ mod windows {
     use std::io;
     use std::os::windows::process::CommandExt;
     use std::process::{Child, Command};
-    use std::time::Duration;
 
     use windows_sys::Win32::System::Threading::{
         CREATE_BREAKAWAY_FROM_JOB, CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW,
     };
-
-    /// How long the lock may take to pass from a `--background` caller to its refresher.
-    pub const HAND_OVER: Duration = Duration::from_secs(5);
 
     /// Starts the refresher apart from the caller: its own hidden console (no window
     /// flashes up, closing the caller's terminal does not end it), its own process

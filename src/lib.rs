@@ -4,11 +4,13 @@
 //! `main` parses the command line ([`cli`]) and calls [`run`]. The decision of every
 //! call is in [`decide`], carried out by [`flight`] with the cache ([`store`],
 //! [`entry`]), the lock ([`lock`]) and the process tree ([`run`](mod@run), [`reap`]).
+//! With `--backend etcd://…` the lock and the result live in etcd instead ([`etcd`]):
+//! [`backend`] is the one place where the two part ways.
 
+pub mod backend;
 pub mod cli;
 pub mod decide;
 pub mod entry;
-#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod exit;
 pub mod flight;
@@ -25,6 +27,7 @@ pub mod values;
 
 use anyhow::Result;
 
+use crate::backend::Backend;
 use crate::cli::{Cli, Verb};
 use crate::say::Say;
 use crate::store::Store;
@@ -32,12 +35,13 @@ use crate::store::Store;
 /// Carries out a parsed command line; returns the exit status.
 pub fn run(cli: Cli) -> Result<i32> {
     let global = cli.global;
+    let backend = Backend::from_args(&global);
     let store = Store::locate(global.cache_dir)?;
     match cli.verb {
-        Some(Verb::Status { names, json }) => status::status(&store, names, json),
+        Some(Verb::Status { names, json }) => status::status(&backend, &store, names, json),
         Some(Verb::Clear { names, all }) => {
             let say = Say::new(None, global.verbose, global.quiet);
-            status::clear(&store, names, all, &say)
+            status::clear(&backend, &store, names, all, &say)
         }
         None => {
             let opts = cli
@@ -45,7 +49,8 @@ pub fn run(cli: Cli) -> Result<i32> {
                 .resolve()
                 .expect("clap requires NAME without a verb");
             let say = Say::new(Some(opts.name.clone()), global.verbose, global.quiet);
-            flight::Flight::new(opts, store, say).fly()
+            let slot = backend.slot(store, &opts.name);
+            flight::Flight::new(opts, slot, say).fly()
         }
     }
 }

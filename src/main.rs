@@ -14,6 +14,10 @@ fn parse_and_run() -> u8 {
         Ok(status) => status,
         // A reader that went away (`status | head`) is not worth a word.
         Err(error) if is_broken_pipe(&error) => 0,
+        // Everything that held a lock or a temp file has been dropped on the way here.
+        Err(error) if killed_by(&error).is_some() => {
+            singleflight::run::die_of(killed_by(&error).unwrap_or_default())
+        }
         Err(error) => {
             // Not eprintln!, which panics when stderr is gone (a closed terminal).
             let _ = writeln!(std::io::stderr(), "singleflight: {error:#}");
@@ -22,6 +26,10 @@ fn parse_and_run() -> u8 {
     };
     // Statuses outside 0..=255 (a Windows exit code, say) are reported as failure.
     u8::try_from(status).unwrap_or(1)
+}
+
+fn killed_by(error: &anyhow::Error) -> Option<i32> {
+    error.downcast_ref::<exit::Exit>()?.signal
 }
 
 fn is_broken_pipe(error: &anyhow::Error) -> bool {

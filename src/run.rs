@@ -28,6 +28,58 @@ pub struct RunSpec<'a> {
     pub pass_stderr: bool,
     /// Marks every process of the run (see `reap::RUN_ID_ENV`).
     pub token: &'a str,
+    /// More environment for the command (`SINGLEFLIGHT_FENCING_TOKEN` with the etcd
+    /// backend).
+    pub env: &'a [(OsString, OsString)],
+    /// Stops the run from outside when tripped (the lease keeper, when the etcd lock
+    /// is lost): [`Outcome::LeaseLost`].
+    pub abort: Option<&'a Abort>,
+}
+
+/// A trip wire for a run, pulled from another thread. Tripped before the spawn, the
+/// command never starts; during the run, its tree is stopped as on a timeout (TERM,
+/// `--kill-after`, KILL) and the outcome is [`Outcome::LeaseLost`].
+#[derive(Debug, Default)]
+pub struct Abort {
+    state: Mutex<AbortState>,
+}
+
+#[derive(Debug, Default)]
+struct AbortState {
+    reason: Option<String>,
+    /// The events of the run in flight, if one is.
+    events: Option<Sender<Event>>,
+}
+
+impl Abort {
+    /// Stops the run (at most once; later reasons are dropped).
+    pub fn trip(&self, reason: String) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.reason.is_none() {
+            state.reason = Some(reason);
+            if let Some(events) = state.events.take() {
+                let _ = events.send(Event::Abort);
+            }
+        }
+    }
+
+    /// Why it was tripped, if it was.
+    pub fn reason(&self) -> Option<String> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.reason.clone()
+    }
+
+    /// Connects the wire to a run's events; `false` if it was tripped already.
+    fn arm(&self, events: Sender<Event>) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.events = Some(events);
+        state.reason.is_none()
+    }
+
+    fn disarm(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.events = None;
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +92,9 @@ pub enum Outcome {
     OutputOverflow,
     /// singleflight got this signal and stopped the run.
     Interrupted(i32),
+    /// The lock was lost mid-run (the etcd lease; see [`Abort`]) and the run stopped,
+    /// or never started.
+    LeaseLost,
 }
 
 impl Outcome {
@@ -49,7 +104,7 @@ impl Outcome {
             Outcome::Exited(code) => code,
             Outcome::Signaled(signal) | Outcome::Interrupted(signal) => exit::signaled(signal),
             Outcome::TimedOut => exit::TIMED_OUT,
-            Outcome::OutputOverflow => exit::INTERNAL,
+            Outcome::OutputOverflow | Outcome::LeaseLost => exit::INTERNAL,
         }
     }
 
@@ -76,6 +131,7 @@ enum Event {
     Stdout(Box<EntryWriter>),
     Stderr(Vec<u8>),
     Signal(i32),
+    Abort,
 }
 
 /// Runs the command to the end, however it ends. `started` is told the command's pid
@@ -86,6 +142,16 @@ pub fn run(
     started: impl FnOnce(u32),
 ) -> anyhow::Result<Finished> {
     let (events, receiver) = mpsc::channel();
+    if let Some(abort) = spec.abort
+        && !abort.arm(events.clone())
+    {
+        return Ok(Finished {
+            outcome: Outcome::LeaseLost,
+            duration: Duration::ZERO,
+            stdout,
+            stderr_tail: Vec::new(),
+        });
+    }
     // Handlers go in before the spawn: a Ctrl-C a moment later must not orphan the tree.
     let signals = SignalForwarder::start(events.clone());
     reap::become_subreaper();
@@ -97,6 +163,7 @@ pub fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     reap::prepare(&mut command, spec.token);
+    command.envs(spec.env.iter().map(|(key, value)| (key, value)));
     let start = Instant::now();
     let mut child = command
         .spawn()
@@ -135,6 +202,9 @@ pub fn run(
     };
     tree.kill_leftovers();
     let duration = start.elapsed();
+    if let Some(abort) = spec.abort {
+        abort.disarm();
+    }
 
     // Every process that held the pipes is dead now, so both readers reach the end.
     // (Not `next`: it returns only on an exit, an overflow or a signal.)
@@ -144,7 +214,11 @@ pub fn run(
             Ok(Event::Stderr(tail)) => streams.stderr_tail = Some(tail),
             Ok(Event::Overflow) if outcome.succeeded() => outcome = Outcome::OutputOverflow,
             Ok(Event::Signal(signal)) => interrupt(&mut outcome, signal),
-            Ok(Event::Overflow | Event::Exited(_)) => {}
+            // Once the lock is lost nothing may be written, whatever the run did.
+            Ok(Event::Abort) if !matches!(outcome, Outcome::Interrupted(_)) => {
+                outcome = Outcome::LeaseLost
+            }
+            Ok(Event::Overflow | Event::Exited(_) | Event::Abort) => {}
             // The signal forwarder holds a sender to the end: not before the streams.
             Err(_) => break,
         }
@@ -199,6 +273,7 @@ fn next(receiver: &Receiver<Event>, deadline: Option<Instant>, streams: &mut Str
             Ok(Event::Exited(status)) => return Wake::Exited(status),
             Ok(Event::Overflow) => return Wake::Stop(Outcome::OutputOverflow),
             Ok(Event::Signal(signal)) => return Wake::Stop(Outcome::Interrupted(signal)),
+            Ok(Event::Abort) => return Wake::Stop(Outcome::LeaseLost),
             Ok(Event::Stdout(writer)) => streams.stdout = Some(*writer),
             Ok(Event::Stderr(tail)) => streams.stderr_tail = Some(tail),
             Err(RecvTimeoutError::Timeout) => return Wake::Deadline,

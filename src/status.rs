@@ -1,21 +1,17 @@
 //! The management verbs: `status` (what is cached, what is in flight, what failed)
-//! and `clear` (remove results under the lock, so a clear never races a writer).
+//! and `clear` (remove results under the lock, so a clear never races a writer), of
+//! the cache dir or of the etcd backend alike.
 
-use std::fs;
 use std::io::{self, Write};
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 
-use crate::entry;
+use crate::backend::{Backend, Cleared, Read};
 use crate::exit::Exit;
-use crate::lock;
-use crate::reap;
-use crate::record::{self, Failure, RunRecord};
 use crate::say::Say;
-use crate::store::{Paths, Store};
+use crate::store::Store;
 use crate::values::{Name, format_duration, format_size};
 
 /// `status` of a NAME that has nothing in the cache dir.
@@ -58,7 +54,11 @@ pub struct NameStatus {
     /// The pid of the singleflight process running it (a foreground caller or a
     /// `--background` refresher); `null` when no run is in flight.
     pub pid: Option<u32>,
-    /// The pid of the command of the run in flight, which is also its process group.
+    /// The machine the run in flight runs on, with the etcd backend (`null` with the
+    /// cache dir, where it is this one).
+    pub host: Option<String>,
+    /// The pid of the command of the run in flight, which is also its process group
+    /// (`null` with the etcd backend, which does not record it).
     pub command_pid: Option<u32>,
     /// When the run in flight started.
     pub run_started_at_ms: Option<u64>,
@@ -86,15 +86,15 @@ pub struct FailureStatus {
     pub stderr_tail: String,
 }
 
-pub fn status(store: &Store, names: Vec<Name>, json: bool) -> Result<i32> {
-    store.verify_existing()?;
+pub fn status(backend: &Backend, store: &Store, names: Vec<Name>, json: bool) -> Result<i32> {
+    backend.verify(store)?;
     let now = SystemTime::now();
     let asked = !names.is_empty();
-    let candidates = if asked { names } else { store.names()? };
+    let candidates = if asked { names } else { backend.names(store)? };
     let mut statuses = Vec::new();
     let mut unknown = Vec::new();
     for name in candidates {
-        match look(store, &name, now) {
+        match look(backend, store, &name, now)? {
             Some(status) => statuses.push(status),
             None => unknown.push(name.to_string()),
         }
@@ -111,7 +111,7 @@ pub fn status(store: &Store, names: Vec<Name>, json: bool) -> Result<i32> {
     if asked && !unknown.is_empty() {
         let message = format!(
             "no such NAME in {}: {} (nothing cached, nothing failed, no run in flight)",
-            store.dir().display(),
+            backend.describe(store),
             unknown.join(", ")
         );
         return Err(Exit::new(UNKNOWN_NAME, message).into());
@@ -122,8 +122,13 @@ pub fn status(store: &Store, names: Vec<Name>, json: bool) -> Result<i32> {
 /// The status of `name`, or `None` if it has no result, no failure record and no run
 /// in flight: a bare lock file (left by `clear`, or by a run that never finished) is
 /// nothing to show.
-fn look(store: &Store, name: &Name, now: SystemTime) -> Option<NameStatus> {
-    let paths = store.paths(name);
+fn look(
+    backend: &Backend,
+    store: &Store,
+    name: &Name,
+    now: SystemTime,
+) -> Result<Option<NameStatus>> {
+    let snapshot = backend.clone().slot(store.clone(), name).snapshot()?;
     let mut status = NameStatus {
         name: name.to_string(),
         state: "none",
@@ -135,13 +140,14 @@ fn look(store: &Store, name: &Name, now: SystemTime) -> Option<NameStatus> {
         exit_code: None,
         in_flight: false,
         pid: None,
+        host: None,
         command_pid: None,
         run_started_at_ms: None,
         command: None,
         last_failure: None,
     };
-    match entry::read(&paths.result) {
-        Ok(Ok(Some(found))) => {
+    match snapshot.result {
+        Read::Found(found) => {
             let meta = &found.meta;
             let age = meta.age(now);
             let fresh = age.is_some_and(|age| age.as_millis() < u128::from(meta.ttl_ms));
@@ -154,22 +160,17 @@ fn look(store: &Store, name: &Name, now: SystemTime) -> Option<NameStatus> {
             status.exit_code = Some(meta.exit_code);
             status.command = Some(meta.command.clone());
         }
-        Ok(Ok(None)) => {}
-        Ok(Err(_)) | Err(_) => status.state = "invalid",
+        Read::Missing => {}
+        Read::Invalid(_) | Read::Unreadable(_) => status.state = "invalid",
     }
-    // Only a run record of a live process leads to looking at the lock: the look takes
-    // the lock shared for a moment when nobody holds it, and a caller that tried it in
-    // that moment would take it for a run in flight (and serve stale, or wait for
-    // nothing and exit 75). With a live run the lock is held, and the look takes nothing.
-    if let Some(run) = current_run(&paths)
-        && lock::is_held(&paths.lock).unwrap_or(false)
-    {
+    if let Some(run) = snapshot.in_flight {
         status.in_flight = true;
-        status.pid = Some(run.owner_pid);
-        status.command_pid = (run.pid != 0).then_some(run.pid);
-        status.run_started_at_ms = Some(run.started_at_ms);
+        status.pid = run.pid;
+        status.host = run.host;
+        status.command_pid = run.command_pid;
+        status.run_started_at_ms = run.started_at_ms;
     }
-    if let Some(failure) = record::load::<Failure>(&paths.failure) {
+    if let Some(failure) = snapshot.failure {
         status.last_failure = Some(FailureStatus {
             at_ms: failure.at_ms,
             age_ms: millis(failure.age(now)),
@@ -180,26 +181,7 @@ fn look(store: &Store, name: &Name, now: SystemTime) -> Option<NameStatus> {
         });
     }
     let exists = status.state != "none" || status.in_flight || status.last_failure.is_some();
-    exists.then_some(status)
-}
-
-/// The record of the run in flight, if it names a live process of this boot. A record
-/// left by a killed run is removed by the next winner, but may still be there in the
-/// moment after it took the lock.
-fn current_run(paths: &Paths) -> Option<RunRecord> {
-    let run = record::load::<RunRecord>(&paths.run)?;
-    if run.boot_id != reap::boot_id() {
-        return None;
-    }
-    #[cfg(unix)]
-    {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(run.owner_pid).ok()?)?;
-        match rustix::process::test_kill_process(pid) {
-            Ok(()) | Err(rustix::io::Errno::PERM) => {}
-            Err(_) => return None,
-        }
-    }
-    Some(run)
+    Ok(exists.then_some(status))
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -285,10 +267,11 @@ fn row(s: &NameStatus) -> [String; 8] {
             (Some(took), Some(code)) => format!("{} exit {code}", ms(Some(took))),
             _ => "-".to_owned(),
         },
-        match (s.in_flight, s.pid) {
-            (true, Some(pid)) => format!("pid {pid}"),
-            (true, None) => "yes".to_owned(),
-            (false, _) => "-".to_owned(),
+        match (s.in_flight, s.pid, &s.host) {
+            (true, Some(pid), Some(host)) => format!("{pid}@{host}"),
+            (true, Some(pid), None) => format!("pid {pid}"),
+            (true, None, _) => "yes".to_owned(),
+            (false, _, _) => "-".to_owned(),
         },
         s.command.clone().unwrap_or_else(|| "-".to_owned()),
     ]
@@ -318,54 +301,26 @@ fn truncate(text: &str, width: usize) -> String {
 
 /// Removes the results and failure records of `names` (of every NAME with `all`),
 /// each under its lock: a run in flight finishes first, and its result is removed
-/// after it. Lock files stay (deleting one could split callers onto two locks).
-/// Clearing a NAME that has nothing cached is not an error: afterwards it has no
-/// result, which is all `clear` promises (like `rm -f`).
-pub fn clear(store: &Store, names: Vec<Name>, all: bool, say: &Say) -> Result<i32> {
-    if !store.verify_existing()? {
+/// after it. Clearing a NAME that has nothing cached is not an error: afterwards it
+/// has no result, which is all `clear` promises (like `rm -f`).
+pub fn clear(
+    backend: &Backend,
+    store: &Store,
+    names: Vec<Name>,
+    all: bool,
+    say: &Say,
+) -> Result<i32> {
+    if !backend.verify(store)? {
         return Ok(0);
     }
-    let names = if all { store.names()? } else { names };
+    let names = if all { backend.names(store)? } else { names };
     for name in &names {
-        let paths = store.paths(name);
-        let anything = [&paths.lock, &paths.result, &paths.failure]
-            .iter()
-            .any(|path| path.exists());
-        if !anything {
-            say.decided(format_args!("{name}: nothing to clear"));
-            continue;
-        }
-        let _guard = lock_for_clear(name, &paths.lock, say)?;
-        let mut removed = Vec::new();
-        for (path, what) in [
-            (&paths.result, "result"),
-            (&paths.failure, "failure record"),
-        ] {
-            match fs::remove_file(path) {
-                Ok(()) => removed.push(what),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot remove {}", path.display()));
-                }
+        match backend.clone().slot(store.clone(), name).clear(name, say)? {
+            Cleared::Nothing => say.decided(format_args!("{name}: nothing to clear")),
+            Cleared::Removed(removed) => {
+                say.decided(format_args!("{name}: cleared ({})", removed.join(", ")))
             }
-        }
-        if removed.is_empty() {
-            say.decided(format_args!("{name}: nothing to clear"));
-        } else {
-            say.decided(format_args!("{name}: cleared ({})", removed.join(", ")));
         }
     }
     Ok(0)
-}
-
-/// Takes NAME's lock for `clear`, saying so when a run in flight makes it wait.
-fn lock_for_clear(name: &Name, path: &Path, say: &Say) -> Result<lock::LockGuard> {
-    let context = || format!("cannot lock {}", path.display());
-    if let Some(guard) = lock::try_exclusive(path).with_context(context)? {
-        return Ok(guard);
-    }
-    say.warn(format_args!(
-        "{name}: a run is in flight; waiting for it to end before clearing"
-    ));
-    lock::exclusive(path).with_context(context)
 }

@@ -99,6 +99,8 @@ fn the_man_page_has_what_a_reader_looks_for() {
         ".SH ENVIRONMENT",
         ".SH EXAMPLES",
         "SINGLEFLIGHT_CACHE_DIR",
+        "SINGLEFLIGHT_BACKEND",
+        "SINGLEFLIGHT_FENCING_TOKEN",
         "XDG_CACHE_HOME",
         "Library/Caches",
         "LOCALAPPDATA",
@@ -260,7 +262,15 @@ terminated at once.
 A failed run (non-zero exit, timeout) keeps the last good result, which callers get \
 until --retry-after has passed; --cache-failures caches the failed run's output \
 instead. stdin of the command is /dev/null; its stderr passes through when the caller \
-runs it in the foreground, and the tail of a failed run's stderr is kept for status.";
+runs it in the foreground, and the tail of a failed run's stderr is kept for status.
+
+With --backend etcd://HOST:PORT (or SINGLEFLIGHT_BACKEND) the lock and the result live in \
+etcd, so that of all the callers on all the machines that use it at most one runs \
+COMMAND. The lock is held with an etcd lease; the command gets its fencing token in \
+SINGLEFLIGHT_FENCING_TOKEN. If the lease is lost mid-run (etcd unreachable), the \
+command's tree is stopped as on a timeout and nothing is stored (exit 125); a caller \
+that cannot reach etcd within --backend-timeout exits 125 without running the command. \
+A result stored in etcd is at most 1 MiB with its metadata.";
 
 fn heading(roff: &mut Roff, title: &str) {
     roff.control("SH", [title]);
@@ -295,8 +305,10 @@ fn exit_status(roff: &mut Roff) {
         ),
         (
             exit::INTERNAL,
-            "singleflight itself failed (cache dir unusable, disk error; the command was \
-             not run), or the command's stdout went past --max-output.",
+            "singleflight itself failed (cache dir unusable, disk error, etcd unreachable \
+             within --backend-timeout; the command was not run), or the command's stdout \
+             went past --max-output (or the etcd backend's limit for a result), or the etcd \
+             lock was lost mid-run (the command's tree was killed, nothing was stored).",
         ),
         (
             exit::CANNOT_EXECUTE,
@@ -364,6 +376,25 @@ fn environment(roff: &mut Roff) {
         roff,
         "XDG_CACHE_HOME",
         "On Linux, the base of the default cache dir when it is an absolute path.",
+    );
+    item(
+        roff,
+        "SINGLEFLIGHT_BACKEND",
+        "The backend, if --backend is not given: etcd://HOST:PORT[,HOST:PORT...] keeps \
+         locks and results in etcd, shared by every machine that uses it.",
+    );
+    item(
+        roff,
+        "SINGLEFLIGHT_ETCD_PREFIX",
+        "The etcd key prefix, if --etcd-prefix is not given.",
+    );
+    item(
+        roff,
+        singleflight::backend::FENCING_TOKEN_ENV,
+        "Set by singleflight in the environment of the command with the etcd backend: \
+         the lock's fencing token, an integer that is larger for every new holder of the \
+         lock. A store the command writes to can refuse writes with a smaller token than \
+         one it has seen.",
     );
     item(
         roff,

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use common::{TestEnv, finish, status, stderr, stdout, wait_until};
 use serde_json::{Map, Value};
 
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 15] = [
     "name",
     "state",
     "age_ms",
@@ -23,6 +23,7 @@ const KEYS: [&str; 14] = [
     "exit_code",
     "in_flight",
     "pid",
+    "host",
     "command_pid",
     "run_started_at_ms",
     "command",
@@ -181,6 +182,10 @@ fn status_json_gives_every_key_of_fresh_stale_in_flight_and_failed_names() {
     assert_eq!(in_flight["state"], "none");
     assert_eq!(in_flight["in_flight"], true);
     assert_eq!(u64_of(in_flight, "pid"), u64::from(running.id()));
+    assert!(
+        in_flight["host"].is_null(),
+        "the cache dir's runs are this machine's"
+    );
     let command_pid = u64_of(in_flight, "command_pid");
     #[cfg(target_os = "linux")]
     {

@@ -1,0 +1,502 @@
+//! The etcd arm of the backend: a NAME's lock, result and failure record as keys under
+//! `--etcd-prefix`, shared by every machine that talks to the same etcd.
+//!
+//! The lock is a key attached to a lease that a [`LeaseKeeper`] renews while it is
+//! held; its create revision is the fencing token. Every write of a holder is guarded
+//! by that token, so a holder that lost its lease writes nothing. An etcd that does
+//! not answer within `--backend-timeout` ends the call with status 125.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::{Cleared, FENCING_TOKEN_ENV, Held, InFlight, LeaseHandover, Read, Snapshot};
+use crate::entry::{self, Body, EntryWriter, Meta};
+use crate::etcd::{
+    Client, DEFAULT_MAX_VALUE, Endpoints, EtcdError, FencingToken, Keys, Lease, LeaseId,
+    LeaseKeeper, Prefix, Write, check_size, default_lead,
+};
+use crate::exit::{self, Exit};
+use crate::record::Failure;
+use crate::run::Abort;
+use crate::say::Say;
+use crate::values::Name;
+
+/// How far in the future a result written by another machine may be dated and still
+/// count as just written. Clocks kept by NTP agree far better than this; a reader
+/// whose clock is behind the writer's must not take every new result for one "from
+/// the future" (not fresh) and run the command again.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(1);
+
+/// How long `clear` waits for a run in flight between two looks at the lock.
+const CLEAR_WAIT: Duration = Duration::from_secs(3600);
+
+/// The etcd backend as the command line gives it; cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    client: Client,
+    prefix: Prefix,
+    lease_ttl: Duration,
+    max_value: u64,
+}
+
+impl Fleet {
+    pub fn new(
+        endpoints: Endpoints,
+        prefix: Prefix,
+        timeout: Duration,
+        lease_ttl: Duration,
+    ) -> Fleet {
+        Fleet {
+            client: Client::new(endpoints, timeout),
+            prefix,
+            lease_ttl,
+            max_value: DEFAULT_MAX_VALUE,
+        }
+    }
+
+    pub fn slot(self, name: &Name) -> FleetSlot {
+        FleetSlot {
+            keys: self.prefix.keys(name),
+            name_prefix: [self.prefix.as_bytes(), name.as_str().as_bytes(), b"/"].concat(),
+            name: name.clone(),
+            fleet: self,
+        }
+    }
+
+    /// Every NAME with a key under the prefix.
+    pub fn names(&self) -> Result<Vec<Name>> {
+        let keys = self
+            .client
+            .list(self.prefix.as_bytes())
+            .map_err(|e| Exit::new(exit::INTERNAL, format!("{self}: {e}")))?;
+        Ok(self.prefix.names(keys.iter().map(Vec::as_slice)))
+    }
+}
+
+impl fmt::Display for Fleet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} under {}",
+            self.client.endpoints(),
+            String::from_utf8_lossy(self.prefix.as_bytes())
+        )
+    }
+}
+
+/// Who holds a lock, written into the lock key for `status`.
+#[derive(Serialize, Deserialize)]
+struct Owner {
+    host: String,
+    pid: u32,
+    started_at_ms: u64,
+}
+
+/// One NAME in etcd.
+pub struct FleetSlot {
+    fleet: Fleet,
+    name: Name,
+    keys: Keys,
+    /// `<prefix><NAME>/`: every key of the NAME starts with it.
+    name_prefix: Vec<u8>,
+}
+
+impl FleetSlot {
+    fn client(&self) -> &Client {
+        &self.fleet.client
+    }
+
+    /// An etcd failure before the command ran (a call's look, lock or wait).
+    fn not_run(&self, error: EtcdError) -> anyhow::Error {
+        let message = format!("{}: {error}; the command was not run", self.name);
+        Exit::new(exit::INTERNAL, message).into()
+    }
+
+    /// An etcd failure of `status` or `clear`.
+    fn failed(&self, error: EtcdError) -> anyhow::Error {
+        Exit::new(exit::INTERNAL, format!("{}: {error}", self.name)).into()
+    }
+
+    pub fn result_location(&self) -> String {
+        format!("etcd key {}", String::from_utf8_lossy(&self.keys.result))
+    }
+
+    pub fn max_value(&self) -> u64 {
+        self.fleet.max_value
+    }
+
+    /// How much stdout fits in one value next to the header and `meta`.
+    pub fn room_for_body(&self, meta: &Meta) -> u64 {
+        self.fleet
+            .max_value
+            .saturating_sub(entry::encoded_len(0, meta))
+    }
+
+    pub fn read_result(&self) -> Result<Read> {
+        self.get_result().map_err(|e| self.not_run(e))
+    }
+
+    fn get_result(&self) -> Result<Read, EtcdError> {
+        Ok(match self.client().get(&self.keys.result)? {
+            None => Read::Missing,
+            Some(value) => match entry::from_bytes(value.bytes) {
+                Ok(entry) => Read::Found(entry),
+                Err(invalid) => Read::Invalid(invalid),
+            },
+        })
+    }
+
+    pub fn read_failure(&self) -> Result<Option<Failure>> {
+        self.get_failure().map_err(|e| self.not_run(e))
+    }
+
+    fn get_failure(&self) -> Result<Option<Failure>, EtcdError> {
+        let value = self.client().get(&self.keys.failure)?;
+        Ok(value.and_then(|value| serde_json::from_slice(&value.bytes).ok()))
+    }
+
+    fn owner(&self) -> Vec<u8> {
+        let owner = Owner {
+            host: hostname(),
+            pid: std::process::id(),
+            started_at_ms: entry::now_ms(SystemTime::now()),
+        };
+        serde_json::to_vec(&owner).expect("Owner serializes")
+    }
+
+    /// Takes the lock: a lease, then the lock key attached to it if nobody holds it.
+    pub fn try_lock(&self) -> Result<Option<Held>> {
+        self.take_lock()
+            .map_err(|e| self.not_run(e))?
+            .map(|(lease, token)| self.hold(lease, token))
+            .transpose()
+    }
+
+    fn take_lock(&self) -> Result<Option<(Lease, FencingToken)>, EtcdError> {
+        let client = self.client();
+        // Most callers of a herd lose: a look first saves them a grant and a revoke.
+        if client.lock_holder(&self.keys.lock)?.is_some() {
+            return Ok(None);
+        }
+        let lease = client.grant(self.fleet.lease_ttl)?;
+        match client.try_lock(&self.keys.lock, lease.id, &self.owner()) {
+            Ok(Some(token)) => Ok(Some((lease, token))),
+            Ok(None) => {
+                let _ = client.revoke(lease.id);
+                Ok(None)
+            }
+            Err(e) => {
+                let _ = client.revoke(lease.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Holds a taken lock: its lease is renewed from now on, and a loss trips the
+    /// run's abort.
+    fn hold(&self, lease: Lease, token: FencingToken) -> Result<Held> {
+        let abort = Arc::new(Abort::default());
+        let mut held = FleetHeld {
+            client: self.client().clone(),
+            lease: lease.id,
+            token,
+            keeper: None,
+            abort: abort.clone(),
+            env: [(FENCING_TOKEN_ENV.into(), token.to_string().into())],
+            handed_over: false,
+        };
+        let keeper = LeaseKeeper::start(
+            self.client().clone(),
+            lease,
+            default_lead(lease.ttl),
+            move |lost| abort.trip(lost.why),
+        );
+        match keeper {
+            Ok(keeper) => held.keeper = Some(keeper),
+            Err(e) => {
+                let message = format!("{}: cannot start the lease keeper: {e}", self.name);
+                return Err(Exit::new(exit::INTERNAL, message).into());
+            }
+        }
+        Ok(Held::Etcd(held))
+    }
+
+    /// The lock of a `--background` caller: still held with the lease and token it
+    /// handed over, renewed from now on.
+    pub fn adopt(&self, handover: LeaseHandover) -> Result<Held> {
+        let id = LeaseId(handover.lease);
+        let token = FencingToken(handover.token);
+        let sent = Instant::now();
+        let client = self.client();
+        let ttl = client.keep_alive(id).map_err(|e| self.not_run(e))?;
+        let holder = client
+            .lock_holder(&self.keys.lock)
+            .map_err(|e| self.not_run(e))?;
+        if ttl.is_zero() || holder.is_none_or(|h| (h.lease, h.token) != (id, token)) {
+            let message = format!(
+                "{}: the etcd lock handed to the refresher is no longer held with lease {id}; \
+                 the command was not run",
+                self.name
+            );
+            return Err(Exit::new(exit::INTERNAL, message).into());
+        }
+        let lease = Lease {
+            id,
+            ttl,
+            granted_at: sent,
+        };
+        let held = self.hold(lease, token)?;
+        // `status` shows who runs it: the refresher now, not the caller that started it.
+        let owner = self.owner();
+        let rewrite = [Write::PutLeased {
+            key: &self.keys.lock,
+            value: &owner,
+            lease: id,
+        }];
+        let _ = client.write_if_holder(&self.keys.lock, token, &rewrite);
+        Ok(held)
+    }
+
+    pub fn wait_released(&self, limit: Duration) -> Result<bool> {
+        self.client()
+            .wait_released(&self.keys.lock, limit)
+            .map_err(|e| self.not_run(e))
+    }
+
+    /// Stores the result and releases the lock in one transaction, if the lock is
+    /// still ours: waiters see the lock gone and the new result at the same revision.
+    /// The output is read back from the local temp file (at most the value limit, see
+    /// `Slot::output_cap`).
+    pub fn save_result(
+        &self,
+        held: &FleetHeld,
+        stdout: EntryWriter,
+        meta: &Meta,
+    ) -> Result<Body, (String, Body)> {
+        // A write error of the temp file left the rest in memory: all of it is here.
+        let body = stdout.into_body();
+        let mut bytes = Vec::with_capacity(body.len() as usize);
+        if let Err(e) = body.print(&mut bytes) {
+            return Err((
+                format!("cannot read the run's output back: {e}"),
+                memory(bytes),
+            ));
+        }
+        let value = entry::to_bytes(&bytes, meta);
+        let out = memory(bytes);
+        if let Err(too_large) = check_size(value.len() as u64, self.fleet.max_value) {
+            return Err((too_large.to_string(), out));
+        }
+        let writes = [
+            Write::Put {
+                key: &self.keys.result,
+                value: &value,
+            },
+            Write::Delete {
+                key: &self.keys.lock,
+            },
+        ];
+        match self
+            .client()
+            .write_if_holder(&self.keys.lock, held.token, &writes)
+        {
+            Ok(true) => Ok(out),
+            Ok(false) => Err((
+                "the etcd lock was lost before the result could be stored (its lease \
+                 expired or was revoked); nothing was stored"
+                    .to_owned(),
+                out,
+            )),
+            Err(e) => Err((format!("{e}; nothing was stored"), out)),
+        }
+    }
+
+    pub fn save_failure(&self, held: &FleetHeld, failure: &Failure) -> Result<()> {
+        let bytes = crate::record::to_bytes(failure);
+        let stored =
+            self.client()
+                .put_if_holder(&self.keys.failure, &bytes, &self.keys.lock, held.token)?;
+        if !stored {
+            anyhow::bail!("the etcd lock was lost (its lease expired or was revoked)");
+        }
+        Ok(())
+    }
+
+    pub fn forget_failure(&self, held: &FleetHeld) {
+        let _ = self
+            .client()
+            .delete_if_holder(&self.keys.failure, &self.keys.lock, held.token);
+    }
+
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let result = self.get_result().map_err(|e| self.failed(e))?;
+        let failure = self.get_failure().map_err(|e| self.failed(e))?;
+        let holder = self
+            .client()
+            .lock_holder(&self.keys.lock)
+            .map_err(|e| self.failed(e))?;
+        let in_flight = holder.map(
+            |holder| match serde_json::from_slice::<Owner>(&holder.owner) {
+                Ok(owner) => InFlight {
+                    pid: Some(owner.pid),
+                    command_pid: None,
+                    started_at_ms: Some(owner.started_at_ms),
+                    host: Some(owner.host),
+                },
+                Err(_) => InFlight {
+                    pid: None,
+                    command_pid: None,
+                    started_at_ms: None,
+                    host: None,
+                },
+            },
+        );
+        Ok(Snapshot {
+            result,
+            in_flight,
+            failure,
+        })
+    }
+
+    /// Takes the lock (waiting for a run in flight), then deletes the result, the
+    /// failure record and the lock in one guarded transaction.
+    pub fn clear(&self, say: &Say) -> Result<Cleared> {
+        let client = self.client();
+        let fail = |e| self.failed(e);
+        if client.list(&self.name_prefix).map_err(fail)?.is_empty() {
+            return Ok(Cleared::Nothing);
+        }
+        let mut said = false;
+        let (lease, token) = loop {
+            if let Some(taken) = self.take_lock().map_err(fail)? {
+                break taken;
+            }
+            if !said {
+                say.warn(format_args!(
+                    "{}: a run is in flight; waiting for it to end before clearing",
+                    self.name
+                ));
+                said = true;
+            }
+            client
+                .wait_released(&self.keys.lock, CLEAR_WAIT)
+                .map_err(fail)?;
+        };
+        let cleared = (|| {
+            let keys = client.list(&self.name_prefix)?;
+            let removed: Vec<&'static str> = [
+                (&self.keys.result, "result"),
+                (&self.keys.failure, "failure record"),
+            ]
+            .into_iter()
+            .filter(|(key, _)| keys.contains(key))
+            .map(|(_, what)| what)
+            .collect();
+            let writes = [
+                Write::Delete {
+                    key: &self.keys.result,
+                },
+                Write::Delete {
+                    key: &self.keys.failure,
+                },
+                Write::Delete {
+                    key: &self.keys.lock,
+                },
+            ];
+            let done = client.write_if_holder(&self.keys.lock, token, &writes)?;
+            Ok((done, removed))
+        })();
+        let _ = client.revoke(lease.id);
+        let (done, removed) = cleared.map_err(fail)?;
+        if !done {
+            let message = format!(
+                "{}: the etcd lock was lost while clearing (its lease expired); try again",
+                self.name
+            );
+            return Err(Exit::new(exit::INTERNAL, message).into());
+        }
+        Ok(if removed.is_empty() {
+            Cleared::Nothing
+        } else {
+            Cleared::Removed(removed)
+        })
+    }
+}
+
+/// A held etcd lock: a lease renewed by a keeper, and the fencing token. Dropping it
+/// stops the keeper and revokes the lease, which deletes the lock key if it is still
+/// there.
+pub struct FleetHeld {
+    client: Client,
+    lease: LeaseId,
+    token: FencingToken,
+    keeper: Option<LeaseKeeper>,
+    abort: Arc<Abort>,
+    env: [(OsString, OsString); 1],
+    handed_over: bool,
+}
+
+impl FleetHeld {
+    pub fn env(&self) -> &[(OsString, OsString)] {
+        &self.env
+    }
+
+    pub fn abort(&self) -> &Abort {
+        &self.abort
+    }
+
+    pub fn handover(&self) -> LeaseHandover {
+        LeaseHandover {
+            lease: self.lease.0,
+            token: self.token.0,
+        }
+    }
+
+    /// Stops renewing without revoking: a refresher renews the lease from now on.
+    pub fn hand_over(mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.stop();
+        }
+        self.handed_over = true;
+    }
+}
+
+impl Drop for FleetHeld {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.stop();
+        }
+        // A lease reported lost is gone, or etcd cannot be reached to revoke it.
+        if !self.handed_over && self.abort.reason().is_none() {
+            let _ = self.client.revoke(self.lease);
+        }
+    }
+}
+
+fn memory(bytes: Vec<u8>) -> Body {
+    Body::Memory {
+        end: bytes.len(),
+        bytes,
+        start: 0,
+    }
+}
+
+/// This machine's name, for `status` of a run in flight.
+fn hostname() -> String {
+    #[cfg(unix)]
+    {
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
+    }
+    #[cfg(not(unix))]
+    {
+        std::env::var("COMPUTERNAME").unwrap_or_default()
+    }
+}

@@ -1,0 +1,444 @@
+//! The etcd client: a NAME's lock (a key attached to a lease, whose create revision is
+//! the fencing token), guarded writes and reads, over etcd's v3 JSON gateway.
+
+use std::fmt;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::endpoints::Endpoints;
+use super::transport::{Transport, parse};
+use super::wire::{self, b64, prefix_end};
+use crate::values::format_size;
+
+/// `--backend-timeout` default: the longest one request to one member may take.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest value singleflight stores in etcd, by default. etcd refuses requests
+/// over 1.5 MiB (`--max-request-bytes`); this leaves room for the request around it.
+pub const DEFAULT_MAX_VALUE: u64 = 1 << 20;
+/// How often a caller waiting for a run in flight looks whether the lock is free.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Why an etcd operation did not happen.
+#[derive(Debug)]
+pub enum EtcdError {
+    /// No member answered in time: each member asked and why it did not answer.
+    Unreachable { tried: Vec<(String, String)> },
+    /// A member answered with an error (gRPC status `code`).
+    Refused {
+        member: String,
+        code: i32,
+        message: String,
+    },
+    /// An answer that is not what the gateway sends.
+    Garbled { detail: String },
+}
+
+impl fmt::Display for EtcdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EtcdError::Unreachable { tried } => {
+                f.write_str("etcd unreachable")?;
+                for (i, (member, why)) in tried.iter().enumerate() {
+                    let sep = if i == 0 { ": " } else { "; " };
+                    write!(f, "{sep}{member}: {why}")?;
+                }
+                Ok(())
+            }
+            EtcdError::Refused {
+                member,
+                code,
+                message,
+            } => write!(
+                f,
+                "etcd at {member} refused the request: {message} (code {code})"
+            ),
+            EtcdError::Garbled { detail } => write!(f, "unexpected answer from etcd: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for EtcdError {}
+
+/// A value too large to store in etcd; the caller refuses it rather than truncate.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooLarge {
+    pub len: u64,
+    pub limit: u64,
+}
+
+impl fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the result is {} ({} bytes), over the etcd backend's limit of {} ({} bytes); \
+             it was not stored",
+            format_size(self.len),
+            self.len,
+            format_size(self.limit),
+            self.limit
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+/// Checks that a value of `len` bytes (a whole encoded entry: header, body and
+/// metadata) may be stored.
+pub fn check_size(len: u64, limit: u64) -> Result<(), TooLarge> {
+    if len <= limit {
+        Ok(())
+    } else {
+        Err(TooLarge { len, limit })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseId(pub i64);
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
+/// The etcd revision that created a lock key. Each new holder's is larger than every
+/// earlier holder's, so a store downstream can refuse writes with an older one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(pub i64);
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A granted lease.
+#[derive(Clone, Copy, Debug)]
+pub struct Lease {
+    pub id: LeaseId,
+    /// The TTL etcd granted (it may raise a small request to its minimum).
+    pub ttl: Duration,
+    /// When the grant was sent: etcd cannot expire the lease before `granted_at + ttl`.
+    pub granted_at: Instant,
+}
+
+/// Who holds a lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub lease: LeaseId,
+    pub token: FencingToken,
+    /// What the holder wrote into the lock key (see [`Client::try_lock`]).
+    pub owner: Vec<u8>,
+}
+
+/// A value read from etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Value {
+    pub bytes: Vec<u8>,
+    /// The revision of its last write.
+    pub mod_revision: i64,
+}
+
+/// One write of a guarded transaction ([`Client::write_if_holder`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Write<'a> {
+    Put {
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    /// A put that attaches the key to a lease (a put without one detaches it): to
+    /// rewrite the lock key's value, which keeps its create revision, the token.
+    PutLeased {
+        key: &'a [u8],
+        value: &'a [u8],
+        lease: LeaseId,
+    },
+    Delete {
+        key: &'a [u8],
+    },
+}
+
+/// A blocking etcd client; cheap to clone (the lease keeper holds one).
+#[derive(Clone)]
+pub struct Client {
+    transport: Arc<Transport>,
+}
+
+impl Client {
+    /// A client of these members, each request to one member bounded by `timeout`.
+    /// Nothing is sent until the first operation.
+    pub fn new(endpoints: Endpoints, timeout: Duration) -> Client {
+        Client {
+            transport: Arc::new(Transport::new(endpoints, timeout)),
+        }
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        self.transport.endpoints()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.transport.timeout()
+    }
+
+    fn call(&self, path: &str, body: serde_json::Value) -> Result<Vec<u8>, EtcdError> {
+        Ok(self.transport.post(path, &body, None)?.bytes)
+    }
+
+    /// Grants a lease of `ttl` (whole seconds, rounded up).
+    pub fn grant(&self, ttl: Duration) -> Result<Lease, EtcdError> {
+        let granted_at = Instant::now();
+        let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let answer = self.call("/lease/grant", json!({ "TTL": seconds.to_string() }))?;
+        let grant: wire::LeaseGrantResponse = parse(&answer, "lease grant")?;
+        if !grant.error.is_empty() || grant.id == 0 || grant.ttl <= 0 {
+            return Err(EtcdError::Garbled {
+                detail: format!(
+                    "lease grant: id {}, ttl {}, error {:?}",
+                    grant.id, grant.ttl, grant.error
+                ),
+            });
+        }
+        Ok(Lease {
+            id: LeaseId(grant.id),
+            ttl: Duration::from_secs(grant.ttl as u64),
+            granted_at,
+        })
+    }
+
+    /// Renews a lease; returns its time to live from now, zero if it is gone
+    /// (expired or revoked).
+    pub fn keep_alive(&self, lease: LeaseId) -> Result<Duration, EtcdError> {
+        self.keep_alive_until(lease, None)
+    }
+
+    pub(super) fn keep_alive_until(
+        &self,
+        lease: LeaseId,
+        deadline: Option<Instant>,
+    ) -> Result<Duration, EtcdError> {
+        let body = json!({ "ID": lease.0.to_string() });
+        let answer = self.transport.post("/lease/keepalive", &body, deadline)?;
+        // A streaming call: one message per line; one request, one message.
+        let line = answer
+            .bytes
+            .split(|&b| b == b'\n')
+            .find(|line| !line.iter().all(u8::is_ascii_whitespace))
+            .unwrap_or_default();
+        let message: wire::StreamMessage<wire::LeaseKeepAliveResponse> =
+            parse(line, "lease keepalive")?;
+        match (message.result, message.error) {
+            (Some(result), _) => Ok(Duration::from_secs(result.ttl.max(0) as u64)),
+            (None, Some(error)) => Err(EtcdError::Refused {
+                member: answer.member,
+                code: error.grpc_code,
+                message: error.message,
+            }),
+            (None, None) => Err(EtcdError::Garbled {
+                detail: format!("lease keepalive: {:?}", String::from_utf8_lossy(line)),
+            }),
+        }
+    }
+
+    /// Revokes a lease, deleting the keys attached to it (the lock). A lease that is
+    /// already gone is not an error.
+    pub fn revoke(&self, lease: LeaseId) -> Result<(), EtcdError> {
+        match self.call("/lease/revoke", json!({ "ID": lease.0.to_string() })) {
+            Ok(_) => Ok(()),
+            Err(EtcdError::Refused { code, .. }) if code == wire::NOT_FOUND => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the lock `key` for `lease` if nobody holds it: one transaction "if the key
+    /// does not exist, create it attached to the lease". Returns the fencing token (the
+    /// revision that created the key), or `None` if somebody else holds it. `owner`
+    /// is stored in the key for `status` (who runs it: host, pid).
+    ///
+    /// Safe to repeat: if an earlier attempt took the lock but its answer was lost, the
+    /// key is found attached to our own lease and its token is returned.
+    pub fn try_lock(
+        &self,
+        key: &[u8],
+        lease: LeaseId,
+        owner: &[u8],
+    ) -> Result<Option<FencingToken>, EtcdError> {
+        let key64 = b64(key);
+        let answer = self.call(
+            "/kv/txn",
+            json!({
+                "compare": [{
+                    "key": key64, "target": "CREATE", "result": "EQUAL",
+                    "create_revision": "0",
+                }],
+                "success": [{ "request_put": {
+                    "key": key64, "value": b64(owner), "lease": lease.0.to_string(),
+                }}],
+                "failure": [{ "request_range": { "key": key64 } }],
+            }),
+        )?;
+        let txn: wire::TxnResponse = parse(&answer, "lock transaction")?;
+        if txn.succeeded {
+            return Ok(Some(FencingToken(txn.header.revision)));
+        }
+        let holder = txn
+            .responses
+            .into_iter()
+            .find_map(|op| op.response_range)
+            .and_then(|range| range.kvs.into_iter().next());
+        Ok(holder
+            .filter(|kv| kv.lease == lease.0)
+            .map(|kv| FencingToken(kv.create_revision)))
+    }
+
+    /// Who holds the lock `key`, if anybody.
+    pub fn lock_holder(&self, key: &[u8]) -> Result<Option<Holder>, EtcdError> {
+        Ok(self.range_one(key)?.map(|kv| Holder {
+            lease: LeaseId(kv.lease),
+            token: FencingToken(kv.create_revision),
+            owner: kv.value,
+        }))
+    }
+
+    /// Waits until nobody holds the lock `key`, for at most `limit`, looking every
+    /// [`POLL_INTERVAL`]. Returns whether it was released in time.
+    ///
+    /// Polling, not a watch: a waiter is rare (only callers with nothing to serve
+    /// wait), a look is one small read, and a poll needs no stream to keep, resume
+    /// after a compaction, or move to another member when one fails.
+    pub fn wait_released(&self, key: &[u8], limit: Duration) -> Result<bool, EtcdError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.lock_holder(key)?.is_none() {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            thread::sleep(left.min(POLL_INTERVAL));
+        }
+    }
+
+    /// The value at `key` and the revision of its last write.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Value>, EtcdError> {
+        Ok(self.range_one(key)?.map(|kv| Value {
+            bytes: kv.value,
+            mod_revision: kv.mod_revision,
+        }))
+    }
+
+    fn range_one(&self, key: &[u8]) -> Result<Option<wire::KeyValue>, EtcdError> {
+        let answer = self.call("/kv/range", json!({ "key": b64(key) }))?;
+        let range: wire::RangeResponse = parse(&answer, "range")?;
+        Ok(range.kvs.into_iter().next())
+    }
+
+    /// The keys that start with `prefix`, in key order.
+    pub fn list(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, EtcdError> {
+        let answer = self.call(
+            "/kv/range",
+            json!({
+                "key": b64(prefix), "range_end": b64(&prefix_end(prefix)), "keys_only": true,
+            }),
+        )?;
+        let range: wire::RangeResponse = parse(&answer, "range")?;
+        Ok(range.kvs.into_iter().map(|kv| kv.key).collect())
+    }
+
+    /// Carries out `writes` in one transaction if, and only if, the lock `lock_key`
+    /// is still held with `token`: a holder that lost the lock (its lease expired, or
+    /// it was revoked) writes nothing. Returns whether the writes happened.
+    ///
+    /// Safe to repeat: writing the same values again changes nothing a reader sees.
+    pub fn write_if_holder(
+        &self,
+        lock_key: &[u8],
+        token: FencingToken,
+        writes: &[Write],
+    ) -> Result<bool, EtcdError> {
+        let ops: Vec<serde_json::Value> = writes
+            .iter()
+            .map(|write| match write {
+                Write::Put { key, value } => {
+                    json!({ "request_put": { "key": b64(key), "value": b64(value) } })
+                }
+                Write::PutLeased { key, value, lease } => json!({ "request_put": {
+                    "key": b64(key), "value": b64(value), "lease": lease.0.to_string(),
+                }}),
+                Write::Delete { key } => json!({ "request_delete_range": { "key": b64(key) } }),
+            })
+            .collect();
+        let answer = self.call(
+            "/kv/txn",
+            json!({
+                "compare": [{
+                    "key": b64(lock_key), "target": "CREATE", "result": "EQUAL",
+                    "create_revision": token.0.to_string(),
+                }],
+                "success": ops,
+            }),
+        )?;
+        let txn: wire::TxnResponse = parse(&answer, "guarded write")?;
+        Ok(txn.succeeded)
+    }
+
+    /// Puts `value` at `key` if the lock is still held with `token`.
+    pub fn put_if_holder(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lock_key: &[u8],
+        token: FencingToken,
+    ) -> Result<bool, EtcdError> {
+        self.write_if_holder(lock_key, token, &[Write::Put { key, value }])
+    }
+
+    /// Deletes `key` if the lock is still held with `token`.
+    pub fn delete_if_holder(
+        &self,
+        key: &[u8],
+        lock_key: &[u8],
+        token: FencingToken,
+    ) -> Result<bool, EtcdError> {
+        self.write_if_holder(lock_key, token, &[Write::Delete { key }])
+    }
+
+    /// Releases the lock if it is still ours (held with `token`); a lock that was lost
+    /// meanwhile, and maybe taken by somebody else, is left alone.
+    pub fn release(&self, lock_key: &[u8], token: FencingToken) -> Result<bool, EtcdError> {
+        self.write_if_holder(lock_key, token, &[Write::Delete { key: lock_key }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_check_refuses_over_the_limit_only() {
+        assert_eq!(check_size(DEFAULT_MAX_VALUE, DEFAULT_MAX_VALUE), Ok(()));
+        let err = check_size(DEFAULT_MAX_VALUE + 1, DEFAULT_MAX_VALUE).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("1048577 bytes"), "{text}");
+        assert!(text.contains("limit of 1.0MiB"), "{text}");
+        assert!(text.contains("not stored"), "{text}");
+    }
+
+    #[test]
+    fn errors_name_every_member_tried() {
+        let error = EtcdError::Unreachable {
+            tried: vec![
+                ("a:1".to_owned(), "connection refused".to_owned()),
+                ("b:2".to_owned(), "no answer within 2s".to_owned()),
+            ],
+        };
+        assert_eq!(
+            error.to_string(),
+            "etcd unreachable: a:1: connection refused; b:2: no answer within 2s"
+        );
+    }
+}

@@ -1,0 +1,643 @@
+//! The fleet backend end to end (issue 7): the real binary on several "machines" (each
+//! its own cache dir) against a real etcd (Debian's etcd-server on loopback ports):
+//! one run per NAME fleet-wide, the lease lost mid-run, a cluster that loses its
+//! leader during a herd, fencing tokens, an etcd that is down, status and clear.
+//!
+//! Without `/usr/bin/etcd` the tests that need one print `SKIPPED: etcd not installed`
+//! and return; in CI (`CI` set) that is a failure.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+#[cfg(feature = "etcd")]
+use std::fs;
+#[cfg(feature = "etcd")]
+use std::net::TcpListener;
+#[cfg(feature = "etcd")]
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+#[cfg(feature = "etcd")]
+use std::time::Instant;
+
+#[cfg(feature = "etcd")]
+use common::etcd::Etcd;
+#[cfg(feature = "etcd")]
+use common::stdout;
+#[cfg(feature = "etcd")]
+use common::{PATIENCE, alive, marker, wait_until};
+use common::{TestEnv, finish, status, stderr};
+#[cfg(feature = "etcd")]
+use serde_json::Value;
+
+/// One machine of the fleet: its own cache dir, the shared etcd as its backend.
+struct Machine {
+    env: TestEnv,
+    backend: String,
+}
+
+impl Machine {
+    fn new(backend: &str) -> Machine {
+        Machine {
+            env: TestEnv::new(),
+            backend: backend.to_owned(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = self.env.command();
+        command.env("SINGLEFLIGHT_BACKEND", &self.backend);
+        command
+    }
+
+    fn spawn<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(&self, args: I) -> Child {
+        self.command()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("singleflight starts")
+    }
+
+    fn run<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(&self, args: I) -> Output {
+        finish(self.spawn(args))
+    }
+
+    /// `status --json NAME...` as JSON, or `None` when status exits 1 (no such NAME).
+    #[cfg(feature = "etcd")]
+    fn status_json(&self, names: &[&str]) -> Option<Vec<Value>> {
+        let out = self.run(["status", "--json"].iter().chain(names));
+        match status(&out) {
+            0 => Some(serde_json::from_slice(&out.stdout).expect("status --json is JSON")),
+            1 => None,
+            other => panic!("status exited {other}: {}", stderr(&out)),
+        }
+    }
+}
+
+/// A dir shared by every machine: the run counter, gates, the overlap detector.
+#[cfg(feature = "etcd")]
+struct Shared {
+    dir: tempfile::TempDir,
+}
+
+#[cfg(feature = "etcd")]
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn counter(&self) -> PathBuf {
+        self.path("runs")
+    }
+
+    fn lines(&self, file: &str) -> Vec<String> {
+        std::fs::read_to_string(self.path(file))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn runs(&self) -> usize {
+        self.lines("runs").len()
+    }
+}
+
+/// A loopback port with nothing listening on it (bound, then released).
+#[cfg(feature = "etcd")]
+fn dead_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    listener.local_addr().expect("bound address").port()
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn with_etcd_down_a_caller_exits_125_at_once_and_never_runs_the_command() {
+    let shared = Shared::new();
+    let backend = format!("etcd://127.0.0.1:{}", dead_port());
+    let machine = Machine::new(&backend);
+    let script = format!("echo run >> '{}'; echo hi", shared.counter().display());
+    // Nothing cached anywhere, and a result in the local cache dir is not the fleet's.
+    let local = machine.env.run(["down", "--", "sh", "-c", &script]);
+    assert_eq!(stdout(&local), "hi\n", "{}", stderr(&local));
+    assert_eq!(shared.runs(), 1);
+
+    for args in [
+        vec!["down", "--", "sh", "-c", &script],
+        vec!["--background", "down", "--", "sh", "-c", &script],
+        vec!["status"],
+        vec!["clear", "down"],
+    ] {
+        // `finish` fails the test if it does not return within PATIENCE.
+        let out = machine.run(&args);
+        assert_eq!(status(&out), 125, "{args:?}: {}", stderr(&out));
+        let said = stderr(&out);
+        assert!(said.contains("etcd unreachable"), "{args:?}: {said}");
+        assert!(
+            said.contains(&backend["etcd://".len()..]),
+            "names it: {said}"
+        );
+        assert_eq!(stdout(&out), "", "{args:?}: nothing served");
+    }
+    let out = machine.run(["down", "--", "sh", "-c", &script]);
+    assert!(
+        stderr(&out).contains("; the command was not run"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(shared.runs(), 1, "the command never ran without the lock");
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn a_frozen_etcd_ends_a_call_after_the_backend_timeout_with_125() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = Shared::new();
+    let machine = Machine::new(&etcd.url());
+    let script = format!("echo run >> '{}'; echo hi", shared.counter().display());
+    let args = [
+        "--backend-timeout",
+        "500ms",
+        "frozen",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    assert_eq!(stdout(&machine.run(args)), "hi\n");
+    etcd.pause(0);
+    let started = Instant::now();
+    let out = machine.run(["--ttl", "0"].iter().chain(&args));
+    etcd.resume(0);
+    eprintln!(
+        "a call to a frozen etcd returned after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no answer within 500ms"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(shared.runs(), 1);
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn a_herd_of_sixty_callers_on_three_machines_runs_the_command_once() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = Shared::new();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::new(&etcd.url())).collect();
+    let gate = shared.path("gate");
+    let script = format!(
+        "echo run >> '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; echo herd-output",
+        shared.counter().display(),
+        gate.display()
+    );
+    let callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|machine| {
+            (0..20).map(|_| machine.spawn(["herd", "--timeout", "30s", "--", "sh", "-c", &script]))
+        })
+        .collect();
+    wait_until("the run started", || shared.runs() == 1);
+    // Callers that are still starting up meet the held lock or, later, the result.
+    fs::write(&gate, "").unwrap();
+    for caller in callers {
+        let out = finish(caller);
+        assert_eq!(
+            (status(&out), stdout(&out).as_str()),
+            (0, "herd-output\n"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(shared.runs(), 1, "one run across the three machines");
+    for machine in &machines {
+        assert!(
+            !machine.env.result_file("herd").exists(),
+            "the result lives in etcd, not in a cache dir"
+        );
+    }
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn losing_the_lease_mid_run_kills_the_tree_and_stores_nothing() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = Shared::new();
+    let machine = Machine::new(&etcd.url());
+    let mark = marker();
+    // A tree that ignores SIGTERM: only the SIGKILL after --kill-after ends it.
+    let script = format!(
+        "trap '' TERM; echo run >> '{}'; sleep {mark} & sleep {mark}; wait",
+        shared.counter().display()
+    );
+    let (ttl, kill_after) = (3, 1);
+    let run = machine.spawn([
+        "--lease-ttl",
+        &format!("{ttl}s"),
+        "lose",
+        "--kill-after",
+        &format!("{kill_after}s"),
+        "--timeout",
+        "10m",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let sleepers = || {
+        let sleeping = |pid: &u32| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep\0"))
+        };
+        alive(&mark).iter().filter(|pid| sleeping(pid)).count()
+    };
+    wait_until("the run started", || shared.runs() == 1 && sleepers() == 2);
+
+    etcd.pause(0);
+    let paused = Instant::now();
+    let out = finish(run);
+    wait_until("the tree is dead", || alive(&mark).is_empty());
+    eprintln!(
+        "tree dead and singleflight exited {:?} after etcd froze (lease ttl {ttl}s, \
+         kill-after {kill_after}s)",
+        paused.elapsed()
+    );
+    // etcd is still frozen: the tree died because the lease was lost, not on an answer.
+    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("lost the etcd lock mid-run")
+            && stderr(&out).contains("nothing was stored"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "");
+
+    etcd.resume(0);
+    // The lease expires in etcd too; then nothing is left of the run: no result, no
+    // failure record, no lock.
+    wait_until("the lock is released", || {
+        machine.status_json(&["lose"]).is_none()
+    });
+    let out = machine.run(["lose", "--", "echo", "back"]);
+    assert_eq!(
+        (status(&out), stdout(&out).as_str()),
+        (0, "back\n"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(shared.runs(), 1);
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn fencing_tokens_strictly_increase_across_runs_on_any_machine() {
+    let Some(etcd) = Etcd::start() else { return };
+    let machines: Vec<Machine> = (0..2).map(|_| Machine::new(&etcd.url())).collect();
+    let print = ["sh", "-c", "echo \"${SINGLEFLIGHT_FENCING_TOKEN-unset}\""];
+    let mut tokens = Vec::new();
+    for i in 0..6 {
+        let mut args = vec!["fence", "--ttl", "0"];
+        if i == 3 {
+            // A refresh in the background gets one too (read back from the result).
+            args.push("--background");
+        }
+        args.push("--");
+        args.extend(print);
+        let machine = &machines[i % 2];
+        let written = |machine: &Machine| {
+            machine
+                .status_json(&["fence"])
+                .filter(|s| s[0]["in_flight"] == false)
+                .map(|s| s[0]["written_at_ms"].clone())
+        };
+        let before = written(machine);
+        let out = machine.run(&args);
+        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        if i == 3 {
+            wait_until("the refresh ran", || {
+                written(machine).is_some_and(|now| Some(now) != before)
+            });
+            let refreshed = machine.run(["fence", "--ttl", "1h", "--"].iter().chain(&print));
+            tokens.push(stdout(&refreshed).trim().to_owned());
+        } else {
+            tokens.push(stdout(&out).trim().to_owned());
+        }
+    }
+    let numbers: Vec<i64> = tokens
+        .iter()
+        .map(|t| t.parse().unwrap_or_else(|_| panic!("a number: {tokens:?}")))
+        .collect();
+    assert!(
+        numbers.windows(2).all(|pair| pair[0] < pair[1]),
+        "strictly increasing: {numbers:?}"
+    );
+    // The cache dir backend has no token to give.
+    let local = machines[0].env.run(["local", "--"].iter().chain(&print));
+    assert_eq!(stdout(&local), "unset\n");
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn a_cluster_that_loses_its_leader_during_a_herd_never_runs_twice_at_once() {
+    let Some(mut etcd) = Etcd::cluster(3) else {
+        return;
+    };
+    let leader = etcd.wait_leader();
+    let shared = Shared::new();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::new(&etcd.url())).collect();
+    let busy = shared.path("busy");
+    // mkdir is atomic: a run that finds the dir of another run overlaps it.
+    let script = format!(
+        "mkdir '{busy}' 2>/dev/null || echo OVERLAP >> '{overlaps}'; echo run >> '{runs}'; \
+         trap \"rmdir '{busy}'; exit 143\" TERM; sleep 0.2; rmdir '{busy}'; echo out",
+        busy = busy.display(),
+        overlaps = shared.path("overlaps").display(),
+        runs = shared.counter().display()
+    );
+    let args = [
+        "cluster",
+        "--ttl",
+        "0",
+        "--timeout",
+        "20s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let (mut served, mut refused) = (0, 0);
+    let mut runs_when_killed = None;
+    for round in 0..6 {
+        let callers: Vec<Child> = machines
+            .iter()
+            .flat_map(|machine| (0..4).map(|_| machine.spawn(args)))
+            .collect();
+        if round == 2 {
+            wait_until("a run is in flight", || busy.exists());
+            etcd.kill(leader);
+            runs_when_killed = Some(shared.runs());
+        }
+        for caller in callers {
+            let out = finish(caller);
+            match status(&out) {
+                0 => {
+                    assert_eq!(stdout(&out), "out\n");
+                    served += 1;
+                }
+                // A clear error: no member answered in time (during the election).
+                125 if stderr(&out).contains("etcd") => refused += 1,
+                other => panic!("exit {other}: {}", stderr(&out)),
+            }
+        }
+    }
+    let runs = shared.runs();
+    eprintln!(
+        "{served} callers served, {refused} refused with 125, {runs} runs; leader was member \
+         {leader}, killed after {runs_when_killed:?} runs"
+    );
+    assert_eq!(
+        shared.lines("overlaps"),
+        Vec::<String>::new(),
+        "no two runs at once"
+    );
+    assert!(
+        runs > runs_when_killed.unwrap(),
+        "runs went on after the leader died ({runs} in all)"
+    );
+    assert!(served > 0);
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn status_and_clear_see_the_fleet_from_any_machine() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = Shared::new();
+    let (a, b) = (Machine::new(&etcd.url()), Machine::new(&etcd.url()));
+    assert_eq!(stdout(&a.run(["ok", "--", "echo", "hi"])), "hi\n");
+    let failing = a.run(["failing", "--", "sh", "-c", "echo oops >&2; exit 3"]);
+    assert_eq!(status(&failing), 3);
+    let gate = shared.path("gate");
+    let held = format!(
+        "while [ ! -e '{}' ]; do sleep 0.01; done; echo done",
+        gate.display()
+    );
+    let running = a.spawn(["running", "--", "sh", "-c", &held]);
+    wait_until("the run is in flight", || {
+        b.status_json(&["running"])
+            .is_some_and(|s| s[0]["in_flight"] == true)
+    });
+
+    // Machine B has nothing in its cache dir: all it shows comes from etcd.
+    let all = b.status_json(&[]).expect("names in etcd");
+    let names: Vec<&str> = all.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["failing", "ok", "running"]);
+    let (failed, ok, in_flight) = (&all[0], &all[1], &all[2]);
+    assert_eq!(ok["state"], "fresh");
+    assert_eq!(ok["size_bytes"], 3);
+    assert_eq!(ok["command"], "echo hi");
+    assert_eq!(failed["state"], "none");
+    assert_eq!(failed["last_failure"]["exit_code"], 3);
+    assert!(
+        failed["last_failure"]["stderr_tail"]
+            .as_str()
+            .unwrap()
+            .contains("oops")
+    );
+    assert_eq!(in_flight["pid"], running.id());
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host = host.trim();
+    assert_eq!(in_flight["host"], host);
+    let table = stdout(&b.run(["status", "running"]));
+    assert!(
+        table.contains(&format!("{}@{host}", running.id())),
+        "{table}"
+    );
+
+    // Another prefix is another fleet.
+    let other = b.run(["--etcd-prefix", "/elsewhere", "status", "--json"]);
+    assert_eq!(stdout(&other).trim(), "[]");
+
+    // clear from B: ok's result is gone for A too, and A runs it again.
+    let out = b.run(["clear", "-v", "ok", "failing"]);
+    assert_eq!(
+        stderr(&out),
+        "singleflight: ok: cleared (result)\nsingleflight: failing: cleared (failure record)\n"
+    );
+    assert!(b.status_json(&["ok"]).is_none());
+    let counted = format!("echo run >> '{}'; echo hi", shared.counter().display());
+    assert_eq!(stdout(&a.run(["ok", "--", "sh", "-c", &counted])), "hi\n");
+    assert_eq!(shared.runs(), 1);
+
+    // clear waits for the run in flight on A, then removes what it stored.
+    let said = shared.path("clear.stderr");
+    let mut clear = b
+        .command()
+        .args(["clear", "running"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&said).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("clear says it waits", || {
+        fs::read_to_string(&said)
+            .unwrap_or_default()
+            .contains("waiting")
+    });
+    assert!(
+        clear.try_wait().unwrap().is_none(),
+        "clear returned during the run"
+    );
+    fs::write(&gate, "").unwrap();
+    assert_eq!(stdout(&finish(running)), "done\n");
+    let start = Instant::now();
+    while clear.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < PATIENCE, "clear did not end");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(clear.wait().unwrap().code(), Some(0));
+    assert!(
+        b.status_json(&["running"]).is_none(),
+        "the run's result was cleared after it"
+    );
+
+    let out = a.run(["clear", "--all"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        b.status_json(&[]).expect("an empty array"),
+        Vec::<Value>::new()
+    );
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn a_background_refresh_across_machines_starts_one_refresher_and_serves_stale_at_once() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = Shared::new();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::new(&etcd.url())).collect();
+    let (version, gate) = (shared.path("version"), shared.path("gate"));
+    let script = format!(
+        "echo run >> '{runs}'; while [ ! -e '{gate}' ]; do sleep 0.01; done; cat '{version}'",
+        runs = shared.counter().display(),
+        gate = gate.display(),
+        version = version.display()
+    );
+    let args = [
+        "--background",
+        "bg",
+        "--ttl",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    fs::write(&version, "v1\n").unwrap();
+    fs::write(&gate, "").unwrap();
+    let out = machines[0].run(args);
+    assert_eq!(
+        stdout(&out),
+        "v1\n",
+        "nothing cached: waits for the refresh"
+    );
+    wait_until("v1 goes stale", || {
+        machines[0]
+            .status_json(&["bg"])
+            .is_some_and(|s| s[0]["state"] == "stale")
+    });
+
+    fs::write(&version, "v2\n").unwrap();
+    fs::remove_file(&gate).unwrap();
+    // The gate is closed: these return only because they do not wait for the refresh.
+    let callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|machine| (0..5).map(|_| machine.spawn(args)))
+        .collect();
+    for caller in callers {
+        let out = finish(caller);
+        assert_eq!(
+            (status(&out), stdout(&out).as_str()),
+            (0, "v1\n"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    wait_until("the refresh started", || shared.runs() == 2);
+    let in_flight = machines[1].status_json(&["bg"]).unwrap();
+    assert_eq!(in_flight[0]["in_flight"], true, "{in_flight:?}");
+    fs::write(&gate, "").unwrap();
+    wait_until("the refresh ended", || {
+        machines[1]
+            .status_json(&["bg"])
+            .is_some_and(|s| s[0]["in_flight"] == false)
+    });
+    let out = machines[2].run(["bg", "--ttl", "1h", "--", "sh", "-c", &script]);
+    assert_eq!(stdout(&out), "v2\n", "{}", stderr(&out));
+    assert_eq!(shared.runs(), 2, "one refresh for fifteen stale callers");
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn a_result_over_the_etcd_limit_is_refused_not_truncated() {
+    let Some(etcd) = Etcd::start() else { return };
+    let machine = Machine::new(&etcd.url());
+    assert_eq!(
+        stdout(&machine.run(["big", "--", "echo", "small"])),
+        "small\n"
+    );
+    let big = [
+        "big",
+        "--ttl",
+        "0",
+        "--",
+        "head",
+        "-c",
+        "2000000",
+        "/dev/zero",
+    ];
+    let out = machine.run(big);
+    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("etcd backend's limit of 1.0MiB"),
+        "{}",
+        stderr(&out)
+    );
+    // The run was stopped at the cap (not buffered whole, not truncated into etcd),
+    // and the last good result of `big` is still there.
+    let status_now = machine.status_json(&["big"]).unwrap();
+    let failure = &status_now[0]["last_failure"];
+    assert!(
+        failure["reason"]
+            .as_str()
+            .unwrap()
+            .contains("etcd backend's limit"),
+        "{failure}"
+    );
+    assert_eq!(status_now[0]["size_bytes"], 6, "small\\n is kept");
+    let printed = out.stdout.len() as u64;
+    assert!(
+        printed > 0 && printed < 1 << 20,
+        "the run's own output up to the cap: {printed} bytes"
+    );
+}
+
+#[cfg(not(feature = "etcd"))]
+#[test]
+fn without_the_etcd_feature_a_backend_is_a_usage_error() {
+    let machine = Machine::new("etcd://127.0.0.1:2379");
+    let out = machine.run(["x", "--", "echo", "hi"]);
+    assert_eq!(status(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("built without the etcd backend"),
+        "{}",
+        stderr(&out)
+    );
+}
