@@ -641,3 +641,34 @@ fn without_the_etcd_feature_a_backend_is_a_usage_error() {
         stderr(&out)
     );
 }
+
+/// A run stopped by a signal gives its etcd lock back on the way out: the next caller
+/// wins at once, not when the lease runs out (a 1h lease here, so a lock left to the
+/// lease would make the next caller wait and give up).
+#[cfg(feature = "etcd")]
+#[test]
+fn a_run_stopped_by_a_signal_releases_its_etcd_lock_at_once() {
+    let Some(etcd) = Etcd::start() else { return };
+    let machine = Machine::new(&etcd.url());
+    let started = machine.env.path("started");
+    let script = format!("touch {}; sleep {}", started.display(), marker());
+    let args = ["sig", "--lease-ttl", "1h", "--", "sh", "-c", &script];
+    let runner = machine.spawn(args);
+    wait_until("the command started", || started.exists());
+    // SAFETY: kill(2) on the pid of a child we have not waited for.
+    assert_eq!(unsafe { libc::kill(runner.id() as i32, libc::SIGTERM) }, 0);
+    let out = finish(runner);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(15),
+        "{}",
+        stderr(&out)
+    );
+    let next = machine.run(["sig", "--wait", "2s", "--", "echo", "next"]);
+    assert_eq!(
+        (status(&next), stdout(&next)),
+        (0, "next\n".into()),
+        "{}",
+        stderr(&next)
+    );
+}
