@@ -136,38 +136,27 @@ fn assert_escapees_gone(env: &TestEnv, marker: &str) {
     );
 }
 
-#[cfg(target_os = "linux")]
-#[test]
-fn escapees_are_killed_when_the_run_succeeds() {
+/// A run that ends with `tail` (after printing "out") leaves no escapee alive.
+fn escapees_are_killed_when_the_run_ends_with(tail: &str, expected: i32) {
     let env = TestEnv::new();
     let m = marker();
-    let output = finish(env.spawn([
-        "esc",
-        "--",
-        "sh",
-        "-c",
-        &escaping(&m, &env.path("pids"), "exit 0"),
-    ]));
-    assert_eq!(status(&output), 0, "{}", stderr(&output));
+    let script = escaping(&m, &env.path("pids"), tail);
+    let output = finish(env.spawn(["esc", "--", "sh", "-c", &script]));
+    assert_eq!(status(&output), expected, "{}", stderr(&output));
     assert_eq!(stdout(&output), "out\n");
     assert_escapees_gone(&env, &m);
 }
 
 #[cfg(target_os = "linux")]
 #[test]
+fn escapees_are_killed_when_the_run_succeeds() {
+    escapees_are_killed_when_the_run_ends_with("exit 0", 0);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
 fn escapees_are_killed_when_the_run_fails() {
-    let env = TestEnv::new();
-    let m = marker();
-    let output = finish(env.spawn([
-        "esc",
-        "--",
-        "sh",
-        "-c",
-        &escaping(&m, &env.path("pids"), "exit 3"),
-    ]));
-    assert_eq!(status(&output), 3, "{}", stderr(&output));
-    assert_eq!(stdout(&output), "out\n");
-    assert_escapees_gone(&env, &m);
+    escapees_are_killed_when_the_run_ends_with("exit 3", 3);
 }
 
 #[cfg(target_os = "linux")]

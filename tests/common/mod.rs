@@ -77,13 +77,7 @@ impl TestEnv {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.command()
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("singleflight starts")
+        start(self.command().args(args))
     }
 
     /// Writes an executable `sh` script and returns its path.
@@ -118,6 +112,16 @@ impl TestEnv {
     pub fn result_file(&self, name: &str) -> PathBuf {
         self.cache.join(format!("{name}.result"))
     }
+}
+
+/// Starts `command` with stdin from nothing and stdout and stderr piped.
+pub fn start(command: &mut Command) -> Child {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("singleflight starts")
 }
 
 /// Waits until `condition` holds; panics (the test failed) after [`PATIENCE`].
