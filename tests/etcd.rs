@@ -15,7 +15,7 @@ use std::fs;
 use std::net::TcpListener;
 #[cfg(feature = "etcd")]
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 #[cfg(feature = "etcd")]
 use std::time::Instant;
 
@@ -476,8 +476,8 @@ fn status_and_clear_see_the_fleet_from_any_machine() {
     let mut clear = b
         .command()
         .args(["clear", "running"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
         .stderr(fs::File::create(&said).unwrap())
         .spawn()
         .unwrap();
