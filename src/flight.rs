@@ -58,8 +58,10 @@ impl Flight {
         };
         match decide::on_arrival(look.cached, self.opts.background) {
             OnArrival::ServeFresh => {
-                self.say
-                    .decided(format_args!("{}: served", self.describe(look.cached)));
+                if self.say.is_verbose() {
+                    let why = self.describe(look.cached);
+                    self.say.decided(format_args!("{why}: served"));
+                }
                 self.serve(look)
             }
             OnArrival::TryLock => {

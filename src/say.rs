@@ -22,6 +22,11 @@ impl Say {
         }
     }
 
+    /// Whether the `-v` line is wanted: spares the hit path building a line nobody reads.
+    pub fn is_verbose(&self) -> bool {
+        self.verbose
+    }
+
     /// The one `-v` line saying what was decided and why.
     pub fn decided(&self, what: fmt::Arguments) {
         if self.verbose {
