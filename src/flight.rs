@@ -371,15 +371,8 @@ impl Flight {
     }
 
     fn record_failure_to_start(&self, error: &anyhow::Error, held: &Held) {
-        let failure = Failure {
-            at_ms: entry::now_ms(SystemTime::now()),
-            argv_digest: self.digest.clone(),
-            exit_code: exit::status_of(error),
-            reason: format!("{error:#}"),
-            stderr_tail: String::new(),
-            duration_ms: 0,
-        };
-        let _ = self.slot.save_failure(&self.opts.name, held, &failure);
+        let reason = format!("{error:#}");
+        self.write_failure(held, exit::status_of(error), &reason, Duration::ZERO, &[]);
     }
 
     /// Runs the command under the lock and deals with its outcome.
@@ -450,7 +443,7 @@ impl Flight {
         } else {
             self.write_failure(
                 held,
-                outcome,
+                status,
                 &what,
                 finished.duration,
                 &finished.stderr_tail,
@@ -547,7 +540,7 @@ impl Flight {
     fn write_failure(
         &self,
         held: &Held,
-        outcome: Outcome,
+        exit_code: i32,
         reason: &str,
         took: Duration,
         stderr_tail: &[u8],
@@ -555,7 +548,7 @@ impl Flight {
         let failure = Failure {
             at_ms: entry::now_ms(SystemTime::now()),
             argv_digest: self.digest.clone(),
-            exit_code: outcome.exit_status(),
+            exit_code,
             reason: reason.to_owned(),
             stderr_tail: String::from_utf8_lossy(stderr_tail).into_owned(),
             duration_ms: took.as_millis() as u64,
