@@ -348,48 +348,51 @@ fn outcome_of(status: io::Result<ExitStatus>) -> Outcome {
     Outcome::Exited(exit::INTERNAL)
 }
 
-/// Copies stdout into the writer, never past `max` bytes: at the cap it reports the
-/// overflow and stops reading (the run is then killed).
-fn stream_stdout(mut out: ChildStdout, mut writer: EntryWriter, max: u64, events: Sender<Event>) {
+/// Reads `pipe` chunk by chunk into `take` until the end, an error, or `take` says
+/// stop (returns false).
+fn read_chunks(mut pipe: impl Read, mut take: impl FnMut(&[u8]) -> bool) {
     let mut buffer = vec![0; CHUNK];
     loop {
-        let n = match out.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        let room = max.saturating_sub(writer.len());
-        if n as u64 > room {
-            writer.write(&buffer[..room as usize]);
-            let _ = events.send(Event::Overflow);
-            break;
+        match pipe.read(&mut buffer) {
+            Ok(0) => return,
+            Ok(n) if !take(&buffer[..n]) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
-        writer.write(&buffer[..n]);
     }
+}
+
+/// Copies stdout into the writer, never past `max` bytes: at the cap it reports the
+/// overflow and stops reading (the run is then killed).
+fn stream_stdout(out: ChildStdout, mut writer: EntryWriter, max: u64, events: Sender<Event>) {
+    read_chunks(out, |chunk| {
+        let room = max.saturating_sub(writer.len());
+        if chunk.len() as u64 > room {
+            writer.write(&chunk[..room as usize]);
+            let _ = events.send(Event::Overflow);
+            return false;
+        }
+        writer.write(chunk);
+        true
+    });
     let _ = events.send(Event::Stdout(Box::new(writer)));
 }
 
 /// Passes stderr through as it comes (with `pass`) and keeps its tail.
-fn tee_stderr(mut err: ChildStderr, pass: bool) -> Vec<u8> {
-    let mut buffer = vec![0; CHUNK];
+fn tee_stderr(err: ChildStderr, pass: bool) -> Vec<u8> {
     let mut tail = Vec::new();
     let mut stderr = io::stderr();
-    loop {
-        let n = match err.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
+    read_chunks(err, |chunk| {
         if pass {
-            let _ = stderr.write_all(&buffer[..n]);
+            let _ = stderr.write_all(chunk);
         }
-        tail.extend_from_slice(&buffer[..n]);
+        tail.extend_from_slice(chunk);
         if tail.len() > 2 * STDERR_TAIL {
             tail.drain(..tail.len() - STDERR_TAIL);
         }
-    }
+        true
+    });
     if tail.len() > STDERR_TAIL {
         tail.drain(..tail.len() - STDERR_TAIL);
     }
