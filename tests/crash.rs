@@ -891,6 +891,22 @@ fn flaky(env: &TestEnv) -> (String, PathBuf) {
     (script, fail)
 }
 
+/// `r --ttl 0 --retry-after RETRY -- sh -c SCRIPT`: every call wants a run.
+fn flaky_args(script: &str, retry: &str) -> Vec<String> {
+    let args = [
+        "r",
+        "--ttl",
+        "0",
+        "--retry-after",
+        retry,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ];
+    args.map(String::from).to_vec()
+}
+
 /// Waits until the NAME's failure record is older than `age`.
 fn wait_failure_older_than(env: &TestEnv, name: &str, age: Duration) {
     let at = failure(env, name)["at_ms"].as_u64().expect("at_ms");
@@ -904,21 +920,7 @@ fn wait_failure_older_than(env: &TestEnv, name: &str, age: Duration) {
 fn within_retry_after_nobody_reruns_and_nothing_cached_means_75() {
     let env = TestEnv::new();
     let (script, fail) = flaky(&env);
-    let args = |retry: &str| -> Vec<String> {
-        [
-            "r",
-            "--ttl",
-            "0",
-            "--retry-after",
-            retry,
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let args = |retry: &str| flaky_args(&script, retry);
     fs::write(&fail, "").expect("write fail");
     let first = env.run(args("1h"));
     assert_eq!(status(&first), 3, "{}", stderr(&first));
@@ -961,21 +963,7 @@ fn within_retry_after_nobody_reruns_and_nothing_cached_means_75() {
 fn within_retry_after_callers_get_the_last_good_result() {
     let env = TestEnv::new();
     let (script, fail) = flaky(&env);
-    let args = |retry: &str| -> Vec<String> {
-        [
-            "r",
-            "--ttl",
-            "0",
-            "--retry-after",
-            retry,
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let args = |retry: &str| flaky_args(&script, retry);
     let good = env.run(args("1h"));
     assert_eq!((status(&good), stdout(&good)), (0, "good\n".into()));
     fs::write(&fail, "").expect("write fail");
