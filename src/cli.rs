@@ -260,7 +260,9 @@ impl RunArgs {
     pub fn resolve(self) -> Option<RunOptions> {
         Some(RunOptions {
             name: self.name?,
-            wait: self.wait.unwrap_or(self.timeout + self.kill_after),
+            wait: self
+                .wait
+                .unwrap_or(self.timeout.saturating_add(self.kill_after)),
             retry_after: self.retry_after.unwrap_or(self.ttl),
             command: self.command,
             ttl: self.ttl,

@@ -52,7 +52,7 @@ impl Meta {
     /// How old the result is; `None` if it claims to be from the future, which
     /// counts as not fresh and of unknown age.
     pub fn age(&self, now: SystemTime) -> Option<Duration> {
-        let written = UNIX_EPOCH + Duration::from_millis(self.written_at_ms);
+        let written = crate::values::epoch_ms(self.written_at_ms)?;
         now.duration_since(written).ok()
     }
 }

@@ -18,7 +18,7 @@ use crate::reap;
 use crate::record::{self, Failure, RunRecord};
 use crate::run::{self, Outcome, RunSpec};
 use crate::say::Say;
-use crate::values::{format_duration as human, format_size};
+use crate::values::{format_duration as human, format_size, millis};
 
 pub struct Flight {
     opts: RunOptions,
@@ -98,7 +98,10 @@ impl Flight {
                 let age = entry.meta.age(now).or_else(|| {
                     // Dated a little ahead by another machine's clock: just written.
                     let skew = self.slot.clock_skew();
-                    entry.meta.age(now + skew).map(|_| Duration::ZERO)
+                    entry
+                        .meta
+                        .age(now.checked_add(skew)?)
+                        .map(|_| Duration::ZERO)
                 });
                 Look {
                     cached: Cached::classify(Some(age), self.opts.ttl),
@@ -497,9 +500,9 @@ impl Flight {
             argv_digest: self.digest.clone(),
             command: entry::display_command(&self.opts.command),
             written_at_ms,
-            ttl_ms: self.opts.ttl.as_millis() as u64,
+            ttl_ms: millis(self.opts.ttl),
             exit_code,
-            duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            duration_ms: millis(took),
         }
     }
 
@@ -551,7 +554,7 @@ impl Flight {
             exit_code,
             reason: reason.to_owned(),
             stderr_tail: String::from_utf8_lossy(stderr_tail).into_owned(),
-            duration_ms: took.as_millis() as u64,
+            duration_ms: millis(took),
         };
         if let Err(e) = self.slot.save_failure(&self.opts.name, held, &failure) {
             self.say

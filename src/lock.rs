@@ -128,7 +128,7 @@ pub fn exclusive(path: &Path) -> io::Result<LockGuard> {
 /// once the caller lets go.
 #[cfg(windows)]
 pub fn try_exclusive_for(path: &Path, limit: Duration) -> io::Result<Option<LockGuard>> {
-    let deadline = std::time::Instant::now() + limit;
+    let deadline = crate::values::later(std::time::Instant::now(), limit);
     loop {
         if let Some(guard) = try_exclusive(path)? {
             return Ok(Some(guard));

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -25,8 +25,10 @@ pub struct Failure {
 
 impl Failure {
     pub fn age(&self, now: SystemTime) -> Duration {
-        let at = UNIX_EPOCH + Duration::from_millis(self.at_ms);
-        now.duration_since(at).unwrap_or_default()
+        // A timestamp past what a SystemTime holds is from the future: just now.
+        crate::values::epoch_ms(self.at_ms)
+            .and_then(|at| now.duration_since(at).ok())
+            .unwrap_or_default()
     }
 }
 

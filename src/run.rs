@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::entry::EntryWriter;
 use crate::exit::{self, Exit};
 use crate::reap::{self, Stop, Tree};
+use crate::values::deadline;
 
 /// How much of a failed run's stderr is kept for `status`.
 const STDERR_TAIL: usize = 2048;
@@ -188,7 +189,7 @@ pub fn run(
     spawn_waiter(child, events);
 
     let mut streams = Streams::default();
-    let mut outcome = match next(&receiver, Some(start + spec.timeout), &mut streams) {
+    let mut outcome = match next(&receiver, deadline(start, spec.timeout), &mut streams) {
         Wake::Exited(status) => outcome_of(status),
         Wake::Stop(stop @ Outcome::Interrupted(_)) => {
             terminate(&tree, spec.kill_after, &receiver, &mut streams);
@@ -295,10 +296,10 @@ fn terminate(
     streams: &mut Streams,
 ) -> Option<i32> {
     tree.signal(Stop::Term);
-    let grace_ends = Instant::now() + kill_after;
+    let grace_ends = deadline(Instant::now(), kill_after);
     let mut signal = None;
     loop {
-        match next(receiver, Some(grace_ends), streams) {
+        match next(receiver, grace_ends, streams) {
             Wake::Exited(_) => return signal,
             // A (second) Ctrl-C: no more grace.
             Wake::Stop(Outcome::Interrupted(got)) => {

@@ -2,7 +2,13 @@
 //! parsed once here so that nothing downstream reads raw strings.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The longest duration any option takes: 100 years. Every deadline is a start plus
+/// at most two of these (a timeout and its grace), far inside what `Instant` and
+/// `SystemTime` hold, and a ttl in milliseconds fits a `u64` with room to spare.
+pub const MAX_DURATION: Duration = Duration::from_secs(DURATION_LIMIT_DAYS * 86_400);
+const DURATION_LIMIT_DAYS: u64 = 36_500;
 
 /// The longest NAME: one lock file and one result per NAME must fit any file system.
 const NAME_MAX_LEN: usize = 128;
@@ -44,13 +50,47 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let bad = || {
         format!("invalid duration {value:?}: use e.g. 500ms, 30s, 5m, 1h30m or a number of seconds")
     };
-    if value.starts_with(|c: char| c.is_ascii_digit())
+    let duration = if value.starts_with(|c: char| c.is_ascii_digit())
         && value.bytes().all(|b| b.is_ascii_digit() || b == b'.')
     {
         let seconds: f64 = value.parse().map_err(|_| bad())?;
-        return Duration::try_from_secs_f64(seconds).map_err(|_| bad());
+        Duration::try_from_secs_f64(seconds).map_err(|_| bad())?
+    } else {
+        humantime::parse_duration(value).map_err(|_| bad())?
+    };
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "duration {value:?} is too long: the limit is {DURATION_LIMIT_DAYS}d (100 years)"
+        ));
     }
-    humantime::parse_duration(value).map_err(|_| bad())
+    Ok(duration)
+}
+
+/// `start + duration`, or `None` where that is past what an `Instant` holds (never,
+/// for durations within [`MAX_DURATION`]; a value from a file or from etcd may be
+/// anything). `None` means "no deadline".
+pub fn deadline(start: Instant, duration: Duration) -> Option<Instant> {
+    start.checked_add(duration)
+}
+
+/// `start + duration`, at most [`MAX_DURATION`] later: for deadlines that must be an
+/// `Instant` (a lease's expiry, renewed long before), formed from values that are not
+/// ours to bound (etcd's answer).
+pub fn later(start: Instant, duration: Duration) -> Instant {
+    start
+        .checked_add(duration.min(MAX_DURATION))
+        .unwrap_or(start)
+}
+
+/// The moment `ms` milliseconds after the Unix epoch, or `None` past what a
+/// `SystemTime` holds (a damaged or hostile timestamp in a file).
+pub fn epoch_ms(ms: u64) -> Option<SystemTime> {
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+}
+
+/// A duration in whole milliseconds, saturating (a `u128` would not fit a record).
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `16MiB`, `64KiB`, `1GiB`, `500KB`, `1000` (bytes). Binary units are powers of 1024,
@@ -149,6 +189,21 @@ mod tests {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains(&format!("{bad:?}")), "{err}");
         }
+        assert_eq!(parse_duration("36500d"), Ok(MAX_DURATION));
+        for huge in ["36500d 1s", "10000000000000000000", "1000000y"] {
+            let err = parse_duration(huge).unwrap_err();
+            assert!(err.contains("the limit is 36500d"), "{err}");
+        }
+    }
+
+    #[test]
+    fn deadlines_never_overflow() {
+        let now = Instant::now();
+        assert_eq!(deadline(now, Duration::MAX), None);
+        assert!(later(now, Duration::MAX) > now);
+        // Whatever a file says, no panic.
+        let _ = epoch_ms(u64::MAX);
+        assert_eq!(millis(Duration::MAX), u64::MAX);
     }
 
     #[test]

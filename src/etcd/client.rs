@@ -310,7 +310,7 @@ impl Client {
     /// wait), a look is one small read, and a poll needs no stream to keep, resume
     /// after a compaction, or move to another member when one fails.
     pub fn wait_released(&self, key: &[u8], limit: Duration) -> Result<bool, EtcdError> {
-        let deadline = Instant::now() + limit;
+        let deadline = crate::values::later(Instant::now(), limit);
         loop {
             if self.lock_holder(key)?.is_none() {
                 return Ok(true);

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::{Client, EtcdError, Lease, LeaseId};
-use crate::values::format_duration;
+use crate::values::{format_duration, later};
 
 /// How soon a failed renewal is tried again (within what is left of the lease).
 const RETRY: Duration = Duration::from_millis(250);
@@ -86,8 +86,9 @@ fn keep(
     stopped: &mpsc::Receiver<()>,
 ) -> Option<LeaseLost> {
     let interval = lease.ttl / 3;
-    let mut expires = lease.granted_at + lease.ttl;
-    let mut next = lease.granted_at + interval;
+    // The ttl is etcd's answer: formed with checked arithmetic, whatever it says.
+    let mut expires = later(lease.granted_at, lease.ttl);
+    let mut next = later(lease.granted_at, interval);
     let mut last_error: Option<EtcdError> = None;
     let lost = |why: String| {
         Some(LeaseLost {
@@ -114,13 +115,13 @@ fn keep(
         let sent = Instant::now();
         match client.keep_alive_until(lease.id, Some(give_up_at)) {
             Ok(ttl) if !ttl.is_zero() => {
-                expires = sent + ttl;
-                next = sent + interval;
+                expires = later(sent, ttl);
+                next = later(sent, interval);
                 last_error = None;
             }
             Ok(_) => return lost("etcd says the lease expired".to_owned()),
             Err(e) => {
-                next = (Instant::now() + RETRY).min(give_up_at);
+                next = later(Instant::now(), RETRY).min(give_up_at);
                 last_error = Some(e);
             }
         }
