@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
 
-use crate::store::Store;
+use crate::store::{Opened, Store};
 use crate::values::Name;
 
 const MAGIC: &[u8; 7] = b"SFLIGHT";
@@ -96,6 +96,8 @@ pub enum Invalid {
     Truncated,
     Corrupt,
     Foreign,
+    /// A FIFO, device, directory or symlink where the result belongs.
+    NotAFile,
 }
 
 impl Invalid {
@@ -104,6 +106,7 @@ impl Invalid {
             Invalid::Truncated => "truncated",
             Invalid::Corrupt => "corrupt",
             Invalid::Foreign => "not a singleflight result",
+            Invalid::NotAFile => "not a regular file",
         }
     }
 }
@@ -117,12 +120,11 @@ pub struct Entry {
 /// Reads and checks the result at `path`: `Ok(None)` if there is none,
 /// `Err(Invalid)` if the file is not a complete result of this format.
 pub fn read(path: &Path) -> io::Result<Result<Option<Entry>, Invalid>> {
-    let mut file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Ok(None)),
-        Err(e) => return Err(e),
+    let (mut file, file_len) = match crate::store::open_regular(path)? {
+        Opened::File(file, meta) => (file, meta.len()),
+        Opened::Missing => return Ok(Ok(None)),
+        Opened::NotAFile => return Ok(Err(Invalid::NotAFile)),
     };
-    let file_len = file.metadata()?.len();
     if file_len < HEADER_LEN {
         return Ok(Err(Invalid::Truncated));
     }

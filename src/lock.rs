@@ -60,9 +60,19 @@ fn open(path: &Path) -> io::Result<File> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     match options.open(path) {
         // A read-only cache dir still has its lock files, and a lock needs no write access.
-        Err(e) if path.exists() => File::open(path).map_err(|_| e),
+        Err(e) if path.exists() => open_read_only(path).map_err(|_| e),
         other => other,
     }
+}
+
+/// Opens the lock file read-only without blocking: a FIFO in its place (damage) must
+/// not hang `status` in `open`. A FIFO opened for writing (above) does not block.
+fn open_read_only(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    options.open(path)
 }
 
 /// Takes the exclusive lock if nobody holds it; `None` if somebody does.
@@ -80,7 +90,7 @@ pub fn is_held(path: &Path) -> io::Result<bool> {
     if !path.exists() {
         return Ok(false);
     }
-    let file = File::open(path)?;
+    let file = open_read_only(path)?;
     match file.try_lock_shared() {
         Ok(()) => {
             release(file);

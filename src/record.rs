@@ -2,12 +2,14 @@
 //! `status`) and the run in flight (so that a later winner can kill what a killed run
 //! left behind). A missing or unreadable record counts as none.
 
-use std::fs;
+use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::store::{Opened, open_regular};
 
 /// The last run that failed: exited non-zero, timed out, overflowed `--max-output`,
 /// or could not start.
@@ -49,8 +51,14 @@ pub struct RunRecord {
     pub started_at_ms: u64,
 }
 
+/// Reads a record; a missing, unreadable or damaged one (not a regular file: see
+/// [`open_regular`]) counts as none.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Option<T> {
-    let bytes = fs::read(path).ok()?;
+    let Ok(Opened::File(mut file, _)) = open_regular(path) else {
+        return None;
+    };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 

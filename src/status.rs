@@ -30,8 +30,9 @@ pub struct NameStatus {
     /// The NAME.
     pub name: String,
     /// `fresh` or `stale`, judged by the ttl the result was written with; `none` when
-    /// there is no result; `invalid` when the result file is truncated, corrupt or not
-    /// a singleflight result (it is never served, and the next run replaces it).
+    /// there is no result; `invalid` when the result file is truncated, corrupt, not
+    /// a singleflight result or not a regular file (it is never served, and the next
+    /// run replaces it).
     pub state: &'static str,
     /// How long ago the result was written; `null` without a result, or when it is
     /// dated in the future (which counts as stale).

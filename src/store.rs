@@ -202,6 +202,40 @@ impl Store {
     }
 }
 
+/// A file of the cache dir opened for reading, as it was found.
+pub enum Opened {
+    File(File, fs::Metadata),
+    Missing,
+    /// A FIFO, a device, a directory or a symlink: damage, never read.
+    NotAFile,
+}
+
+/// Opens a file of the cache dir for reading without blocking (`O_NONBLOCK`: a FIFO
+/// put in place of a result or a record would block the open, and every caller,
+/// forever) and without following a symlink (`O_NOFOLLOW`): singleflight reads only
+/// regular files it could have written itself. One `open` and one `fstat`, as before.
+pub fn open_regular(path: &Path) -> io::Result<Opened> {
+    let mut options = fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NONBLOCK | libc::O_NOFOLLOW,
+    );
+    let file = match options.open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Opened::Missing),
+        #[cfg(unix)]
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(Opened::NotAFile),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(Opened::NotAFile);
+    }
+    Ok(Opened::File(file, meta))
+}
+
 /// Renames a complete temp file over `path` in one step and returns it, open.
 ///
 /// On Windows, std's rename replaces the target even while readers have it open, as

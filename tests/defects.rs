@@ -98,3 +98,103 @@ fn durations_at_the_limit_run_store_and_serve() {
         assert_eq!(stdout(&out), "slow\n");
     }
 }
+
+// ---- 3. A FIFO in place of a side file ---------------------------------------------
+
+/// How long a call that must not block may take before the test calls it a hang.
+/// Generous: a loaded machine is slow, but a blocked `open` never returns at all.
+const NO_HANG: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits for `child` for at most [`NO_HANG`]; kills it (our own pid) if it hangs.
+fn finish_or_kill(child: std::process::Child, what: &str) -> std::process::Output {
+    let pid = child.id();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(child.wait_with_output());
+    });
+    match receiver.recv_timeout(NO_HANG) {
+        Ok(output) => output.expect("wait for singleflight"),
+        Err(_) => {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid as i32).expect("a pid"),
+                rustix::process::Signal::KILL,
+            );
+            panic!("{what} hung (pid {pid}, killed)");
+        }
+    }
+}
+
+/// A FIFO (or a symlink) where `NAME.result`, `NAME.run` or `NAME.failure` belongs
+/// counts as damaged: no call blocks on it, `status` neither, and the run goes on.
+#[test]
+fn a_fifo_in_place_of_a_side_file_blocks_nothing() {
+    for file in ["result", "run", "failure"] {
+        let env = TestEnv::new();
+        let out = env.run(["--ttl", "0", "sidefile", "--", "echo", "first"]);
+        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        let path = env.cache.join(format!("sidefile.{file}"));
+        let _ = fs::remove_file(&path);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        let out = finish_or_kill(
+            env.spawn(["--ttl", "0", "sidefile", "--", "echo", "second"]),
+            &format!("a call with a FIFO as sidefile.{file}"),
+        );
+        assert_eq!(status(&out), 0, "{file}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "second\n", "{file}");
+        let out = finish_or_kill(
+            env.spawn(["status", "--json"]),
+            &format!("status with a FIFO as sidefile.{file}"),
+        );
+        assert_eq!(status(&out), 0, "{file}: {}", stderr(&out));
+    }
+    // A FIFO as the result, freshly made: a hit must not block either, and the
+    // result counts as invalid in `status`.
+    let env = TestEnv::new();
+    let out = env.run(["fresh", "--", "echo", "x"]);
+    assert_eq!(status(&out), 0);
+    let result = env.result_file("fresh");
+    fs::remove_file(&result).expect("rm result");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&result)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let out = finish_or_kill(env.spawn(["status", "fresh", "--json"]), "status");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json[0]["state"], "invalid", "{}", stderr(&out));
+    let out = finish_or_kill(env.spawn(["fresh", "--", "echo", "y"]), "a call");
+    assert_eq!(stdout(&out), "y\n", "{}", stderr(&out));
+    assert!(
+        fs::symlink_metadata(&result).expect("a result").is_file(),
+        "the next run replaced the FIFO with a result"
+    );
+}
+
+/// A symlink where the result belongs is not followed: it is damaged, and the run
+/// replaces the link (not the file it points to).
+#[test]
+fn a_symlinked_result_is_not_followed() {
+    let env = TestEnv::new();
+    let out = env.run(["--ttl", "0", "linked", "--", "echo", "x"]);
+    assert_eq!(status(&out), 0);
+    let elsewhere = env.path("elsewhere");
+    fs::copy(env.result_file("linked"), &elsewhere).expect("copy the result");
+    fs::remove_file(env.result_file("linked")).expect("rm");
+    std::os::unix::fs::symlink(&elsewhere, env.result_file("linked")).expect("symlink");
+    let out = env.run(["linked", "--", "echo", "x"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a regular file"),
+        "the link counts as damaged, not as a result: {}",
+        stderr(&out)
+    );
+    assert!(
+        fs::symlink_metadata(env.result_file("linked"))
+            .expect("result")
+            .is_file()
+    );
+}
