@@ -67,7 +67,7 @@ impl Flight {
             OnArrival::TryLock => {
                 self.slot.store().ensure()?;
                 match self.slot.try_lock()? {
-                    Some(held) => self.won(&held),
+                    Some(held) => self.won(held),
                     None => self.lost(),
                 }
             }
@@ -138,10 +138,14 @@ impl Flight {
     }
 
     /// Holding the lock: look again, then run, serve, or back off after a failure.
-    fn won(&self, held: &Held) -> Result<i32> {
+    fn won(&self, held: Held) -> Result<i32> {
         match self.won_decision()? {
             (OnWon::Run, look) => self.execute(look, held),
-            (decision, look) => self.serve_without_run(decision, look),
+            (decision, look) => {
+                // Nothing to run: serving is no business of the lock (see `execute`).
+                drop(held);
+                self.serve_without_run(decision, look)
+            }
         }
     }
 
@@ -283,7 +287,10 @@ impl Flight {
                         Err(e) => return Err(Exit::new(exit::INTERNAL, format!("{e:#}")).into()),
                     }
                 }
-                (decision, look) => return self.serve_without_run(decision, look),
+                (decision, look) => {
+                    drop(held);
+                    return self.serve_without_run(decision, look);
+                }
             },
         };
         let why = format!("{}; {refresh}", self.describe(look.cached));
@@ -361,14 +368,20 @@ impl Flight {
             }
         };
         match self.won_decision()? {
-            (OnWon::Run, look) => self.execute(look, &held).inspect_err(|e| {
-                // A refresher stopped by a signal did not fail.
-                if e.downcast_ref::<Exit>()
-                    .is_none_or(|exit| exit.signal.is_none())
-                {
-                    self.record_failure_to_start(e, &held);
-                }
-            }),
+            (OnWon::Run, look) => {
+                let ran = self.run_and_store(look, &held).inspect_err(|e| {
+                    // A refresher stopped by a signal did not fail.
+                    if e.downcast_ref::<Exit>()
+                        .is_none_or(|exit| exit.signal.is_none())
+                    {
+                        self.record_failure_to_start(e, &held);
+                    }
+                });
+                drop(held);
+                let (status, body) = ran?;
+                self.print(body)?;
+                Ok(status)
+            }
             _ => Ok(0),
         }
     }
@@ -378,8 +391,23 @@ impl Flight {
         self.write_failure(held, exit::status_of(error), &reason, Duration::ZERO, &[]);
     }
 
-    /// Runs the command under the lock and deals with its outcome.
-    fn execute(&self, last: Look, held: &Held) -> Result<i32> {
+    /// Runs the command under the lock, then prints what the caller is served.
+    ///
+    /// Once the result is renamed into place (or the failure recorded) the run is
+    /// over: the lock is let go before printing, so that a slow reader of our stdout
+    /// (`| less`, a stalled pipe, a terminal paused with Ctrl-S) holds up no other
+    /// caller, refresher or `clear`.
+    fn execute(&self, last: Look, held: Held) -> Result<i32> {
+        let ran = self.run_and_store(last, &held);
+        drop(held);
+        let (status, body) = ran?;
+        self.print(body)?;
+        Ok(status)
+    }
+
+    /// Runs the command under the lock and stores its outcome; returns the exit
+    /// status and the stdout the caller is to print.
+    fn run_and_store(&self, last: Look, held: &Held) -> Result<(i32, Body)> {
         let now = SystemTime::now();
         let mut run_record = RunRecord {
             token: format!("{}-{}", std::process::id(), entry::now_ms(now)),
@@ -476,22 +504,21 @@ impl Flight {
                     body
                 }
             };
-            self.print(body)?;
-            return Ok(status);
+            return Ok((status, body));
         }
-        match last.entry {
+        let body = match last.entry {
             Some(entry) => {
                 self.say
                     .warn(format_args!("{what}; serving the last good result"));
-                self.print(entry.body)?;
+                entry.body
             }
             None => {
                 self.say
                     .warn(format_args!("{what}; nothing cached to serve instead"));
-                self.print(finished.stdout.into_body())?;
+                finished.stdout.into_body()
             }
-        }
-        Ok(status)
+        };
+        Ok((status, body))
     }
 
     /// The metadata of a result of this call's command.

@@ -198,3 +198,49 @@ fn a_symlinked_result_is_not_followed() {
             .is_file()
     );
 }
+
+// ---- 4. The lock is let go before printing ------------------------------------------
+
+/// A winner whose stdout nobody reads (a stalled pipe) has renamed its result into
+/// place: its run is over. Another caller may run at once, `clear` does not block,
+/// and `status` says nothing is in flight.
+#[test]
+fn a_stalled_reader_of_the_winner_holds_up_nobody() {
+    let env = TestEnv::new();
+    // Far more than a pipe holds, so that the winner blocks writing it.
+    let script = env.script(
+        "big",
+        &format!(
+            "echo run >> {}; head -c 1000000 /dev/zero",
+            env.counter().display()
+        ),
+    );
+    let script = script.to_str().expect("utf-8").to_owned();
+    let args = ["--ttl", "0", "stall", "--", &script];
+    // Its stdout is piped and not read until the end of the test.
+    let mut winner = env.spawn(args);
+    wait_until("the winner's result is in place", || {
+        env.result_file("stall").exists()
+    });
+    // Callers keep coming until one runs: with the lock held while the winner
+    // prints, every one of them serves the stale result, and none ever runs.
+    let start = std::time::Instant::now();
+    while env.runs() < 2 {
+        assert!(
+            start.elapsed() < NO_HANG,
+            "no caller ran while the winner's reader stalled: the lock was held"
+        );
+        let out = env.run(args);
+        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_eq!(out.stdout.len(), 1_000_000);
+    }
+    let out = finish_or_kill(env.spawn(["clear", "stall"]), "clear");
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    // Now read the winner's output: all of it arrives.
+    let mut stdout = winner.stdout.take().expect("piped");
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut stdout, &mut bytes).expect("read");
+    assert_eq!(bytes.len(), 1_000_000);
+    let out = finish(winner);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+}
