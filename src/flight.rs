@@ -206,7 +206,7 @@ impl Flight {
         Ok(failure.filter(|f| f.argv_digest == self.digest))
     }
 
-    /// A winner kills what a killed run left behind and removes old temp files. The
+    /// A winner kills what a killed run left behind and removes dead runs' temp files. The
     /// run record is this machine's, whatever the backend: a run killed elsewhere is
     /// that machine's to clean up.
     fn clean_up_after_crashes(&self) {

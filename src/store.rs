@@ -1,9 +1,11 @@
 //! The cache dir: where it is, creating it `0700` and refusing one that another user
-//! could write into, the file names of a NAME, atomic replacement, old temp cleanup.
+//! could write into, the file names of a NAME, atomic replacement, removing the temp
+//! files of runs that are over.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+#[cfg(unix)]
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -11,8 +13,10 @@ use anyhow::{Context, Result};
 use crate::exit::{Exit, INTERNAL};
 use crate::values::Name;
 
-/// Temp files older than this belong to a crashed run and are removed.
-const STALE_TEMP_AGE: Duration = Duration::from_secs(15 * 60);
+/// A temp file younger than this is never removed, even with its lock free: its run
+/// may be between creating it and locking it. Age alone never removes one.
+#[cfg(unix)]
+const TEMP_GRACE: Duration = Duration::from_secs(60);
 /// Every temp file starts with this, so cleanup never touches anything else.
 const TEMP_PREFIX: &str = ".tmp.";
 
@@ -124,10 +128,20 @@ impl Store {
     }
 
     /// A new temp file in the cache dir (`0600`), to be renamed over a real name.
+    ///
+    /// It carries the lock of the run that writes it (flock, held by our open file
+    /// until it is closed or we die): [`remove_stale_temps`](Store::remove_stale_temps)
+    /// removes only temp files whose lock is free, so never one of a run in flight,
+    /// however long it stays quiet. Nobody else waits for this lock, so taking it does
+    /// not block. (Not on Windows, where a lock would keep readers out of the result
+    /// this file becomes.)
     pub fn temp_file(&self, name: &Name) -> io::Result<tempfile::NamedTempFile> {
-        tempfile::Builder::new()
+        let temp = tempfile::Builder::new()
             .prefix(&format!("{TEMP_PREFIX}{name}."))
-            .tempfile_in(&self.dir)
+            .tempfile_in(&self.dir)?;
+        #[cfg(unix)]
+        temp.as_file().lock()?;
+        Ok(temp)
     }
 
     /// Writes `bytes` to `path` all at once: temp file, rename. With `durable`, the
@@ -160,22 +174,33 @@ impl Store {
         }
     }
 
-    /// Removes temp files that crashed runs left behind, once they are old.
+    /// Removes the temp files of runs that are provably over: their lock (see
+    /// [`temp_file`](Store::temp_file)) is free, which the kernel makes so when the
+    /// run's singleflight dies, however it dies. Never by age alone: a quiet run may
+    /// print nothing for hours. Windows: nothing is removed, since nothing proves a
+    /// temp file's run is over there.
     pub fn remove_stale_temps(&self) {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        let now = SystemTime::now();
-        for entry in entries.flatten() {
-            let is_temp = entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX);
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|modified| {
-                    now.duration_since(modified).unwrap_or_default() > STALE_TEMP_AGE
+        #[cfg(unix)]
+        {
+            let Ok(entries) = fs::read_dir(&self.dir) else {
+                return;
+            };
+            let now = SystemTime::now();
+            for entry in entries.flatten() {
+                if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                    continue;
+                }
+                let path = entry.path();
+                let Ok(Opened::File(file, meta)) = open_regular(&path) else {
+                    continue;
+                };
+                let young = meta.modified().map_or(true, |modified| {
+                    now.duration_since(modified).unwrap_or_default() < TEMP_GRACE
                 });
-            if is_temp && old {
-                let _ = fs::remove_file(entry.path());
+                // Holding its lock while removing it: no run can have it.
+                if !young && file.try_lock().is_ok() {
+                    let _ = fs::remove_file(&path);
+                }
             }
         }
     }

@@ -244,3 +244,83 @@ fn a_stalled_reader_of_the_winner_holds_up_nobody() {
     let out = finish(winner);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
 }
+
+// ---- 1. A quiet run keeps its temp file ---------------------------------------------
+
+/// The temp files in the cache dir.
+fn temps(env: &TestEnv) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = fs::read_dir(&env.cache) else {
+        return Vec::new();
+    };
+    let mut found: Vec<_> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp."))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Sets a file's mtime to two hours ago.
+fn backdate(paths: &[std::path::PathBuf]) {
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .args(paths)
+        .status()
+        .expect("touch runs");
+    assert!(touched.success());
+}
+
+/// A run that prints nothing for hours keeps its temp file: the winner of another
+/// NAME, sweeping temp files, leaves it alone however old it looks, and the run's
+/// result is saved. The temp file of a run that is over (killed) does go.
+#[test]
+fn a_quiet_run_keeps_its_temp_file_and_a_dead_one_goes() {
+    let env = TestEnv::new();
+    let gate = env.fifo("gate");
+    let quiet = env.script(
+        "quiet",
+        &format!("read x < {}; echo finally", gate.display()),
+    );
+    let run = env.spawn(["quiet", "--", quiet.to_str().expect("utf-8")]);
+    wait_until("the quiet run's temp file", || !temps(&env).is_empty());
+    let quiet_temp = temps(&env);
+    backdate(&quiet_temp);
+    // A run killed with its singleflight leaves its temp file behind.
+    let stuck = env.script("stuck", "echo partial; exec sleep 1000");
+    let mut killed = env.spawn(["dead", "--", stuck.to_str().expect("utf-8")]);
+    let others = || -> Vec<_> {
+        temps(&env)
+            .into_iter()
+            .filter(|t| !quiet_temp.contains(t))
+            .collect()
+    };
+    wait_until("the dead run's temp file", || !others().is_empty());
+    let dead_temp = others();
+    killed.kill().expect("SIGKILL our own singleflight");
+    let _ = killed.wait();
+    backdate(&dead_temp);
+    // The winner of another NAME sweeps.
+    let out = env.run(["other", "--", "echo", "other"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        temps(&env),
+        quiet_temp,
+        "the dead run's temp went, the quiet one stayed"
+    );
+    fs::write(&gate, "go\n").expect("open the gate");
+    let out = finish(run);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out), "finally\n");
+    assert!(
+        !stderr(&out).contains("could not be saved"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run(["quiet", "--", quiet.to_str().expect("utf-8")]);
+    assert_eq!(
+        stdout(&out),
+        "finally\n",
+        "the quiet run's result was cached"
+    );
+}
