@@ -5,7 +5,7 @@
 use std::cell::Cell;
 use std::fs;
 use std::io;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 
@@ -18,7 +18,7 @@ use crate::reap;
 use crate::record::{self, Failure, RunRecord};
 use crate::run::{self, Outcome, RunSpec};
 use crate::say::Say;
-use crate::values::{format_duration as human, format_size, millis};
+use crate::values::{format_duration as human, format_size, later, millis};
 
 pub struct Flight {
     opts: RunOptions,
@@ -27,7 +27,19 @@ pub struct Flight {
     say: Say,
     /// A damaged result is reported once per call, not at every look.
     reported_invalid: Cell<bool>,
+    /// When `--wait` runs out, counted from the first wait: a caller that waits again
+    /// (see [`Flight::wait_for_run`]) waits no longer in all.
+    wait_ends: Cell<Option<Instant>>,
+    /// How many times this call went back to the lock after a wait.
+    retries: Cell<u32>,
+    /// When this call began (ms since the epoch): a failure recorded since is of the
+    /// run it waited for, or of one that ended meanwhile.
+    arrived_ms: u64,
 }
+
+/// At most this many trips back to the lock after waits that ended with nothing to
+/// serve and no failure: a bound on a loop that the `--wait` deadline bounds too.
+const MAX_RETRIES: u32 = 100;
 
 /// What the cache holds, read and judged at one moment.
 struct Look {
@@ -43,6 +55,9 @@ impl Flight {
             slot,
             say,
             reported_invalid: Cell::new(false),
+            wait_ends: Cell::new(None),
+            retries: Cell::new(0),
+            arrived_ms: entry::now_ms(SystemTime::now()),
         }
     }
 
@@ -237,8 +252,23 @@ impl Flight {
     }
 
     /// Waits for the run in flight; `before` is what the cache held before it.
+    ///
+    /// The lock's holder may be no run at all: `clear` takes the same lock. So a wait
+    /// that ends with nothing to serve gives up (75) only if the run it waited for
+    /// recorded a failure; otherwise (a clear, a run stopped by a signal, or one whose
+    /// result a clear removed at once) the caller goes back to the lock, to run, or
+    /// to wait again for what is left of `--wait`.
     fn wait_for_run(&self, before: &Look, why: &str) -> Result<i32> {
-        let released = self.slot.wait_released(self.opts.wait)?;
+        let wait_ends = match self.wait_ends.get() {
+            Some(ends) => ends,
+            None => {
+                let ends = later(Instant::now(), self.opts.wait);
+                self.wait_ends.set(Some(ends));
+                ends
+            }
+        };
+        let left = wait_ends.saturating_duration_since(Instant::now());
+        let released = self.slot.wait_released(left)?;
         let name = &self.opts.name;
         if !released {
             let wait = human(self.opts.wait);
@@ -256,6 +286,20 @@ impl Flight {
                 ));
                 self.serve(look)
             }
+            AfterWait::GiveUp if !self.failed_since(self.arrived_ms)? => {
+                if self.retries.replace(self.retries.get() + 1) < MAX_RETRIES {
+                    self.say.decided(format_args!(
+                        "{why}; the lock was let go with nothing to serve and no failure \
+                         recorded (a clear, or a run that was stopped): trying again"
+                    ));
+                    return self.again();
+                }
+                let message = format!(
+                    "{name}: the lock holders let go {MAX_RETRIES} times with nothing to serve; \
+                     giving up"
+                );
+                Err(Exit::new(exit::NOTHING_TO_SERVE, message).into())
+            }
             AfterWait::GiveUp => {
                 let message = format!(
                     "{name}: the run in flight produced nothing to serve (see `singleflight status {name}`)"
@@ -265,10 +309,29 @@ impl Flight {
         }
     }
 
+    /// Whether a run of this argv recorded a failure at or after `since_ms`.
+    fn failed_since(&self, since_ms: u64) -> Result<bool> {
+        Ok(self
+            .last_failure()?
+            .is_some_and(|failure| failure.at_ms >= since_ms))
+    }
+
+    /// Back to the lock after a wait that ended with nothing to serve: run (or start
+    /// a refresher) if it is free, else serve or wait as any caller that lost.
+    fn again(&self) -> Result<i32> {
+        if self.opts.background {
+            return self.background(self.nothing());
+        }
+        match self.slot.try_lock()? {
+            Some(held) => self.won(held),
+            None => self.lost(),
+        }
+    }
+
     /// `--background`: make sure one detached refresher runs, then serve stale or wait.
     /// Only the caller that wins the lock starts one, and hands the lock over to it, so
     /// there is at most one refresher per NAME however many callers arrive.
-    fn background(self, look: Look) -> Result<i32> {
+    fn background(&self, look: Look) -> Result<i32> {
         self.slot.store().ensure()?;
         let servable = decide::on_lost(look.cached, self.policy()) == OnLost::ServeStale;
         let refresh = match self.slot.try_lock()? {

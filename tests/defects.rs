@@ -324,3 +324,58 @@ fn a_quiet_run_keeps_its_temp_file_and_a_dead_one_goes() {
         "the quiet run's result was cached"
     );
 }
+
+// ---- 6. A clear is not a run ----------------------------------------------------------
+
+/// Callers with nothing cached keep arriving while `clear --all` runs in a loop. A
+/// caller that finds the lock held by a clear must not take it for a run, wait for
+/// it, then exit 75 for want of its result: each is served a run's output.
+#[test]
+fn a_caller_that_meets_a_clear_does_not_exit_75() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Arc::new(TestEnv::new());
+    let out = env.run(["seed", "--", "echo", "seed"]);
+    assert_eq!(status(&out), 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clearer = {
+        let (env, stop) = (env.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut clears = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let out = env.run(["clear", "--all"]);
+                assert_eq!(status(&out), 0, "{}", stderr(&out));
+                clears += 1;
+            }
+            clears
+        })
+    };
+    let callers: Vec<_> = (0..3)
+        .map(|_| {
+            let env = env.clone();
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for _ in 0..60 {
+                    let out = env.run(["--ttl", "0", "cleared", "--", "echo", "hi"]);
+                    if status(&out) != 0 || stdout(&out) != "hi\n" {
+                        failures.push(format!("{}: {}", status(&out), stderr(&out)));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = callers
+        .into_iter()
+        .flat_map(|caller| caller.join().expect("caller thread"))
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    let clears = clearer.join().expect("clear thread");
+    assert!(clears > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of 180 callers failed during {clears} clears, e.g. {:?}",
+        failures.len(),
+        failures.first()
+    );
+}
