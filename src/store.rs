@@ -177,32 +177,47 @@ impl Store {
     /// Removes the temp files of runs that are provably over: their lock (see
     /// [`temp_file`](Store::temp_file)) is free, which the kernel makes so when the
     /// run's singleflight dies, however it dies. Never by age alone: a quiet run may
-    /// print nothing for hours. Windows: nothing is removed, since nothing proves a
-    /// temp file's run is over there.
+    /// print nothing for hours. Only files singleflight wrote are touched: named as
+    /// its temp files are, regular, ours, and found in the opened cache dir, checked
+    /// again through its descriptor (a symlinked cache dir is its target; see
+    /// [`CacheDir`]). Windows: nothing is removed, since nothing proves a temp file's
+    /// run is over there.
     pub fn remove_stale_temps(&self) {
         #[cfg(unix)]
         {
-            let Ok(entries) = fs::read_dir(&self.dir) else {
+            let Some(dir) = self.open_dir() else {
                 return;
             };
             let now = SystemTime::now();
-            for entry in entries.flatten() {
-                if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-                    continue;
+            dir.for_each_file(|file_name, file, meta| {
+                if !is_temp_name(file_name) {
+                    return;
                 }
-                let path = entry.path();
-                let Ok(Opened::File(file, meta)) = open_regular(&path) else {
-                    continue;
-                };
                 let young = meta.modified().map_or(true, |modified| {
                     now.duration_since(modified).unwrap_or_default() < TEMP_GRACE
                 });
                 // Holding its lock while removing it: no run can have it.
                 if !young && file.try_lock().is_ok() {
-                    let _ = fs::remove_file(&path);
+                    dir.remove(file_name);
                 }
-            }
+            });
         }
+    }
+
+    /// The cache dir, opened and checked through its descriptor; `None` if it cannot
+    /// be opened or fails the checks.
+    #[cfg(unix)]
+    pub fn open_dir(&self) -> Option<CacheDir> {
+        use rustix::fs::{Mode, OFlags};
+        let fd = rustix::fs::open(
+            &self.dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let meta = File::from(fd.try_clone().ok()?).metadata().ok()?;
+        self.verify(&meta).ok()?;
+        Some(CacheDir { fd })
     }
 
     /// Every NAME that has a file in the cache dir, sorted.
@@ -259,6 +274,63 @@ pub fn open_regular(path: &Path) -> io::Result<Opened> {
         return Ok(Opened::NotAFile);
     }
     Ok(Opened::File(file, meta))
+}
+
+/// Whether a file name is one [`Store::temp_file`] makes: `.tmp.NAME.XXXXXX`, six
+/// letters or digits of tempfile's after a valid NAME. Nothing else is ever swept.
+fn is_temp_name(file_name: &str) -> bool {
+    let Some(rest) = file_name.strip_prefix(TEMP_PREFIX) else {
+        return false;
+    };
+    let Some((name, random)) = rest.rsplit_once('.') else {
+        return false;
+    };
+    Name::parse(name).is_ok()
+        && random.len() == 6
+        && random.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// The cache dir opened as a directory: the files in it are opened and removed
+/// relative to this descriptor, so what was checked is what is changed, even if the
+/// path (a symlink, or one of its parents) is pointed elsewhere meanwhile.
+#[cfg(unix)]
+pub struct CacheDir {
+    fd: std::os::fd::OwnedFd,
+}
+
+#[cfg(unix)]
+impl CacheDir {
+    /// Calls `each` with every regular file in the dir that is ours (our uid), open
+    /// (read-only, without blocking, without following a symlink) and stat-ed.
+    pub fn for_each_file(&self, mut each: impl FnMut(&str, &File, &fs::Metadata)) {
+        use rustix::fs::{Dir, Mode, OFlags};
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = Dir::read_from(&self.fd) else {
+            return;
+        };
+        let me = rustix::process::geteuid().as_raw();
+        for entry in entries.flatten() {
+            let Ok(file_name) = entry.file_name().to_str() else {
+                continue;
+            };
+            let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let Ok(fd) = rustix::fs::openat(&self.fd, file_name, flags, Mode::empty()) else {
+                continue;
+            };
+            let file = File::from(fd);
+            let Ok(meta) = file.metadata() else {
+                continue;
+            };
+            if meta.is_file() && meta.uid() == me {
+                each(file_name, &file, &meta);
+            }
+        }
+    }
+
+    /// Removes a file of the dir, best effort.
+    pub fn remove(&self, file_name: &str) {
+        let _ = rustix::fs::unlinkat(&self.fd, file_name, rustix::fs::AtFlags::empty());
+    }
 }
 
 /// Renames a complete temp file over `path` in one step and returns it, open.
@@ -319,5 +391,28 @@ mod windows {
             error.raw_os_error(),
             Some(ERROR_ACCESS_DENIED | ERROR_SHARING_VIOLATION | ERROR_LOCK_VIOLATION)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_of_our_temp_files_are_temp_names() {
+        for ours in [".tmp.big.oldone", ".tmp.a.b.c.XyZ123", ".tmp.x.000000"] {
+            assert!(is_temp_name(ours), "{ours}");
+        }
+        for theirs in [
+            ".tmp.notes",
+            ".tmp.notes.txt",
+            ".tmp..abcdef",
+            ".tmp.-x.abcdef",
+            "tmp.big.oldone",
+            ".tmp.big.old-ne",
+            ".tmp.big.oldones",
+        ] {
+            assert!(!is_temp_name(theirs), "{theirs}");
+        }
     }
 }

@@ -379,3 +379,32 @@ fn a_caller_that_meets_a_clear_does_not_exit_75() {
         failures.first()
     );
 }
+
+// ---- 5. A symlinked cache dir ---------------------------------------------------------
+
+/// A symlinked cache dir is its target, checked as any cache dir. Sweeping temp files
+/// there deletes only files singleflight wrote: not a user's old `.tmp.notes`.
+#[test]
+fn a_symlinked_cache_dir_keeps_files_singleflight_never_wrote() {
+    let env = TestEnv::new();
+    let victim = env.path("victim");
+    fs::create_dir(&victim).expect("mkdir");
+    fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("chmod");
+    let notes = [victim.join(".tmp.notes"), victim.join(".tmp.notes.txt")];
+    for file in &notes {
+        fs::write(file, "mine").expect("write");
+    }
+    backdate(&notes);
+    std::os::unix::fs::symlink(&victim, &env.cache).expect("symlink");
+    let out = env.run(["linkdir", "--", "echo", "hi"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hi\n");
+    assert!(
+        victim.join("linkdir.result").exists(),
+        "the link's target is the cache dir"
+    );
+    for file in &notes {
+        assert!(file.exists(), "{} was deleted", file.display());
+    }
+}
