@@ -98,6 +98,9 @@ pub enum Invalid {
     Foreign,
     /// A FIFO, device, directory or symlink where the result belongs.
     NotAFile,
+    /// A result of a newer format version (written by a newer singleflight sharing
+    /// the cache dir or etcd prefix): not ours to read, and not ours to replace.
+    Newer(u8),
 }
 
 impl Invalid {
@@ -107,6 +110,7 @@ impl Invalid {
             Invalid::Corrupt => "corrupt",
             Invalid::Foreign => "not a singleflight result",
             Invalid::NotAFile => "not a regular file",
+            Invalid::Newer(_) => "of a newer format version",
         }
     }
 }
@@ -200,8 +204,13 @@ struct Header {
 impl Header {
     fn parse(bytes: &[u8], file_len: u64) -> Result<Header, Invalid> {
         let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
-        if &bytes[..7] != MAGIC || bytes[7] != VERSION {
+        if &bytes[..7] != MAGIC {
             return Err(Invalid::Foreign);
+        }
+        match bytes[7] {
+            VERSION => {}
+            newer if newer > VERSION => return Err(Invalid::Newer(newer)),
+            _ => return Err(Invalid::Foreign),
         }
         let header = Header {
             body_len: word(8),

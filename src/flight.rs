@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use crate::backend::{Held, OutputCap, Read, Slot};
 use crate::cli::{Refresher, RunOptions};
 use crate::decide::{self, AfterWait, Cached, OnArrival, OnLost, OnWon, Policy};
-use crate::entry::{self, Body, Entry, EntryWriter, Meta};
+use crate::entry::{self, Body, Entry, EntryWriter, Invalid, Meta};
 use crate::exit::{self, Exit};
 use crate::reap;
 use crate::record::{self, Failure, RunRecord};
@@ -27,6 +27,8 @@ pub struct Flight {
     say: Say,
     /// A damaged result is reported once per call, not at every look.
     reported_invalid: Cell<bool>,
+    /// The cached result is of a newer format version: this call must not replace it.
+    newer_cached: Cell<bool>,
     /// When `--wait` runs out, counted from the first wait: a caller that waits again
     /// (see [`Flight::wait_for_run`]) waits no longer in all.
     wait_ends: Cell<Option<Instant>>,
@@ -55,6 +57,7 @@ impl Flight {
             slot,
             say,
             reported_invalid: Cell::new(false),
+            newer_cached: Cell::new(false),
             wait_ends: Cell::new(None),
             retries: Cell::new(0),
             arrived_ms: entry::now_ms(SystemTime::now()),
@@ -124,6 +127,19 @@ impl Flight {
                 }
             }
             Read::Found(_) | Read::Missing => self.nothing(),
+            // Two versions sharing a cache dir or prefix must not throw away each
+            // other's results: a newer one is a miss that this call leaves in place.
+            Read::Invalid(Invalid::Newer(version)) => {
+                self.newer_cached.set(true);
+                if !self.reported_invalid.replace(true) {
+                    self.say.warn(format_args!(
+                        "the cached result is of a newer format (version {version}, {}): \
+                         left alone; this call runs the command and saves nothing",
+                        self.slot.result_location()
+                    ));
+                }
+                self.nothing()
+            }
             Read::Invalid(invalid) => {
                 if !self.reported_invalid.replace(true) {
                     self.say.warn(format_args!(
@@ -286,7 +302,11 @@ impl Flight {
                 ));
                 self.serve(look)
             }
-            AfterWait::GiveUp if !self.failed_since(self.arrived_ms)? => {
+            // (Not when a newer version's result is cached: runs of this version save nothing,
+            // and going back would only start run after run.)
+            AfterWait::GiveUp
+                if !self.newer_cached.get() && !self.failed_since(self.arrived_ms)? =>
+            {
                 if self.retries.replace(self.retries.get() + 1) < MAX_RETRIES {
                     self.say.decided(format_args!(
                         "{why}; the lock was let go with nothing to serve and no failure \
@@ -545,6 +565,13 @@ impl Flight {
         }
         let cache_it =
             outcome.succeeded() || (self.opts.cache_failures && outcome.is_own_failure());
+        if cache_it && self.newer_cached.get() {
+            self.say.decided(format_args!(
+                "{}; ran the command: {what}; not cached (a newer version's result is kept)",
+                self.describe(last.cached)
+            ));
+            return Ok((status, finished.stdout.into_body()));
+        }
         if cache_it {
             let written_at_ms = entry::now_ms(SystemTime::now());
             let meta = self.meta(status, written_at_ms, finished.duration);

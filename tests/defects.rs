@@ -408,3 +408,29 @@ fn a_symlinked_cache_dir_keeps_files_singleflight_never_wrote() {
         assert!(file.exists(), "{} was deleted", file.display());
     }
 }
+
+// ---- 9. A result of a newer format version ---------------------------------------------
+
+/// A result written by a newer singleflight (a higher format version) sharing the
+/// cache dir is left alone: this version runs the command and prints its output, as
+/// on a miss, with one warning line, and does not overwrite the newer result.
+#[test]
+fn a_result_of_a_newer_format_version_is_left_alone() {
+    let env = TestEnv::new();
+    let out = env.run(["--ttl", "0", "newer", "--", "echo", "old"]);
+    assert_eq!(status(&out), 0);
+    let path = env.result_file("newer");
+    let mut bytes = fs::read(&path).expect("a result");
+    assert_eq!(&bytes[..7], b"SFLIGHT");
+    bytes[7] += 1;
+    fs::write(&path, &bytes).expect("write the newer result");
+    for _ in 0..2 {
+        let out = env.run(["--ttl", "0", "newer", "--", "echo", "mine"]);
+        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_eq!(stdout(&out), "mine\n");
+        let err = stderr(&out);
+        let warnings: Vec<&str> = err.lines().filter(|line| line.contains("newer")).collect();
+        assert_eq!(warnings.len(), 1, "one warning line: {}", stderr(&out));
+        assert_eq!(fs::read(&path).expect("still there"), bytes, "left alone");
+    }
+}
