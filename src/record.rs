@@ -51,15 +51,35 @@ pub struct RunRecord {
     pub started_at_ms: u64,
 }
 
+/// The largest record: far above any real one (a failure's stderr tail is 2 KiB, six
+/// times that escaped as JSON, plus its reason), so a bigger file is damage and is
+/// never read, as a result's metadata is bounded too.
+pub const RECORD_MAX: u64 = 64 << 10;
+
 /// Reads a record; a missing, unreadable or damaged one (not a regular file: see
-/// [`open_regular`]) counts as none.
+/// [`open_regular`]; larger than [`RECORD_MAX`]) counts as none.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Option<T> {
-    let Ok(Opened::File(mut file, _)) = open_regular(path) else {
+    let Ok(Opened::File(file, meta)) = open_regular(path) else {
         return None;
     };
+    if meta.len() > RECORD_MAX {
+        return None;
+    }
+    // Bounded again while reading: the file may grow after the fstat.
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).ok()?;
+    file.take(RECORD_MAX + 1).read_to_end(&mut bytes).ok()?;
+    if bytes.len() as u64 > RECORD_MAX {
+        return None;
+    }
     serde_json::from_slice(&bytes).ok()
+}
+
+/// Decodes a record held in memory (a value from etcd), with the same limit.
+pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() as u64 > RECORD_MAX {
+        return None;
+    }
+    serde_json::from_slice(bytes).ok()
 }
 
 pub fn to_bytes<T: Serialize>(record: &T) -> Vec<u8> {

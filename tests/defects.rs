@@ -434,3 +434,40 @@ fn a_result_of_a_newer_format_version_is_left_alone() {
         assert_eq!(fs::read(&path).expect("still there"), bytes, "left alone");
     }
 }
+
+// ---- 10. Size limits for side files ------------------------------------------------------
+
+/// A huge `NAME.run` or `NAME.failure` (1 GiB, sparse) is damage, not something to
+/// read whole. The command itself reports how much its singleflight had read by the
+/// time it started (`rchar` of `/proc/$PPID/io`): both records are read before it.
+#[test]
+fn huge_side_files_are_not_read_whole() {
+    for file in ["run", "failure"] {
+        let env = TestEnv::new();
+        let out = env.run(["--ttl", "0", "hugeside", "--", "echo", "first"]);
+        assert_eq!(status(&out), 0);
+        let path = env.cache.join(format!("hugeside.{file}"));
+        let sized = std::process::Command::new("truncate")
+            .args(["-s", "1G"])
+            .arg(&path)
+            .status()
+            .expect("truncate runs");
+        assert!(sized.success());
+        let script = env.script("io", "sed -n 's/^rchar: //p' /proc/$PPID/io");
+        let out = env.run([
+            "--ttl",
+            "0",
+            "hugeside",
+            "--",
+            script.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(status(&out), 0, "{file}: {}", stderr(&out));
+        let read: u64 = stdout(&out).trim().parse().expect("rchar");
+        assert!(
+            read < 64 << 20,
+            "{file}: singleflight read {read} bytes before the command started"
+        );
+        let out = env.run(["status", "hugeside", "--json"]);
+        assert_eq!(status(&out), 0, "{file}: {}", stderr(&out));
+    }
+}

@@ -21,7 +21,7 @@ use crate::etcd::{
     LeaseKeeper, Prefix, Write, check_size, default_lead,
 };
 use crate::exit::{self, Exit};
-use crate::record::Failure;
+use crate::record::{self, Failure};
 use crate::run::Abort;
 use crate::say::Say;
 use crate::values::Name;
@@ -157,7 +157,7 @@ impl FleetSlot {
 
     fn get_failure(&self) -> Result<Option<Failure>, EtcdError> {
         let value = self.client().get(&self.keys.failure)?;
-        Ok(value.and_then(|value| serde_json::from_slice(&value.bytes).ok()))
+        Ok(value.and_then(|value| record::from_bytes(&value.bytes)))
     }
 
     fn owner(&self) -> Vec<u8> {
