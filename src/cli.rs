@@ -178,6 +178,11 @@ pub struct RunArgs {
     #[arg(long, hide = true, value_name = "LEASE:TOKEN", value_parser = LeaseHandover::parse)]
     pub refresher_lease: Option<LeaseHandover>,
 
+    /// Internal: the refresher writes the output of a run whose result it cannot save
+    /// (a full disk) to this pipe, for the `--background` caller waiting for it
+    #[arg(long, hide = true, value_name = "FD", requires = "refresher")]
+    pub hand_back: Option<i32>,
+
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -250,6 +255,8 @@ pub struct RunOptions {
     pub retry_after: Duration,
     pub background: bool,
     pub refresher: Option<Refresher>,
+    /// The refresher's pipe back to its waiting caller (see `--hand-back`).
+    pub hand_back: Option<i32>,
     pub cache_failures: bool,
     pub max_output: u64,
 }
@@ -275,6 +282,7 @@ impl RunArgs {
                 (None, Some(lease)) => Some(Refresher::Lease(lease)),
                 (None, None) => None,
             },
+            hand_back: self.hand_back,
             cache_failures: self.cache_failures,
             max_output: self.max_output,
         })

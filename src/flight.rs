@@ -2,7 +2,7 @@
 //! as `decide` says. All the I/O of a call lives here or below; where the lock and the
 //! result live (the cache dir or etcd) is the [`Slot`]'s business.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fs;
 use std::io;
 use std::time::{Duration, Instant, SystemTime};
@@ -29,6 +29,14 @@ pub struct Flight {
     reported_invalid: Cell<bool>,
     /// The cached result is of a newer format version: this call must not replace it.
     newer_cached: Cell<bool>,
+    /// The run succeeded (or is to be cached) but its result was not saved.
+    unsaved: Cell<bool>,
+    /// Whether this call started a refresher already.
+    started_refresher: Cell<bool>,
+    /// The read end of the pipe a refresher hands back an unsaved result through.
+    hand_back: RefCell<Option<io::PipeReader>>,
+    /// Why the result was not saved, for the caller it is handed back to.
+    unsaved_reason: RefCell<String>,
     /// When `--wait` runs out, counted from the first wait: a caller that waits again
     /// (see [`Flight::wait_for_run`]) waits no longer in all.
     wait_ends: Cell<Option<Instant>>,
@@ -38,6 +46,9 @@ pub struct Flight {
     /// run it waited for, or of one that ended meanwhile.
     arrived_ms: u64,
 }
+
+/// The head of a handed-back result: its status and the length of its reason.
+const HAND_BACK_HEAD: u64 = 8;
 
 /// At most this many trips back to the lock after waits that ended with nothing to
 /// serve and no failure: a bound on a loop that the `--wait` deadline bounds too.
@@ -58,6 +69,10 @@ impl Flight {
             say,
             reported_invalid: Cell::new(false),
             newer_cached: Cell::new(false),
+            unsaved: Cell::new(false),
+            started_refresher: Cell::new(false),
+            hand_back: RefCell::new(None),
+            unsaved_reason: RefCell::new(String::new()),
             wait_ends: Cell::new(None),
             retries: Cell::new(0),
             arrived_ms: entry::now_ms(SystemTime::now()),
@@ -302,10 +317,17 @@ impl Flight {
                 ));
                 self.serve(look)
             }
-            // (Not when a newer version's result is cached: runs of this version save nothing,
-            // and going back would only start run after run.)
+            AfterWait::GiveUp if let Some((status, body)) = self.handed_back() => {
+                self.print(body)?;
+                Ok(status)
+            }
+            // Not when a newer version's result is cached (runs of this version save
+            // nothing), nor after this call started a refresher: going back would only
+            // start run after run.
             AfterWait::GiveUp
-                if !self.newer_cached.get() && !self.failed_since(self.arrived_ms)? =>
+                if !self.newer_cached.get()
+                    && !self.started_refresher.get()
+                    && !self.failed_since(self.arrived_ms)? =>
             {
                 if self.retries.replace(self.retries.get() + 1) < MAX_RETRIES {
                     self.say.decided(format_args!(
@@ -326,6 +348,55 @@ impl Flight {
                 );
                 Err(Exit::new(exit::NOTHING_TO_SERVE, message).into())
             }
+        }
+    }
+
+    /// What our refresher handed back through its pipe: the status and output of a run
+    /// whose result it could not save. Read until the refresher closes it, within what
+    /// is left of `--wait`.
+    fn handed_back(&self) -> Option<(i32, Body)> {
+        use std::io::Read as _;
+        let mut reader = self.hand_back.borrow_mut().take()?;
+        let left = self
+            .wait_ends
+            .get()?
+            .saturating_duration_since(Instant::now());
+        let limit = self.opts.max_output.saturating_add(HAND_BACK_HEAD + 4096);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let read = (&mut reader).take(limit).read_to_end(&mut bytes);
+            let _ = sender.send(read.map(|_| bytes));
+        });
+        let bytes = receiver.recv_timeout(left).ok()?.ok()?;
+        let (status, rest) = bytes.split_first_chunk::<4>()?;
+        let (reason_len, rest) = rest.split_first_chunk::<4>()?;
+        let reason_len = u32::from_le_bytes(*reason_len) as usize;
+        let reason = String::from_utf8_lossy(rest.get(..reason_len)?).into_owned();
+        let status = i32::from_le_bytes(*status);
+        let start = HAND_BACK_HEAD as usize + reason_len;
+        self.say.warn(format_args!(
+            "{reason}; serving the refresher's output, which is not cached"
+        ));
+        let end = bytes.len();
+        Some((status, Body::Memory { bytes, start, end }))
+    }
+
+    /// Hands an unsaved result back to the waiting caller (see [`Self::handed_back`]):
+    /// status, the length of the reason, the reason, the output. Best effort: a caller
+    /// that stopped waiting has closed its end. A saved result is not handed back:
+    /// closing the pipe empty tells the caller to read the cache.
+    fn hand_back(&self, mut pipe: fs::File, status: i32, body: Body) {
+        if !self.unsaved.get() {
+            return;
+        }
+        let reason = self.unsaved_reason.borrow().clone();
+        let mut head = Vec::new();
+        head.extend_from_slice(&status.to_le_bytes());
+        head.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+        head.extend_from_slice(reason.as_bytes());
+        if io::Write::write_all(&mut pipe, &head).is_ok() {
+            let _ = body.print(&mut pipe);
         }
     }
 
@@ -361,7 +432,7 @@ impl Flight {
                 (OnWon::Run, _) => {
                     // Our hold of the lock goes in there: the refresher's is the only
                     // one left, and a wait below must not wait for ourselves.
-                    match self.start_refresher(held) {
+                    match self.start_refresher(held, !servable) {
                         Ok(pid) => format!("refresh started in background (pid {pid})"),
                         Err(e) if servable => {
                             self.say.warn(format_args!("{e:#}; serving stale"));
@@ -391,7 +462,12 @@ impl Flight {
     /// it inherits (flock belongs to the open file, so the lock stays held across our
     /// exit). Anything else inherited, such as the pipe of a `$(…)` or `| cat` reader,
     /// would keep that reader waiting for the refresh. (Windows: see `Held::hand_over`.)
-    fn start_refresher(&self, held: Held) -> Result<u32> {
+    ///
+    /// A caller that will wait (`wait`: nothing to serve) also hands the refresher the
+    /// write end of a pipe (`--hand-back=FD`): a run whose result cannot be saved (a
+    /// full disk) comes back through it, so the waiter is served what a foreground
+    /// winner would print.
+    fn start_refresher(&self, held: Held, wait: bool) -> Result<u32> {
         use std::process::Stdio;
         let mut command = refresher_command()?;
         command
@@ -399,22 +475,36 @@ impl Flight {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         #[cfg(unix)]
+        let pipe = if wait {
+            let (reader, writer) = io::pipe().context("cannot make a pipe for the refresher")?;
+            *self.hand_back.borrow_mut() = Some(reader);
+            Some(writer)
+        } else {
+            None
+        };
+        #[cfg(not(unix))]
+        let _ = wait;
+        #[cfg(unix)]
         {
-            use std::os::fd::BorrowedFd;
+            use std::os::fd::{AsRawFd, BorrowedFd};
             use std::os::unix::process::CommandExt;
             let lock = held.inheritable_fd();
-            close_others_on_exec(lock);
-            // SAFETY: only async-signal-safe syscalls between fork and exec; the fd
-            // is open in the child, a copy of ours.
+            let hand_back = pipe.as_ref().map(AsRawFd::as_raw_fd);
+            close_others_on_exec(&[lock, hand_back]);
+            // SAFETY: only async-signal-safe syscalls between fork and exec; the fds
+            // are open in the child, copies of ours.
             unsafe {
                 command.pre_exec(move || {
                     rustix::process::setsid()?;
-                    if let Some(fd) = lock {
-                        let lock = BorrowedFd::borrow_raw(fd);
-                        rustix::io::fcntl_setfd(lock, rustix::io::FdFlags::empty())?;
+                    for fd in [lock, hand_back].into_iter().flatten() {
+                        let fd = BorrowedFd::borrow_raw(fd);
+                        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
                     }
                     Ok(())
                 });
+            }
+            if let Some(fd) = hand_back {
+                command.arg(format!("--hand-back={fd}"));
             }
         }
         command
@@ -425,6 +515,10 @@ impl Flight {
         #[cfg(not(windows))]
         let child = command.spawn();
         let child = child.context("cannot start the background refresher")?;
+        // Our copy of the write end goes now: the pipe ends when the refresher does.
+        #[cfg(unix)]
+        drop(pipe);
+        self.started_refresher.set(true);
         let pid = child.id();
         held.hand_over(child, &self.slot);
         Ok(pid)
@@ -435,6 +529,9 @@ impl Flight {
     /// shows why and `--retry-after` keeps callers from starting refresher after
     /// refresher.
     fn refresh(&self, handover: Refresher) -> Result<i32> {
+        // Taken first, so that it is close-on-exec before the command starts: a
+        // process of the run holding it would keep the caller waiting.
+        let hand_back = self.opts.hand_back.and_then(adopt_pipe);
         let held = match handover {
             Refresher::Lease(lease) => self.slot.adopt(lease)?,
             #[cfg(unix)]
@@ -462,7 +559,10 @@ impl Flight {
                 });
                 drop(held);
                 let (status, body) = ran?;
-                self.print(body)?;
+                match hand_back {
+                    Some(pipe) => self.hand_back(pipe, status, body),
+                    None => self.print(body)?,
+                }
                 Ok(status)
             }
             _ => Ok(0),
@@ -566,6 +666,10 @@ impl Flight {
         let cache_it =
             outcome.succeeded() || (self.opts.cache_failures && outcome.is_own_failure());
         if cache_it && self.newer_cached.get() {
+            self.unsaved.set(true);
+            *self.unsaved_reason.borrow_mut() = format!(
+                "{what}, but a newer singleflight's result is cached, which this one leaves alone"
+            );
             self.say.decided(format_args!(
                 "{}; ran the command: {what}; not cached (a newer version's result is kept)",
                 self.describe(last.cached)
@@ -588,9 +692,10 @@ impl Flight {
                         Some(_) => "the previous result is kept",
                         None => "nothing is cached",
                     };
-                    self.say.warn(format_args!(
-                        "{what}, but the result could not be saved ({e}); {kept}"
-                    ));
+                    let why = format!("{what}, but the result could not be saved ({e})");
+                    self.say.warn(format_args!("{why}; {kept}"));
+                    self.unsaved.set(true);
+                    *self.unsaved_reason.borrow_mut() = why;
                     body
                 }
             };
@@ -709,6 +814,32 @@ fn print_to_stdout(body: Body) -> io::Result<()> {
     body.print(&mut io::stdout().lock())
 }
 
+/// The write end of the pipe a `--background` caller handed its refresher
+/// (`--hand-back=FD`), made close-on-exec; `None` unless `fd` is open and a pipe.
+#[cfg(unix)]
+fn adopt_pipe(fd: i32) -> Option<fs::File> {
+    use std::os::fd::{BorrowedFd, FromRawFd};
+    if fd < 3 {
+        return None;
+    }
+    // SAFETY: borrowed for fcntl and fstat; a number that is not open fails (EBADF).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed).ok()?;
+    let stat = rustix::fs::fstat(borrowed).ok()?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Fifo {
+        return None;
+    }
+    rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC).ok()?;
+    // SAFETY: an open pipe that our caller passed to us for this one purpose; nothing
+    // else in this process knows the number.
+    Some(unsafe { fs::File::from_raw_fd(fd) })
+}
+
+#[cfg(not(unix))]
+fn adopt_pipe(_fd: i32) -> Option<fs::File> {
+    None
+}
+
 /// The command that starts a refresher: this very executable. On Linux through
 /// /proc/self/exe, which works even after the binary was replaced on disk; the
 /// process keeps its usual name for `ps` and `pgrep`.
@@ -732,7 +863,7 @@ fn refresher_command() -> Result<std::process::Command> {
 /// flag (a shell's `3>&1`, a parent's leaked pipe), which a detached refresher must
 /// not hold. Safe to do to ourselves: a `--background` caller execs nothing else.
 #[cfg(unix)]
-fn close_others_on_exec(keep: Option<std::os::fd::RawFd>) {
+fn close_others_on_exec(keep: &[Option<std::os::fd::RawFd>]) {
     use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
     use std::os::fd::{BorrowedFd, RawFd};
     let listed = ["/proc/self/fd", "/dev/fd"].iter().find_map(|dir| {
@@ -750,7 +881,10 @@ fn close_others_on_exec(keep: Option<std::os::fd::RawFd>) {
             .min(1 << 16);
         (3..limit as RawFd).collect()
     });
-    for fd in fds.into_iter().filter(|&fd| fd > 2 && Some(fd) != keep) {
+    for fd in fds
+        .into_iter()
+        .filter(|&fd| fd > 2 && !keep.contains(&Some(fd)))
+    {
         // SAFETY: borrowed for two fcntl calls; a number that is not open (the
         // listing's own fd, closed by now) fails with EBADF and is skipped.
         let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };

@@ -471,3 +471,38 @@ fn huge_side_files_are_not_read_whole() {
         assert_eq!(status(&out), 0, "{file}: {}", stderr(&out));
     }
 }
+
+// ---- 8. A first --background call on a full disk ------------------------------------------
+
+/// The first `--background` call has nothing to serve and waits for its refresher.
+/// The refresher's run succeeds but its result cannot be saved (RLIMIT_FSIZE makes
+/// the write fail as a full disk does, while the command's pipe is unaffected): the
+/// waiter gets the run's output with a warning, as a foreground winner would, not 75.
+#[test]
+fn a_first_background_call_on_a_full_disk_still_gets_the_output() {
+    let env = TestEnv::new();
+    let args = [
+        "diskbg",
+        "--background",
+        "--",
+        "sh",
+        "-c",
+        "yes new | head -c 65536",
+    ];
+    let output = finish(start(
+        env.command_for("sh")
+            .arg("-c")
+            .arg(r#"trap "" XFSZ; ulimit -f 1; exec "$0" "$@""#)
+            .arg(env!("CARGO_BIN_EXE_singleflight"))
+            .args(args),
+    ));
+    assert_eq!(status(&output), 0, "{}", stderr(&output));
+    assert_eq!(output.stdout.len(), 65536, "{}", stderr(&output));
+    assert!(output.stdout.chunks(4).all(|c| c == &b"new\n"[..c.len()]));
+    assert!(
+        stderr(&output).contains("could not be saved"),
+        "a warning: {}",
+        stderr(&output)
+    );
+    assert!(!env.result_file("diskbg").exists());
+}
