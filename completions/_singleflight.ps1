@@ -62,6 +62,7 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             break
         }
         'singleflight;clear' {
+            [CompletionResult]::new('--older-than', '--older-than', [CompletionResultType]::ParameterName, 'Only NAMEs not written for this long (of every NAME, unless NAMEs are given): their results, failure records and lock files go; a NAME with a run in flight is left alone')
             [CompletionResult]::new('--cache-dir', '--cache-dir', [CompletionResultType]::ParameterName, 'Where locks and results live [default: the platform cache dir + /singleflight]')
             [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]')
             [CompletionResult]::new('--etcd-prefix', '--etcd-prefix', [CompletionResultType]::ParameterName, 'The etcd key prefix of singleflight''s keys [default: /singleflight/]')

@@ -99,12 +99,16 @@ _singleflight() {
             return 0
             ;;
         singleflight__subcmd__clear)
-            opts="-v -q -h --all --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help"
+            opts="-v -q -h --all --older-than --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --older-than)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --cache-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -57,6 +57,7 @@ set edit:completion:arg-completer[singleflight] = {|@words|
             cand --help 'Print help'
         }
         &'singleflight;clear'= {
+            cand --older-than 'Only NAMEs not written for this long (of every NAME, unless NAMEs are given): their results, failure records and lock files go; a NAME with a run in flight is left alone'
             cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
             cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'
             cand --etcd-prefix 'The etcd key prefix of singleflight''s keys [default: /singleflight/]'

@@ -52,6 +52,7 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l jso
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s q -l quiet -d 'No warnings on stderr (errors still print)'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s h -l help -d 'Print help'
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l older-than -d 'Only NAMEs not written for this long (of every NAME, unless NAMEs are given): their results, failure records and lock files go; a NAME with a run in flight is left alone' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r

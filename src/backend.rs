@@ -525,6 +525,71 @@ impl Slot {
     }
 }
 
+impl Slot {
+    /// `clear --older-than`: removes the result, failure record and lock file of a
+    /// NAME none of whose files was written for `older_than`. A NAME whose lock is
+    /// held (a run in flight, a clear) is left alone. The lock file is removed holding
+    /// its lock, once the path is seen to still name the locked file; a caller that
+    /// opened it before and locks it after sees the file gone and opens the path again
+    /// (see `lock::try_exclusive`), so no two callers ever hold two locks of a NAME.
+    /// Windows: lock files stay (an open file cannot be removed for good there).
+    pub fn clear_older(&self, name: &Name, older_than: Duration, say: &Say) -> Result<Cleared> {
+        let paths = &self.paths;
+        let old = || {
+            let newest = [&paths.result, &paths.failure, &paths.run, &paths.lock]
+                .iter()
+                .filter_map(|path| fs::symlink_metadata(path).ok()?.modified().ok())
+                .max();
+            newest.is_some_and(|newest| {
+                std::time::SystemTime::now()
+                    .duration_since(newest)
+                    .is_ok_and(|age| age >= older_than)
+            })
+        };
+        if !old() {
+            return Ok(Cleared::Nothing);
+        }
+        let context = || format!("cannot lock {}", paths.lock.display());
+        let Some(guard) = lock::try_exclusive(&paths.lock).with_context(context)? else {
+            say.decided(format_args!("{name}: a run is in flight; left alone"));
+            return Ok(Cleared::Nothing);
+        };
+        // A run may have written between the look and the lock.
+        if !old() {
+            return Ok(Cleared::Nothing);
+        }
+        // A run killed with its singleflight: what is left of it goes first, as the
+        // next winner would see to (its record is about to go).
+        if let Some(run) = record::load::<RunRecord>(&paths.run) {
+            reap::kill_remains(&run);
+        }
+        let mut removed = Vec::new();
+        let mut files = vec![
+            (&paths.result, "result"),
+            (&paths.failure, "failure record"),
+            (&paths.run, "run record"),
+        ];
+        if cfg!(unix) && lock::still_named(guard.file(), &paths.lock) {
+            files.push((&paths.lock, "lock"));
+        }
+        for (path, what) in files {
+            match fs::remove_file(path) {
+                Ok(()) => removed.push(what),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot remove {}", path.display()));
+                }
+            }
+        }
+        drop(guard);
+        Ok(if removed.is_empty() {
+            Cleared::Nothing
+        } else {
+            Cleared::Removed(removed)
+        })
+    }
+}
+
 /// The record of the run in flight, if it names a live process of this boot. A record
 /// left by a killed run is removed by the next winner, but may still be there in the
 /// moment after it took the lock.

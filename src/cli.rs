@@ -51,7 +51,7 @@ fn examples_help() -> String {
     subcommand_negates_reqs = true,
     override_usage = "singleflight [OPTIONS] <NAME> -- <COMMAND> [ARG]...\n       \
                       singleflight status [NAME]... [--json]\n       \
-                      singleflight clear (<NAME>... | --all)",
+                      singleflight clear (<NAME>... | --all) [--older-than D]",
     subcommand_value_name = "VERB",
     subcommand_help_heading = "Verbs",
     max_term_width = 100
@@ -202,11 +202,16 @@ pub enum Verb {
     /// Remove results, waiting for any run in flight
     Clear {
         /// The NAMEs to clear
-        #[arg(value_parser = Name::parse, required_unless_present = "all")]
+        #[arg(value_parser = Name::parse, required_unless_present_any = ["all", "older_than"])]
         names: Vec<Name>,
         /// Clear every NAME
         #[arg(long, conflicts_with = "names")]
         all: bool,
+        /// Only NAMEs not written for this long (of every NAME, unless NAMEs are given):
+        /// their results, failure records and lock files go; a NAME with a run in
+        /// flight is left alone
+        #[arg(long, value_name = "D", value_parser = parse_duration)]
+        older_than: Option<Duration>,
     },
 }
 

@@ -39,9 +39,14 @@ pub fn run(cli: Cli) -> Result<i32> {
     let store = Store::locate(global.cache_dir)?;
     match cli.verb {
         Some(Verb::Status { names, json }) => status::status(&backend, &store, names, json),
-        Some(Verb::Clear { names, all }) => {
+        Some(Verb::Clear {
+            names,
+            all,
+            older_than,
+        }) => {
             let say = Say::new(None, global.verbose, global.quiet);
-            status::clear(&backend, &store, names, all, &say)
+            let every = all || (older_than.is_some() && names.is_empty());
+            status::clear(&backend, &store, names, every, older_than, &say)
         }
         None => {
             let opts = cli

@@ -75,13 +75,46 @@ fn open_read_only(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
+/// How many times a lock whose file was removed under us is taken again, at most.
+const GONE_RETRIES: u32 = 100;
+
 /// Takes the exclusive lock if nobody holds it; `None` if somebody does.
+///
+/// `clear --older-than` removes lock files, holding their lock. A caller that opened
+/// the file before it was removed and locked it after holds a lock nobody else can
+/// see: so, once locked, the path must still name the locked file; if it does not,
+/// the caller opens the path again and retries.
 pub fn try_exclusive(path: &Path) -> io::Result<Option<LockGuard>> {
-    let file = open(path)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(LockGuard { file })),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    for _ in 0..GONE_RETRIES {
+        let file = open(path)?;
+        match file.try_lock() {
+            Ok(()) if still_named(&file, path) => return Ok(Some(LockGuard { file })),
+            Ok(()) => continue,
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+    Err(io::Error::other(format!(
+        "{} keeps being removed while it is locked",
+        path.display()
+    )))
+}
+
+/// Whether `path` still names the open (locked) `file`: the same device and inode.
+/// (Windows: lock files are never removed, so it always does.)
+pub fn still_named(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::symlink_metadata(path)) {
+            (Ok(held), Ok(named)) => held.dev() == named.dev() && held.ino() == named.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
     }
 }
 
@@ -126,11 +159,20 @@ pub fn wait_released(path: &Path, limit: Duration) -> io::Result<bool> {
     }
 }
 
-/// Takes the exclusive lock, waiting as long as it takes (for `clear`).
+/// Takes the exclusive lock, waiting as long as it takes (for `clear`). Retries on a
+/// lock file removed meanwhile, as [`try_exclusive`] does.
 pub fn exclusive(path: &Path) -> io::Result<LockGuard> {
-    let file = open(path)?;
-    file.lock()?;
-    Ok(LockGuard { file })
+    for _ in 0..GONE_RETRIES {
+        let file = open(path)?;
+        file.lock()?;
+        if still_named(&file, path) {
+            return Ok(LockGuard { file });
+        }
+    }
+    Err(io::Error::other(format!(
+        "{} keeps being removed while it is locked",
+        path.display()
+    )))
 }
 
 /// Takes the exclusive lock, trying for up to `limit`; `None` if it stayed held. For

@@ -304,24 +304,41 @@ fn truncate(text: &str, width: usize) -> String {
 /// each under its lock: a run in flight finishes first, and its result is removed
 /// after it. Clearing a NAME that has nothing cached is not an error: afterwards it
 /// has no result, which is all `clear` promises (like `rm -f`).
+///
+/// With `older_than`, only NAMEs none of whose files was written for that long, and
+/// their lock files go too (see [`Slot::clear_older`](crate::backend::Slot)); the
+/// temp files of runs that are over are swept as a winner sweeps them.
 pub fn clear(
     backend: &Backend,
     store: &Store,
     names: Vec<Name>,
     all: bool,
+    older_than: Option<Duration>,
     say: &Say,
 ) -> Result<i32> {
     if !backend.verify(store)? {
         return Ok(0);
     }
+    if older_than.is_some() && !matches!(backend, Backend::Local) {
+        let message = "clear --older-than works on the cache dir only, not with --backend";
+        return Err(Exit::new(crate::exit::USAGE, message).into());
+    }
     let names = if all { backend.names(store)? } else { names };
     for name in &names {
-        match backend.clone().slot(store.clone(), name).clear(name, say)? {
+        let slot = backend.clone().slot(store.clone(), name);
+        let cleared = match older_than {
+            Some(age) => slot.clear_older(name, age, say)?,
+            None => slot.clear(name, say)?,
+        };
+        match cleared {
             Cleared::Nothing => say.decided(format_args!("{name}: nothing to clear")),
             Cleared::Removed(removed) => {
                 say.decided(format_args!("{name}: cleared ({})", removed.join(", ")))
             }
         }
+    }
+    if older_than.is_some() {
+        store.remove_stale_temps();
     }
     Ok(0)
 }

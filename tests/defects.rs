@@ -506,3 +506,189 @@ fn a_first_background_call_on_a_full_disk_still_gets_the_output() {
     );
     assert!(!env.result_file("diskbg").exists());
 }
+
+// ---- 7. clear --older-than ----------------------------------------------------------------
+
+/// The files of NAME in the cache dir, by extension.
+fn files_of(env: &TestEnv, name: &str) -> Vec<String> {
+    let mut found: Vec<String> = ["result", "failure", "run", "lock"]
+        .into_iter()
+        .filter(|ext| env.cache.join(format!("{name}.{ext}")).exists())
+        .map(str::to_owned)
+        .collect();
+    found.sort();
+    found
+}
+
+/// `clear --older-than D` removes the result, failure record and lock file of every
+/// NAME not written for D, and of no other: not a fresh one, not one with a run in
+/// flight (whose run then saves its result as usual). Dead runs' temp files go too.
+#[test]
+fn clear_older_than_removes_old_names_with_their_locks() {
+    let env = TestEnv::new();
+    for name in ["old", "fresh"] {
+        let out = env.run([name, "--", "echo", name]);
+        assert_eq!(status(&out), 0);
+    }
+    let out = env.run(["failed", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(status(&out), 3);
+    assert_eq!(files_of(&env, "failed"), ["failure", "lock"]);
+    let gate = env.fifo("gate");
+    let slow = env.script("slow", &format!("read x < {}; echo late", gate.display()));
+    let slow = slow.to_str().expect("utf-8").to_owned();
+    let out = env.run(["busy", "--", "echo", "seed"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let busy = env.spawn(["--ttl", "0", "busy", "--", &slow]);
+    wait_until("the busy run", || env.cache.join("busy.run").exists());
+    let mut old_files = Vec::new();
+    for name in ["old", "failed", "busy"] {
+        for ext in ["result", "failure", "lock", "run"] {
+            let path = env.cache.join(format!("{name}.{ext}"));
+            if path.exists() {
+                old_files.push(path);
+            }
+        }
+    }
+    backdate(&old_files);
+    let out = env.run(["clear", "--older-than", "1h"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_eq!(files_of(&env, "old"), Vec::<String>::new());
+    assert_eq!(files_of(&env, "failed"), Vec::<String>::new());
+    assert_eq!(files_of(&env, "fresh"), ["lock", "result"]);
+    assert!(
+        files_of(&env, "busy").contains(&"lock".to_owned()),
+        "in flight: left alone"
+    );
+    fs::write(&gate, "go\n").expect("open the gate");
+    let out = finish(busy);
+    assert_eq!(
+        (status(&out), stdout(&out).as_str()),
+        (0, "late\n"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(files_of(&env, "busy"), ["lock", "result"]);
+    // Named NAMEs only, with --older-than: the others stay.
+    backdate(&[env.result_file("fresh"), env.cache.join("fresh.lock")]);
+    let out = env.run(["clear", "--older-than", "1h", "busy"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_eq!(files_of(&env, "fresh"), ["lock", "result"]);
+}
+
+/// Lock files removed by `clear --older-than 0s` in a loop while callers keep
+/// running the command: no two runs ever overlap (a caller that locked a removed
+/// lock file would run beside one that locked the new file), and every caller is
+/// served.
+#[test]
+fn removing_lock_files_never_lets_two_runs_overlap() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Arc::new(TestEnv::new());
+    let running = env.path("running");
+    let overlaps = env.path("overlaps");
+    let script = env.script(
+        "exclusive",
+        &format!(
+            "mkdir {r} 2>/dev/null || echo overlap >> {o}; sleep 0.01; rmdir {r}; echo ok",
+            r = running.display(),
+            o = overlaps.display()
+        ),
+    );
+    let script = script.to_str().expect("utf-8").to_owned();
+    let out = env.run(["--ttl", "0", "pruned", "--", &script]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clearer = {
+        let (env, stop) = (env.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut clears = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let out = env.run(["clear", "--older-than", "0s"]);
+                assert_eq!(status(&out), 0, "{}", stderr(&out));
+                clears += 1;
+            }
+            clears
+        })
+    };
+    let callers: Vec<_> = (0..3)
+        .map(|_| {
+            let (env, script) = (env.clone(), script.clone());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for _ in 0..40 {
+                    let out = env.run(["--ttl", "0", "pruned", "--", &script]);
+                    if status(&out) != 0 || stdout(&out) != "ok\n" {
+                        failures.push(format!("{}: {}", status(&out), stderr(&out)));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = callers
+        .into_iter()
+        .flat_map(|caller| caller.join().expect("caller"))
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    let clears = clearer.join().expect("clearer");
+    assert!(clears > 0);
+    assert_eq!(
+        fs::read_to_string(&overlaps).unwrap_or_default(),
+        "",
+        "runs overlapped"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
+}
+
+/// The inode a path names, or of what an fd link in /proc points to.
+fn inode(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// A `clear` that waits for a lock whose file is removed meanwhile (by `clear
+/// --older-than`, simulated here by the test) must not take the lock of the removed
+/// file: it opens the path again and waits for the lock a new holder took there.
+#[test]
+fn a_caller_that_locks_a_removed_lock_file_opens_it_again() {
+    let env = TestEnv::new();
+    let out = env.run(["racy", "--", "echo", "x"]);
+    assert_eq!(status(&out), 0);
+    let lock = env.cache.join("racy.lock");
+    let old = fs::File::open(&lock).expect("open the lock");
+    old.lock().expect("lock it");
+    let old_inode = inode(&lock).expect("a lock file");
+    let mut clear = env.spawn(["clear", "racy"]);
+    let pid = clear.id();
+    let holds = |wanted: u64| {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .is_ok_and(|fds| fds.flatten().any(|fd| inode(&fd.path()) == Some(wanted)))
+    };
+    wait_until("clear opened the lock file", || holds(old_inode));
+    // The lock file goes and a new holder locks a new one; then the old lock is let go.
+    fs::remove_file(&lock).expect("rm the lock file");
+    let new = fs::File::create(&lock).expect("a new lock file");
+    new.lock().expect("lock the new one");
+    let new_inode = inode(&lock).expect("the new lock file");
+    drop(old);
+    wait_until("clear waits on the new lock file, or is done", || {
+        holds(new_inode) || clear.try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        clear.try_wait().expect("try_wait").is_none(),
+        "clear took the lock of a removed file while the new one was held"
+    );
+    assert!(
+        env.result_file("racy").exists(),
+        "nothing cleared under a held lock"
+    );
+    drop(new);
+    let out = finish(clear);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(!env.result_file("racy").exists());
+}
