@@ -32,7 +32,7 @@ pub struct NameStatus {
     /// `fresh` or `stale`, judged by the ttl the result was written with; `none` when
     /// there is no result; `invalid` when the result file is truncated, corrupt, not
     /// a singleflight result or not a regular file (it is never served, and the next
-    /// run replaces it).
+    /// run replaces it), or of a newer format version (never served, never replaced).
     pub state: &'static str,
     /// How long ago the result was written; `null` without a result, or when it is
     /// dated in the future (which counts as stale).

@@ -103,7 +103,7 @@ fn durations_at_the_limit_run_store_and_serve() {
 
 /// How long a call that must not block may take before the test calls it a hang.
 /// Generous: a loaded machine is slow, but a blocked `open` never returns at all.
-const NO_HANG: std::time::Duration = std::time::Duration::from_secs(30);
+const NO_HANG: std::time::Duration = PATIENCE;
 
 /// Waits for `child` for at most [`NO_HANG`]; kills it (our own pid) if it hangs.
 fn finish_or_kill(child: std::process::Child, what: &str) -> std::process::Output {
