@@ -500,7 +500,7 @@ mod tests {
 
     fn write_entry(store: &Store, body: &[u8]) -> std::path::PathBuf {
         let name = Name::parse("t").unwrap();
-        let path = store.paths(&name).result;
+        let path = store.paths(&crate::key::SlotId::plain(&name)).result;
         let mut writer = EntryWriter::create(store, &name);
         for chunk in body.chunks(7000) {
             writer.write(chunk);
