@@ -359,3 +359,61 @@ fn without_retry_max_the_back_off_stays_retry_after() {
         "exactly, no jitter: {failure}"
     );
 }
+
+/// The fleet backend keys the same way: the slot is in the etcd key
+/// (`<prefix>NAME@<key>/result`), so two machines with the same key values share one
+/// result and other values get their own, and `status` and `clear` see every slot.
+#[cfg(all(target_os = "linux", feature = "etcd"))]
+#[test]
+fn with_etcd_the_same_key_values_share_a_slot_across_machines() {
+    let Some(etcd) = common::etcd::Etcd::start() else {
+        return;
+    };
+    let machines = [TestEnv::new(), TestEnv::new()];
+    let shared = tempfile::tempdir().unwrap();
+    let counter = shared.path().join("runs");
+    let job = format!("echo run >> '{}'; echo \"A=$A\"", counter.display());
+    let args = [
+        "envk",
+        "--key-env",
+        "A",
+        "--ttl",
+        "1h",
+        "--",
+        "sh",
+        "-c",
+        &job,
+    ];
+    let call = |machine: &TestEnv, value: &str, args: &[&str]| {
+        let mut command = machine.command();
+        command
+            .env("SINGLEFLIGHT_BACKEND", etcd.url())
+            .env("A", value)
+            .args(args);
+        finish(start(&mut command))
+    };
+    let runs = || fs::read_to_string(&counter).map_or(0, |t| t.lines().count());
+    for i in 0..20 {
+        let value = ["one", "two"][i % 2];
+        let out = call(&machines[(i / 2) % 2], value, &args);
+        assert_eq!(
+            stdout(&out),
+            format!("A={value}\n"),
+            "call {i}: {}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(runs(), 2, "one run per value, fleet-wide");
+    let out = call(&machines[1], "", &["status", "--json", "envk"]);
+    let all: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    let mut values: Vec<&str> = all
+        .iter()
+        .map(|s| s["keys"][0]["value"].as_str().unwrap())
+        .collect();
+    values.sort();
+    assert_eq!(values, ["one", "two"], "{all:?}");
+    let out = call(&machines[0], "", &["clear", "envk"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let out = call(&machines[1], "", &["status", "envk"]);
+    assert_eq!(status(&out), 1, "every slot is gone: {}", stdout(&out));
+}
