@@ -230,6 +230,32 @@ fn a_run_in_one_slot_does_not_hold_up_another_slot() {
     assert_eq!(env.runs(), 2);
 }
 
+#[test]
+fn a_background_refresher_runs_in_its_callers_slot() {
+    let env = TestEnv::new();
+    let job = counting(&env, "echo \"A=$A\"");
+    let job = job.to_str().unwrap();
+    let args = [
+        "--background",
+        "bg",
+        "--key-env",
+        "A",
+        "--ttl",
+        "1h",
+        "--",
+        job,
+    ];
+    let root = env.root().to_owned();
+    // Nothing cached: the caller starts a refresher, which must find the lock it was
+    // handed to be its slot's, and waits for its result.
+    for value in ["one", "two", "one", "two"] {
+        let out = run_in(&env, &root, &[("A", Some(value))], &args);
+        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_eq!(stdout(&out), format!("A={value}\n"));
+    }
+    assert_eq!(env.runs(), 2);
+}
+
 /// The start times (ms since the epoch) of the runs recorded in the counter.
 fn run_times(env: &TestEnv) -> Vec<u64> {
     fs::read_to_string(env.counter())
