@@ -87,7 +87,7 @@ hit = by["hit"]
 def ms(r, key): return r[key] * 1000
 for label in labels:
     r = by[label]
-    print(f"  {label:4} mean {ms(r, 'mean'):7.3f} ms ± {ms(r, 'stddev'):.3f}  "
+    print(f"  {label:5} mean {ms(r, 'mean'):7.3f} ms ± {ms(r, 'stddev'):.3f}  "
           f"median {ms(r, 'median'):7.3f} ms  min {ms(r, 'min'):7.3f} ms")
 for label in labels[1:]:
     r = by[label]
