@@ -321,7 +321,6 @@ fn the_back_off_doubles_up_to_retry_max_and_a_success_resets_it() {
             k + 2
         );
     }
-    assert!(calls > runs, "the calls in between backed off");
     // The cap, as the failure record says: 7 in a row, back-off at most --retry-max.
     let failure = last_failure(&env);
     assert_eq!(failure["consecutive_failures"], 7, "{failure}");
