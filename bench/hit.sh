@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The cost of a fresh hit: `singleflight NAME --ttl 1h -- CMD` served from the cache,
-# measured in one hyperfine run against `cat` of the same bytes and a `bkt` hit of the
-# same command, plus the hit's max RSS. Not a test: it prints figures, it asserts
+# measured in one hyperfine run against `cat` of the same bytes, a keyed hit (the same
+# with --key-cwd, --key-env and --key-file: one getcwd and one stat more) and a `bkt`
+# hit of the same command, plus the hit's max RSS. Not a test: it prints figures, it asserts
 # nothing about speed. The figures are only as good as the machine is quiet: the load
 # average is printed with them.
 #
@@ -69,7 +70,7 @@ prime() {
     local file=$1 name=$2
     shift 2
     "$sf" "$name" --ttl 1h "$@" -- cat "$file" > /dev/null
-    "$sf" -v "$name" --ttl 1h -- cat "$file" 2> "$work/decision" | cmp -s - "$file" ||
+    "$sf" -v "$name" --ttl 1h "$@" -- cat "$file" 2> "$work/decision" | cmp -s - "$file" ||
         { say "a hit did not print the cached bytes"; exit 1; }
     grep -q '^singleflight.*fresh.*: served$' "$work/decision" ||
         { say "not a fresh hit: $(cat "$work/decision")"; exit 1; }
@@ -86,10 +87,15 @@ hit = by["hit"]
 def ms(r, key): return r[key] * 1000
 for label in labels:
     r = by[label]
-    print(f"  {label:4} mean {ms(r, 'mean'):7.3f} ms ± {ms(r, 'stddev'):.3f}  "
+    print(f"  {label:5} mean {ms(r, 'mean'):7.3f} ms ± {ms(r, 'stddev'):.3f}  "
           f"median {ms(r, 'median'):7.3f} ms  min {ms(r, 'min'):7.3f} ms")
 for label in labels[1:]:
     r = by[label]
+    if label == "keyed":
+        print(f"keyed/hit: {r['median'] / hit['median']:.2f}x (median), "
+              f"{r['mean'] / hit['mean']:.2f}x (mean), {r['min'] / hit['min']:.2f}x (min), "
+              f"+{(r['median'] - hit['median']) * 1e6:.0f} us (median)")
+        continue
     print(f"hit/{label}: {hit['median'] / r['median']:.2f}x (median), "
           f"{hit['mean'] / r['mean']:.2f}x (mean), {hit['min'] / r['min']:.2f}x (min)")
 EOF
@@ -102,6 +108,8 @@ import sys
 line = "".join(chr(33 + i % 94) for i in range(63)) + "\n"
 sys.stdout.write((line * 160)[:10240])' > "$small"
 prime "$small" bench
+keys=(--key-cwd --key-env HOME --key-file "$small")
+prime "$small" keyed "${keys[@]}"
 "$bkt" --ttl=1h -- cat "$small" > /dev/null
 "$bkt" --ttl=1h -- cat "$small" | cmp -s - "$small" || { say "bkt did not print the bytes"; exit 1; }
 
@@ -109,11 +117,12 @@ say "measuring: $runs runs each"
 hyperfine -N --warmup 100 --runs "$runs" --style basic --export-json "$work/small.json" \
     -n hit "$sf bench --ttl 1h -- cat $small" \
     -n cat "cat $small" \
+    -n keyed "$sf keyed --key-cwd --key-env HOME --key-file $small --ttl 1h -- cat $small" \
     -n bkt "$bkt --ttl=1h -- cat $small" >&2
 
 echo
 echo "== 10 KiB result, $runs runs each (hyperfine -N), $(uname -sr), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg) =="
-ratios "$work/small.json" hit,cat,bkt
+ratios "$work/small.json" hit,cat,keyed,bkt
 echo "max RSS: hit $(max_rss_kib "$sf" bench --ttl 1h -- cat "$small") KiB," \
     "cat $(max_rss_kib cat "$small") KiB," \
     "bkt $(max_rss_kib "$bkt" --ttl=1h -- cat "$small") KiB"

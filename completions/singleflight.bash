@@ -41,7 +41,7 @@ _singleflight() {
 
     case "${cmd}" in
         singleflight)
-            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --background --cache-failures --max-output --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help --version status clear help"
+            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --background --cache-failures --max-output --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help --version status clear help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -68,6 +68,18 @@ _singleflight() {
                     return 0
                     ;;
                 --retry-after)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --retry-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --key-env)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --key-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

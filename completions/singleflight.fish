@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_singleflight_global_optspecs
-    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= background cache-failures max-output= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= h/help V/version
+    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= background cache-failures max-output= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= h/help V/version
 end
 
 function __fish_singleflight_needs_command
@@ -30,11 +30,15 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l kill-after -d
 complete -c singleflight -n "__fish_singleflight_needs_command" -l wait -d 'How long a caller with nothing servable waits for the in-flight run [default: timeout + kill-after]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l max-stale -d 'The oldest result served while another run is in flight [default: unlimited]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-after -d 'After a failed run, no new run starts for this long [default: the --ttl]' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-max -d 'Back-off that grows: each failed run in a row doubles the wait before the next run, from --retry-after up to this, with ±10% jitter; a good run resets it' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l key-env -d 'The result belongs to this variable\'s value (set and unset differ); repeatable' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l key-file -d 'The result belongs to this file\'s state: a change (write, rename over it, deletion) makes the next call a miss; repeatable' -r -F
 complete -c singleflight -n "__fish_singleflight_needs_command" -l max-output -d 'Cap on captured stdout; past it the run is killed and fails' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
 complete -c singleflight -n "__fish_singleflight_needs_command" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l key-cwd -d 'The result belongs to the current directory: each directory has its own'
 complete -c singleflight -n "__fish_singleflight_needs_command" -l background -d 'Serve a stale result at once and refresh it in one detached process'
 complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-failures -d 'A run that exits non-zero replaces the last good result'
 complete -c singleflight -n "__fish_singleflight_needs_command" -s v -l verbose -d 'Say on stderr what was decided and why'

@@ -20,6 +20,7 @@ use anyhow::{Context, Result};
 use crate::cli::GlobalArgs;
 use crate::entry::{self, Body, Entry, EntryWriter, Invalid, Meta};
 use crate::exit::{self, Exit};
+use crate::key::{KeyValue, Resolved, SlotId};
 use crate::lock::{self, LockGuard};
 use crate::reap;
 use crate::record::{self, Failure, RunRecord};
@@ -111,18 +112,19 @@ impl Backend {
         }
     }
 
-    /// One NAME's place in this backend.
-    pub fn slot(self, store: Store, name: &Name) -> Slot {
-        let paths = store.paths(name);
+    /// One slot's place in this backend.
+    pub fn slot(self, store: Store, id: &SlotId) -> Slot {
+        let paths = store.paths(id);
         let place = match self {
             Backend::Local => Place::CacheDir,
             #[cfg(feature = "etcd")]
-            Backend::Etcd(fleet) => Place::Etcd(Box::new(fleet.slot(name))),
+            Backend::Etcd(fleet) => Place::Etcd(Box::new(fleet.slot(id))),
         };
         Slot {
             store,
             paths,
             place,
+            key: None,
         }
     }
 
@@ -136,13 +138,30 @@ impl Backend {
         }
     }
 
-    /// Every NAME that has anything in the backend, sorted.
-    pub fn names(&self, store: &Store) -> Result<Vec<Name>> {
+    /// Every slot that has anything in the backend, sorted.
+    pub fn slots(&self, store: &Store) -> Result<Vec<SlotId>> {
         match self {
-            Backend::Local => store.names(),
+            Backend::Local => store.slots(),
             #[cfg(feature = "etcd")]
-            Backend::Etcd(fleet) => fleet.names(),
+            Backend::Etcd(fleet) => fleet.slots(),
         }
+    }
+
+    /// The slots of these NAMEs: each one's plain slot (which may have nothing), then
+    /// its keyed slots that have anything.
+    pub fn slots_of(&self, store: &Store, names: &[Name]) -> Result<Vec<SlotId>> {
+        let listed = self.slots(store)?;
+        let mut slots = Vec::new();
+        for name in names {
+            slots.push(SlotId::plain(name));
+            slots.extend(
+                listed
+                    .iter()
+                    .filter(|slot| &slot.name == name && slot.key.is_some())
+                    .cloned(),
+            );
+        }
+        Ok(slots)
     }
 
     /// Where NAMEs live, for messages: the cache dir, or the etcd and prefix.
@@ -161,6 +180,8 @@ pub struct Slot {
     store: Store,
     paths: Paths,
     place: Place,
+    /// The key values of the run call that uses this slot (not of `status`).
+    key: Option<Resolved>,
 }
 
 enum Place {
@@ -195,6 +216,8 @@ pub struct Snapshot {
     pub result: Read,
     pub in_flight: Option<InFlight>,
     pub failure: Option<Failure>,
+    /// The key values of a keyed slot, as its first winner recorded them.
+    pub key_values: Option<Vec<KeyValue>>,
 }
 
 /// What `clear` removed of a NAME.
@@ -219,6 +242,22 @@ pub enum Held {
 }
 
 impl Slot {
+    /// The slot of these key values, for a run call.
+    pub fn keyed(mut self, key: Resolved) -> Slot {
+        self.key = Some(key);
+        self
+    }
+
+    /// The identity of a result of this argv in this slot: the argv digest, with the
+    /// `--key-file` states folded in.
+    pub fn result_digest(&self, argv: &[OsString]) -> String {
+        let digest = entry::argv_digest(argv);
+        match &self.key {
+            Some(key) => key.result_digest(digest),
+            None => digest,
+        }
+    }
+
     /// The local cache dir.
     pub fn store(&self) -> &Store {
         &self.store
@@ -284,15 +323,42 @@ impl Slot {
         }
     }
 
-    /// Takes the NAME's lock if nobody holds it; `None` if somebody does.
+    /// Takes the NAME's lock if nobody holds it; `None` if somebody does. The winner
+    /// of a keyed slot records its key values for `status`.
     pub fn try_lock(&self) -> Result<Option<Held>> {
-        match &self.place {
+        let held = match &self.place {
             Place::CacheDir => lock::try_exclusive(&self.paths.lock)
                 .with_context(|| format!("cannot lock {}", self.paths.lock.display()))
                 .map(|guard| guard.map(Held::Local))
-                .map_err(|e| Exit::new(exit::INTERNAL, format!("{e:#}")).into()),
+                .map_err(|e| Exit::new(exit::INTERNAL, format!("{e:#}")))?,
             #[cfg(feature = "etcd")]
-            Place::Etcd(etcd) => etcd.try_lock(),
+            Place::Etcd(etcd) => etcd.try_lock()?,
+        };
+        if let Some(held) = &held {
+            self.record_key_values(held);
+        }
+        Ok(held)
+    }
+
+    /// Best effort: without the record `status` shows the slot without its values.
+    fn record_key_values(&self, held: &Held) {
+        let Some(key) = self.key.as_ref().filter(|key| key.id.key.is_some()) else {
+            return;
+        };
+        let bytes = record::to_bytes(&key.values);
+        match (&self.place, held) {
+            (Place::CacheDir, _) => {
+                // Written once: the values of a slot never change (they make it).
+                if !self.paths.key.exists() {
+                    let _ =
+                        self.store
+                            .write_atomically(&key.id.name, &self.paths.key, &bytes, false);
+                }
+            }
+            #[cfg(feature = "etcd")]
+            (Place::Etcd(etcd), Held::Etcd(held)) => etcd.save_key_values(held, &bytes),
+            #[cfg(feature = "etcd")]
+            (Place::Etcd(_), Held::Local(_)) => {}
         }
     }
 
@@ -453,6 +519,7 @@ impl Slot {
                 result: self.read_result()?,
                 in_flight: self.local_run_in_flight(),
                 failure: record::load::<Failure>(&self.paths.failure),
+                key_values: record::load(&self.paths.key),
             }),
             #[cfg(feature = "etcd")]
             Place::Etcd(etcd) => etcd.snapshot(),
@@ -488,7 +555,7 @@ impl Slot {
 
     fn clear_local(&self, name: &Name, say: &Say) -> Result<Cleared> {
         let paths = &self.paths;
-        let anything = [&paths.lock, &paths.result, &paths.failure]
+        let anything = [&paths.lock, &paths.result, &paths.failure, &paths.key]
             .iter()
             .any(|path| path.exists());
         if !anything {
@@ -508,6 +575,7 @@ impl Slot {
         for (path, what) in [
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
+            (&paths.key, "key values"),
         ] {
             match fs::remove_file(path) {
                 Ok(()) => removed.push(what),
@@ -536,10 +604,16 @@ impl Slot {
     pub fn clear_older(&self, name: &Name, older_than: Duration, say: &Say) -> Result<Cleared> {
         let paths = &self.paths;
         let old = || {
-            let newest = [&paths.result, &paths.failure, &paths.run, &paths.lock]
-                .iter()
-                .filter_map(|path| fs::symlink_metadata(path).ok()?.modified().ok())
-                .max();
+            let newest = [
+                &paths.result,
+                &paths.failure,
+                &paths.run,
+                &paths.lock,
+                &paths.key,
+            ]
+            .iter()
+            .filter_map(|path| fs::symlink_metadata(path).ok()?.modified().ok())
+            .max();
             newest.is_some_and(|newest| {
                 std::time::SystemTime::now()
                     .duration_since(newest)
@@ -568,6 +642,7 @@ impl Slot {
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
             (&paths.run, "run record"),
+            (&paths.key, "key values"),
         ];
         if cfg!(unix) && lock::still_named(guard.file(), &paths.lock) {
             files.push((&paths.lock, "lock"));

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{LeaseHandover, parse_backend};
 use crate::etcd::{Endpoints, Prefix};
+use crate::key::KeySpec;
 use crate::values::{Name, parse_duration, parse_size};
 
 /// The examples of `--help` and of the man page: what each does, then the command line.
@@ -151,6 +152,24 @@ pub struct RunArgs {
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     pub retry_after: Option<Duration>,
 
+    /// Back-off that grows: each failed run in a row doubles the wait before the next
+    /// run, from --retry-after up to this, with ±10% jitter; a good run resets it
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub retry_max: Option<Duration>,
+
+    /// The result belongs to the current directory: each directory has its own
+    #[arg(long)]
+    pub key_cwd: bool,
+
+    /// The result belongs to this variable's value (set and unset differ); repeatable
+    #[arg(long, value_name = "VAR")]
+    pub key_env: Vec<OsString>,
+
+    /// The result belongs to this file's state: a change (write, rename over it,
+    /// deletion) makes the next call a miss; repeatable
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Vec<PathBuf>,
+
     /// Serve a stale result at once and refresh it in one detached process
     #[arg(long)]
     pub background: bool,
@@ -258,6 +277,8 @@ pub struct RunOptions {
     pub wait: Duration,
     pub max_stale: Option<Duration>,
     pub retry_after: Duration,
+    pub retry_max: Option<Duration>,
+    pub keys: KeySpec,
     pub background: bool,
     pub refresher: Option<Refresher>,
     /// The refresher's pipe back to its waiting caller (see `--hand-back`).
@@ -276,6 +297,12 @@ impl RunArgs {
                 .wait
                 .unwrap_or(self.timeout.saturating_add(self.kill_after)),
             retry_after: self.retry_after.unwrap_or(self.ttl),
+            retry_max: self.retry_max,
+            keys: KeySpec {
+                cwd: self.key_cwd,
+                env: self.key_env,
+                files: self.key_file,
+            },
             command: self.command,
             ttl: self.ttl,
             timeout: self.timeout,

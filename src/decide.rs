@@ -84,6 +84,40 @@ pub fn on_won(cached: Cached, failed_ago: Option<Duration>, policy: Policy) -> O
     }
 }
 
+/// How far jitter moves a grown back-off: ±10%.
+const JITTER: f64 = 0.1;
+
+/// How long no run starts after the last of `consecutive` failed runs in a row.
+/// Without `--retry-max`: `--retry-after`, as it always was. With it: `--retry-after`
+/// doubled for each failure in a row after the first, capped at `retry_max`, moved by
+/// `jitter` (in -1..=1, drawn once per failure and kept in its record, so that every
+/// caller judges the same failure alike) times ±10%, and never past `retry_max`.
+pub fn backoff(
+    retry_after: Duration,
+    retry_max: Option<Duration>,
+    consecutive: u32,
+    jitter: f64,
+) -> Duration {
+    let Some(max) = retry_max else {
+        return retry_after;
+    };
+    let doublings = consecutive.saturating_sub(1);
+    let grown = match 1u32.checked_shl(doublings) {
+        Some(times) => retry_after.checked_mul(times).unwrap_or(max).min(max),
+        None => max,
+    };
+    let factor = 1.0 + JITTER * jitter.clamp(-1.0, 1.0);
+    grown.mul_f64(factor).min(max)
+}
+
+/// A jitter draw in -1..=1 from `seed` (the failure's time and pid): no random number
+/// generator needed for ±10%.
+pub fn jitter_from(seed: u64) -> f64 {
+    // The top 53 bits of a well-mixed 64-bit value, as a fraction of 1.
+    let mixed = xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes());
+    (mixed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+}
+
 /// Another caller holds the lock: a run is in flight.
 #[derive(Debug, PartialEq, Eq)]
 pub enum OnLost {
@@ -176,6 +210,43 @@ mod tests {
         );
         assert_eq!(on_won(stale(40), Some(S(30)), p), OnWon::Run);
         assert_eq!(on_won(Cached::Missing, Some(S(31)), p), OnWon::Run);
+    }
+
+    #[test]
+    fn backoff_grows_geometrically_to_the_cap_and_jitters_within_it() {
+        let ms = Duration::from_millis;
+        // Without --retry-max: --retry-after, whatever the count and the draw.
+        for n in [0, 1, 5, 100] {
+            assert_eq!(backoff(S(30), None, n, 0.9), S(30));
+        }
+        let max = Some(S(60));
+        let no_jitter: Vec<Duration> = (1..=8).map(|n| backoff(S(1), max, n, 0.0)).collect();
+        assert_eq!(
+            no_jitter,
+            [S(1), S(2), S(4), S(8), S(16), S(32), S(60), S(60)]
+        );
+        // A record of before the count (0) is the first failure.
+        assert_eq!(backoff(S(1), max, 0, 0.0), S(1));
+        // ±10%, never past the cap.
+        assert_eq!(backoff(S(10), max, 1, 1.0), S(11));
+        assert_eq!(backoff(S(10), max, 1, -1.0), S(9));
+        assert_eq!(backoff(S(10), max, 3, 1.0), S(44));
+        assert_eq!(backoff(S(10), max, 4, 1.0), S(60));
+        assert_eq!(backoff(S(10), max, 4, -1.0), S(54));
+        assert_eq!(backoff(S(10), max, 4, 7.0), S(60), "a draw is clamped");
+        // Huge counts and durations saturate instead of overflowing.
+        assert_eq!(backoff(S(10), max, u32::MAX, 0.0), S(60));
+        assert_eq!(backoff(S(u64::MAX / 2), max, 40, 0.0), S(60));
+        // A cap below --retry-after caps the first wait too.
+        assert_eq!(backoff(S(10), Some(ms(500)), 1, 0.0), ms(500));
+    }
+
+    #[test]
+    fn jitter_draws_spread_over_the_range() {
+        let draws: Vec<f64> = (0..1000).map(jitter_from).collect();
+        assert!(draws.iter().all(|d| (-1.0..=1.0).contains(d)));
+        assert!(draws.iter().any(|&d| d < -0.8) && draws.iter().any(|&d| d > 0.8));
+        assert_eq!(jitter_from(42), jitter_from(42));
     }
 
     #[test]

@@ -34,7 +34,8 @@ const READ_WHOLE_MAX: u64 = 1 << 20;
 /// What a result records besides the bytes of stdout.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Meta {
-    /// Identifies the argv that produced the result ([`argv_digest`]).
+    /// Identifies the argv that produced the result ([`argv_digest`]), with the
+    /// states of any `--key-file` folded in (see `key::Resolved::result_digest`).
     pub argv_digest: String,
     /// The command as the user would type it, for `status`.
     pub command: String,
@@ -511,7 +512,7 @@ mod tests {
 
     fn write_entry(store: &Store, body: &[u8]) -> std::path::PathBuf {
         let name = Name::parse("t").unwrap();
-        let path = store.paths(&name).result;
+        let path = store.paths(&crate::key::SlotId::plain(&name)).result;
         let mut writer = EntryWriter::create(store, &name);
         for chunk in body.chunks(7000) {
             writer.write(chunk);

@@ -63,7 +63,7 @@ struct Look {
 impl Flight {
     pub fn new(opts: RunOptions, slot: Slot, say: Say) -> Flight {
         Flight {
-            digest: entry::argv_digest(&opts.command),
+            digest: slot.result_digest(&opts.command),
             opts,
             slot,
             say,
@@ -198,8 +198,21 @@ impl Flight {
     fn won_decision(&self) -> Result<(OnWon, Look)> {
         self.clean_up_after_crashes();
         let look = self.look()?;
-        let failed_ago = self.last_failure()?.map(|f| f.age(SystemTime::now()));
-        Ok((decide::on_won(look.cached, failed_ago, self.policy()), look))
+        let failure = self.last_failure()?;
+        let failed_ago = failure.as_ref().map(|f| f.age(SystemTime::now()));
+        let policy = Policy {
+            retry_after: failure
+                .as_ref()
+                .map_or(self.opts.retry_after, |f| self.backoff(f)),
+            ..self.policy()
+        };
+        Ok((decide::on_won(look.cached, failed_ago, policy), look))
+    }
+
+    /// How long no run starts after this failure, by this call's options.
+    fn backoff(&self, failure: &Failure) -> Duration {
+        let (after, max) = (self.opts.retry_after, self.opts.retry_max);
+        decide::backoff(after, max, failure.consecutive, failure.jitter)
     }
 
     fn serve_without_run(&self, decision: OnWon, look: Look) -> Result<i32> {
@@ -235,7 +248,7 @@ impl Flight {
         Ok(match self.last_failure()? {
             Some(failure) => {
                 let ago = failure.age(SystemTime::now());
-                let next = self.opts.retry_after.saturating_sub(ago);
+                let next = self.backoff(&failure).saturating_sub(ago);
                 format!(
                     "the last run failed {} ago ({}); next try in {}",
                     human(ago),
@@ -770,8 +783,17 @@ impl Flight {
         took: Duration,
         stderr_tail: &[u8],
     ) {
+        let at_ms = entry::now_ms(SystemTime::now());
+        let previous = self.last_failure().ok().flatten();
+        let consecutive = previous.map_or(1, |f| f.consecutive.max(1).saturating_add(1));
+        let jitter = decide::jitter_from(at_ms ^ u64::from(std::process::id()) << 40);
+        let (after, max) = (self.opts.retry_after, self.opts.retry_max);
+        let backoff = decide::backoff(after, max, consecutive, jitter);
         let failure = Failure {
-            at_ms: entry::now_ms(SystemTime::now()),
+            at_ms,
+            consecutive,
+            jitter,
+            backoff_ms: Some(u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX)),
             argv_digest: self.digest.clone(),
             exit_code,
             reason: reason.to_owned(),

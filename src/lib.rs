@@ -14,6 +14,7 @@ pub mod entry;
 pub mod etcd;
 pub mod exit;
 pub mod flight;
+pub mod key;
 pub mod lock;
 pub mod reap;
 pub mod record;
@@ -54,7 +55,8 @@ pub fn run(cli: Cli) -> Result<i32> {
                 .resolve()
                 .expect("clap requires NAME without a verb");
             let say = Say::new(Some(opts.name.clone()), global.verbose, global.quiet);
-            let slot = backend.slot(store, &opts.name);
+            let key = key::resolve(&opts.name, &opts.keys)?;
+            let slot = backend.slot(store, &key.id).keyed(key);
             flight::Flight::new(opts, slot, say).fly()
         }
     }

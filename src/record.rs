@@ -23,6 +23,17 @@ pub struct Failure {
     /// The last lines of the run's stderr.
     pub stderr_tail: String,
     pub duration_ms: u64,
+    /// How many runs in a row have failed, this one included (0 in records written
+    /// before it was counted: read as 1).
+    #[serde(default)]
+    pub consecutive: u32,
+    /// The jitter draw (-1..=1) of this failure's back-off (see `decide::backoff`).
+    #[serde(default)]
+    pub jitter: f64,
+    /// The back-off its writer chose: no run starts before `at_ms` + this. Callers
+    /// judge by their own options; this is what `status` shows.
+    #[serde(default)]
+    pub backoff_ms: Option<u64>,
 }
 
 impl Failure {

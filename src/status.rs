@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::backend::{Backend, Cleared, Read};
 use crate::exit::Exit;
+use crate::key::{KeyValue, SlotId};
 use crate::say::Say;
 use crate::store::Store;
 use crate::values::{Name, format_duration, format_size};
@@ -29,6 +30,14 @@ const TAIL_LINES: usize = 3;
 pub struct NameStatus {
     /// The NAME.
     pub name: String,
+    /// The slot: the NAME itself, or `NAME@<16 hex>` for the results of one set of
+    /// key values (`--key-cwd`, `--key-env`, `--key-file`), each its own slot.
+    pub slot: String,
+    /// The key values of a keyed slot: `[{"key": "cwd", "value": "/src/a"},
+    /// {"key": "env:AWS_PROFILE", "value": "prod"}, {"key": "env:X", "value": null}
+    /// (unset), {"key": "file", "value": "/src/a/Cargo.lock"}]`; `null` for the NAME's
+    /// plain slot, or when the values were not recorded.
+    pub keys: Option<Vec<KeyValue>>,
     /// `fresh` or `stale`, judged by the ttl the result was written with; `none` when
     /// there is no result; `invalid` when the result file is truncated, corrupt, not
     /// a singleflight result or not a regular file (it is never served, and the next
@@ -85,21 +94,33 @@ pub struct FailureStatus {
     pub duration_ms: u64,
     /// The end of its stderr (at most 2 KiB), decoded as UTF-8 with replacement.
     pub stderr_tail: String,
+    /// How many runs in a row have failed, this one included.
+    pub consecutive_failures: u32,
+    /// The back-off after it: no run starts until it has passed (`--retry-after`, or
+    /// grown by `--retry-max`), as chosen by the caller that ran it; `null` if not known.
+    pub backoff_ms: Option<u64>,
+    /// When the next run may start (`at_ms` + `backoff_ms`), maybe already past.
+    pub next_run_at_ms: Option<u64>,
 }
 
 pub fn status(backend: &Backend, store: &Store, names: Vec<Name>, json: bool) -> Result<i32> {
     backend.verify(store)?;
     let now = SystemTime::now();
     let asked = !names.is_empty();
-    let candidates = if asked { names } else { backend.names(store)? };
+    let candidates = if asked {
+        backend.slots_of(store, &names)?
+    } else {
+        backend.slots(store)?
+    };
     let mut statuses = Vec::new();
-    let mut unknown = Vec::new();
-    for name in candidates {
-        match look(backend, store, &name, now)? {
-            Some(status) => statuses.push(status),
-            None => unknown.push(name.to_string()),
-        }
+    for slot in candidates {
+        statuses.extend(look(backend, store, &slot, now)?);
     }
+    let unknown: Vec<String> = names
+        .iter()
+        .filter(|name| !statuses.iter().any(|s| s.name == name.as_str()))
+        .map(Name::to_string)
+        .collect();
     let mut out = io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, &statuses)?;
@@ -120,18 +141,20 @@ pub fn status(backend: &Backend, store: &Store, names: Vec<Name>, json: bool) ->
     Ok(0)
 }
 
-/// The status of `name`, or `None` if it has no result, no failure record and no run
+/// The status of a slot, or `None` if it has no result, no failure record and no run
 /// in flight: a bare lock file (left by `clear`, or by a run that never finished) is
 /// nothing to show.
 fn look(
     backend: &Backend,
     store: &Store,
-    name: &Name,
+    slot: &SlotId,
     now: SystemTime,
 ) -> Result<Option<NameStatus>> {
-    let snapshot = backend.clone().slot(store.clone(), name).snapshot()?;
+    let snapshot = backend.clone().slot(store.clone(), slot).snapshot()?;
     let mut status = NameStatus {
-        name: name.to_string(),
+        name: slot.name.to_string(),
+        slot: slot.to_string(),
+        keys: snapshot.key_values.filter(|_| slot.key.is_some()),
         state: "none",
         age_ms: None,
         ttl_ms: None,
@@ -179,6 +202,11 @@ fn look(
             exit_code: failure.exit_code,
             duration_ms: failure.duration_ms,
             stderr_tail: failure.stderr_tail,
+            consecutive_failures: failure.consecutive.max(1),
+            backoff_ms: failure.backoff_ms,
+            next_run_at_ms: failure
+                .backoff_ms
+                .map(|backoff| failure.at_ms.saturating_add(backoff)),
         });
     }
     let exists = status.state != "none" || status.in_flight || status.last_failure.is_some();
@@ -231,9 +259,29 @@ fn write_table(out: &mut impl Write, statuses: &[NameStatus]) -> io::Result<()> 
     writeln!(out, "{}", line(COLUMNS.map(|(header, _)| header)))?;
     for (row, status) in rows.iter().zip(statuses) {
         writeln!(out, "{}", line(row.each_ref().map(String::as_str)))?;
+        if status.slot != status.name {
+            let values = match &status.keys {
+                Some(keys) => keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                None => vec!["(not recorded)".to_owned()],
+            };
+            let text = format!("  keys: {} (slot {})", values.join(", "), status.slot);
+            writeln!(out, "{}", truncate(&text, TABLE_WIDTH))?;
+        }
         if let Some(failure) = &status.last_failure {
             let ago = format_duration(Duration::from_millis(failure.age_ms));
-            let text = format!("  last failure {ago} ago: {}", failure.reason);
+            let mut text = format!("  last failure {ago} ago: {}", failure.reason);
+            if let Some(backoff) = failure.backoff_ms {
+                let left = backoff.saturating_sub(failure.age_ms);
+                let next = match left {
+                    0 => "now".to_owned(),
+                    left => format!("in {}", format_duration(Duration::from_millis(left))),
+                };
+                text.push_str(&format!(
+                    "; {} in a row, back-off {}, next run {next}",
+                    failure.consecutive_failures,
+                    format_duration(Duration::from_millis(backoff))
+                ));
+            }
             writeln!(out, "{}", truncate(&text, TABLE_WIDTH))?;
             let tail: Vec<&str> = failure
                 .stderr_tail
@@ -323,18 +371,28 @@ pub fn clear(
         let message = "clear --older-than works on the cache dir only, not with --backend";
         return Err(Exit::new(crate::exit::USAGE, message).into());
     }
-    let names = if all { backend.names(store)? } else { names };
-    for name in &names {
-        let slot = backend.clone().slot(store.clone(), name);
-        let cleared = match older_than {
-            Some(age) => slot.clear_older(name, age, say)?,
-            None => slot.clear(name, say)?,
-        };
-        match cleared {
-            Cleared::Nothing => say.decided(format_args!("{name}: nothing to clear")),
-            Cleared::Removed(removed) => {
-                say.decided(format_args!("{name}: cleared ({})", removed.join(", ")))
+    let slots = if all {
+        backend.slots(store)?
+    } else {
+        backend.slots_of(store, &names)?
+    };
+    // A NAME is every slot of it: the plain one and one per set of key values
+    // (`slots_of` and `slots` list a NAME's slots together).
+    for group in slots.chunk_by(|a, b| a.name == b.name) {
+        let mut cleared = false;
+        for slot in group {
+            let held = backend.clone().slot(store.clone(), slot);
+            let outcome = match older_than {
+                Some(age) => held.clear_older(&slot.name, age, say)?,
+                None => held.clear(&slot.name, say)?,
+            };
+            if let Cleared::Removed(removed) = outcome {
+                cleared = true;
+                say.decided(format_args!("{slot}: cleared ({})", removed.join(", ")));
             }
+        }
+        if !cleared {
+            say.decided(format_args!("{}: nothing to clear", group[0].name));
         }
     }
     if older_than.is_some() {

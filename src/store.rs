@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 
 use crate::exit::{Exit, INTERNAL};
+use crate::key::SlotId;
 use crate::values::Name;
 
 /// A temp file younger than this is never removed, even with its lock free: its run
@@ -20,7 +21,7 @@ const TEMP_GRACE: Duration = Duration::from_secs(60);
 /// Every temp file starts with this, so cleanup never touches anything else.
 const TEMP_PREFIX: &str = ".tmp.";
 
-/// The files of one NAME.
+/// The files of one slot of a NAME (`NAME.*`, or `NAME@<key>.*` with key flags).
 pub struct Paths {
     /// The cached result: header, stdout, metadata (see `entry`).
     pub result: PathBuf,
@@ -30,6 +31,8 @@ pub struct Paths {
     pub failure: PathBuf,
     /// The run in flight, so that a later winner can kill what a killed run left.
     pub run: PathBuf,
+    /// The key values of a keyed slot, for `status` (see `key`).
+    pub key: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -59,13 +62,14 @@ impl Store {
         &self.dir
     }
 
-    pub fn paths(&self, name: &Name) -> Paths {
-        let file = |extension: &str| self.dir.join(format!("{name}.{extension}"));
+    pub fn paths(&self, slot: &SlotId) -> Paths {
+        let file = |extension: &str| self.dir.join(format!("{slot}.{extension}"));
         Paths {
             result: file("result"),
             lock: file("lock"),
             failure: file("failure"),
             run: file("run"),
+            key: file("key"),
         }
     }
 
@@ -220,20 +224,21 @@ impl Store {
         Some(CacheDir { fd })
     }
 
-    /// Every NAME that has a file in the cache dir, sorted.
-    pub fn names(&self) -> Result<Vec<Name>> {
+    /// Every slot that has a file in the cache dir, sorted (a NAME's plain slot first,
+    /// then its keyed ones).
+    pub fn slots(&self) -> Result<Vec<SlotId>> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(self.unusable(&e.to_string())),
         };
-        let mut names: Vec<Name> = entries
+        let mut names: Vec<SlotId> = entries
             .flatten()
             .filter_map(|entry| {
                 let file = entry.file_name();
                 let (stem, extension) = file.to_str()?.rsplit_once('.')?;
-                matches!(extension, "result" | "lock" | "failure" | "run")
-                    .then(|| Name::parse(stem).ok())?
+                matches!(extension, "result" | "lock" | "failure" | "run" | "key")
+                    .then(|| SlotId::parse(stem))?
             })
             .collect();
         names.sort();

@@ -260,9 +260,18 @@ and is terminated with its Job Object --kill-after later; a tree without a conso
 terminated at once.
 
 A failed run (non-zero exit, timeout) keeps the last good result, which callers get \
-until --retry-after has passed; --cache-failures caches the failed run's output \
-instead. stdin of the command is /dev/null; its stderr passes through when the caller \
+until --retry-after has passed (with --retry-max, a wait that doubles with each failed \
+run in a row, up to --retry-max, with ±10% jitter; a good run resets it); \
+--cache-failures caches the failed run's output instead. stdin of the command is /dev/null; its stderr passes through when the caller \
 runs it in the foreground, and the tail of a failed run's stderr is kept for status.
+
+A result is keyed by NAME, the command line and the values of any keys: --key-cwd \
+(the current directory), --key-env VAR (its value; set and unset differ) and \
+--key-file PATH (the file's state: an edit, a rename over it or its deletion is a \
+miss). Nothing else is looked at: a relative command shared across directories shares \
+its result unless --key-cwd is given. Each set of key values is its own slot, with its \
+own lock and result, kept in NAME@<16 hex>.* in the cache dir; status shows each slot \
+with its key values, and clear NAME clears them all.
 
 With --backend etcd://HOST:PORT (or SINGLEFLIGHT_BACKEND) the lock and the result live in \
 etcd, so that of all the callers on all the machines that use it at most one runs \

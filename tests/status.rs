@@ -12,8 +12,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use common::{TestEnv, finish, status, stderr, stdout, wait_until};
 use serde_json::{Map, Value};
 
-const KEYS: [&str; 15] = [
+const KEYS: [&str; 17] = [
     "name",
+    "slot",
+    "keys",
     "state",
     "age_ms",
     "ttl_ms",
@@ -29,7 +31,10 @@ const KEYS: [&str; 15] = [
     "command",
     "last_failure",
 ];
-const FAILURE_KEYS: [&str; 6] = [
+const FAILURE_KEYS: [&str; 9] = [
+    "consecutive_failures",
+    "backoff_ms",
+    "next_run_at_ms",
     "at_ms",
     "age_ms",
     "reason",

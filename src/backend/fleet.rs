@@ -21,10 +21,10 @@ use crate::etcd::{
     LeaseKeeper, Prefix, Write, check_size, default_lead,
 };
 use crate::exit::{self, Exit};
+use crate::key::SlotId;
 use crate::record::{self, Failure};
 use crate::run::Abort;
 use crate::say::Say;
-use crate::values::Name;
 
 /// How far in the future a result written by another machine may be dated and still
 /// count as just written. Clocks kept by NTP agree far better than this; a reader
@@ -59,22 +59,22 @@ impl Fleet {
         }
     }
 
-    pub fn slot(self, name: &Name) -> FleetSlot {
+    pub fn slot(self, id: &SlotId) -> FleetSlot {
         FleetSlot {
-            keys: self.prefix.keys(name),
-            name_prefix: [self.prefix.as_bytes(), name.as_str().as_bytes(), b"/"].concat(),
-            name: name.clone(),
+            keys: self.prefix.keys(id),
+            name_prefix: [self.prefix.as_bytes(), id.to_string().as_bytes(), b"/"].concat(),
+            name: id.clone(),
             fleet: self,
         }
     }
 
-    /// Every NAME with a key under the prefix.
-    pub fn names(&self) -> Result<Vec<Name>> {
+    /// Every slot with a key under the prefix.
+    pub fn slots(&self) -> Result<Vec<SlotId>> {
         let keys = self
             .client
             .list(self.prefix.as_bytes())
             .map_err(|e| Exit::new(exit::INTERNAL, format!("{self}: {e}")))?;
-        Ok(self.prefix.names(keys.iter().map(Vec::as_slice)))
+        Ok(self.prefix.slots(keys.iter().map(Vec::as_slice)))
     }
 }
 
@@ -97,10 +97,11 @@ struct Owner {
     started_at_ms: u64,
 }
 
-/// One NAME in etcd.
+/// One slot of a NAME in etcd.
 pub struct FleetSlot {
     fleet: Fleet,
-    name: Name,
+    /// The slot, for messages and key names: `NAME` or `NAME@<key>`.
+    name: SlotId,
     keys: Keys,
     /// `<prefix><NAME>/`: every key of the NAME starts with it.
     name_prefix: Vec<u8>,
@@ -327,6 +328,13 @@ impl FleetSlot {
         Ok(())
     }
 
+    /// Records the key values of a keyed slot (best effort: they are for `status`).
+    pub fn save_key_values(&self, held: &FleetHeld, bytes: &[u8]) {
+        let _ = self
+            .client()
+            .put_if_holder(&self.keys.key, bytes, &self.keys.lock, held.token);
+    }
+
     pub fn forget_failure(&self, held: &FleetHeld) {
         let _ = self
             .client()
@@ -356,10 +364,16 @@ impl FleetSlot {
                 },
             },
         );
+        let key_values = self
+            .client()
+            .get(&self.keys.key)
+            .map_err(|e| self.failed(e))?
+            .and_then(|value| serde_json::from_slice(&value.bytes).ok());
         Ok(Snapshot {
             result,
             in_flight,
             failure,
+            key_values,
         })
     }
 
@@ -392,6 +406,7 @@ impl FleetSlot {
             let removed: Vec<&'static str> = [
                 (&self.keys.result, "result"),
                 (&self.keys.failure, "failure record"),
+                (&self.keys.key, "key values"),
             ]
             .into_iter()
             .filter(|(key, _)| keys.contains(key))
@@ -403,6 +418,9 @@ impl FleetSlot {
                 },
                 Write::Delete {
                     key: &self.keys.failure,
+                },
+                Write::Delete {
+                    key: &self.keys.key,
                 },
                 Write::Delete {
                     key: &self.keys.lock,

@@ -6,8 +6,15 @@
 //!                          value = who holds it (JSON), create_revision = fencing token
 //! <prefix><NAME>/result    the last good result: the local entry format's bytes
 //! <prefix><NAME>/failure   the last failed run (record::Failure as JSON)
+//! <prefix><NAME>/key       the key values of a keyed slot (JSON), for `status`
 //! ```
+//!
+//! A keyed slot (`--key-cwd`, `--key-env`, `--key-file`) is `NAME@<16 hex>` in place of
+//! `NAME`, as in the cache dir.
 
+use std::fmt;
+
+use crate::key::SlotId;
 use crate::values::Name;
 
 /// `--etcd-prefix` default.
@@ -36,14 +43,32 @@ impl Prefix {
         self.0.as_bytes()
     }
 
-    /// The keys of one NAME.
-    pub fn keys(&self, name: &Name) -> Keys {
-        let key = |kind: &str| format!("{}{name}/{kind}", self.0).into_bytes();
+    /// The keys of one slot: a NAME, or a [`SlotId`].
+    pub fn keys(&self, slot: &impl fmt::Display) -> Keys {
+        let key = |kind: &str| format!("{}{slot}/{kind}", self.0).into_bytes();
         Keys {
             lock: key(LOCK),
             result: key(RESULT),
             failure: key(FAILURE),
+            key: key(KEY),
         }
+    }
+
+    /// The slots that have any key under this prefix, sorted, once each.
+    pub fn slots<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Vec<SlotId> {
+        let mut slots: Vec<SlotId> = keys
+            .into_iter()
+            .filter_map(|key| {
+                let rest = std::str::from_utf8(key.strip_prefix(self.as_bytes())?).ok()?;
+                let (slot, kind) = rest.split_once('/')?;
+                [LOCK, RESULT, FAILURE, KEY]
+                    .contains(&kind)
+                    .then(|| SlotId::parse(slot))?
+            })
+            .collect();
+        slots.sort();
+        slots.dedup();
+        slots
     }
 
     /// The NAMEs that have any key under this prefix, sorted, once each (for `status`
@@ -74,6 +99,7 @@ impl Default for Prefix {
 const LOCK: &str = "lock";
 const RESULT: &str = "result";
 const FAILURE: &str = "failure";
+const KEY: &str = "key";
 
 /// The etcd keys of one NAME.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +107,7 @@ pub struct Keys {
     pub lock: Vec<u8>,
     pub result: Vec<u8>,
     pub failure: Vec<u8>,
+    pub key: Vec<u8>,
 }
 
 #[cfg(test)]
@@ -117,5 +144,27 @@ mod tests {
             .map(|n| n.to_string())
             .collect();
         assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn keyed_slots_from_a_listing() {
+        let prefix = Prefix::default();
+        let slot = SlotId::parse("a@0123456789abcdef").unwrap();
+        assert_eq!(
+            prefix.keys(&slot).key,
+            b"/singleflight/a@0123456789abcdef/key"
+        );
+        let listing: [&[u8]; 4] = [
+            b"/singleflight/a@0123456789abcdef/key",
+            b"/singleflight/a@0123456789abcdef/result",
+            b"/singleflight/a/result",
+            b"/singleflight/a@xyz/result",
+        ];
+        let slots: Vec<String> = prefix
+            .slots(listing)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(slots, ["a", "a@0123456789abcdef"]);
     }
 }
