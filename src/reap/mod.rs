@@ -113,14 +113,20 @@ pub fn prepare(command: &mut Command, token: &str) {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         {
             let parent = rustix::process::getpid();
-            // SAFETY: only async-signal-safe syscalls between fork and exec.
+            // SAFETY: the closure runs in the child between fork and exec, where a
+            // multi-threaded parent's heap lock may be held by a thread that no longer
+            // exists: it makes two raw syscalls (prctl, getppid) and nothing else. No
+            // allocation: the errors are `from_raw_os_error` (an integer inside the
+            // `io::Error`), and rustix's `Errno` converts to one the same way.
             unsafe {
                 command.pre_exec(move || {
                     use rustix::process::{Signal, getppid, set_parent_process_death_signal};
-                    set_parent_process_death_signal(Some(Signal::KILL))?;
-                    // singleflight may have died before the death signal was armed.
+                    set_parent_process_death_signal(Some(Signal::KILL))
+                        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
+                    // singleflight may have died before the death signal was armed:
+                    // the child then fails to start with ESRCH ("no such process").
                     if getppid() != Some(parent) {
-                        return Err(std::io::Error::other("singleflight exited"));
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                     }
                     Ok(())
                 });
