@@ -155,6 +155,10 @@ pub fn run(
     // Handlers go in before the spawn: a Ctrl-C a moment later must not orphan the tree.
     let signals = SignalForwarder::start(events.clone());
     reap::become_subreaper();
+    // Before the command: from its first instruction on, the run is guarded. Dropped
+    // (told `done`, waited for) once the tree is gone, on every way out of here.
+    #[cfg(unix)]
+    let mut guard = crate::guard::Guard::start(spec.token);
 
     let mut command = Command::new(&spec.argv[0]);
     command
@@ -174,6 +178,10 @@ pub fn run(
             format!("cannot take charge of the command's process tree: {e}"),
         )
     })?;
+    #[cfg(unix)]
+    if let Some(guard) = guard.as_mut() {
+        guard.started(tree.pid(), reap::start_ticks(tree.pid()));
+    }
     started(tree.pid());
 
     let out = child.stdout.take().expect("stdout is piped");
@@ -201,6 +209,8 @@ pub fn run(
             .map_or(Outcome::TimedOut, Outcome::Interrupted),
     };
     tree.kill_leftovers();
+    #[cfg(unix)]
+    drop(guard);
     let duration = start.elapsed();
     if let Some(abort) = spec.abort {
         abort.disarm();
