@@ -155,10 +155,16 @@ pub fn run(
     // Handlers go in before the spawn: a Ctrl-C a moment later must not orphan the tree.
     let signals = SignalForwarder::start(events.clone());
     reap::become_subreaper();
-    // Before the command: from its first instruction on, the run is guarded. Dropped
-    // (told `done`, waited for) once the tree is gone, on every way out of here.
+    // The guard starts alongside the command (each spawn waits for its exec; in
+    // parallel they cost one wait). Its first look finds whatever the command started
+    // meanwhile. A singleflight killed in the moment before its guard exists leaves
+    // the clean-up to the next winner, as without a guard. The guard is dropped (told
+    // `done`, waited for) once the tree is gone, on every way out of here.
     #[cfg(unix)]
-    let mut guard = crate::guard::Guard::start(spec.token);
+    let guard = {
+        let token = spec.token.to_owned();
+        thread::spawn(move || crate::guard::Guard::start(&token))
+    };
 
     let mut command = Command::new(&spec.argv[0]);
     command
@@ -178,6 +184,8 @@ pub fn run(
             format!("cannot take charge of the command's process tree: {e}"),
         )
     })?;
+    #[cfg(unix)]
+    let mut guard = guard.join().ok().flatten();
     #[cfg(unix)]
     if let Some(guard) = guard.as_mut() {
         guard.started(tree.pid(), reap::start_ticks(tree.pid()));
