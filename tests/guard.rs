@@ -286,3 +286,31 @@ fn the_next_winner_spares_a_strangers_group_on_the_recorded_pid() {
         "the next winner killed a stranger's workers"
     );
 }
+
+/// A `--background` refresher started inside another run (a status line script that
+/// itself calls `singleflight --background inner …`) outlives the enclosing run and
+/// finishes its refresh: the enclosing run's clean-up leaves another run's refresher
+/// alone.
+#[test]
+fn a_background_refresher_started_inside_a_run_finishes_its_refresh() {
+    let env = TestEnv::new();
+    let go = env.path("go");
+    let inner = format!(
+        "while [ ! -e {go} ]; do sleep 0.05; done; echo inner-fresh",
+        go = go.display()
+    );
+    let outer = format!(
+        "'{sf}' --background inner --ttl 1h --wait 0 -- sh -c '{inner}'; echo outer",
+        sf = env!("CARGO_BIN_EXE_singleflight"),
+    );
+    let output = env.run(["outer", "--", "sh", "-c", &outer]);
+    assert_eq!(status(&output), 0, "{}", stderr(&output));
+    assert_eq!(common::stdout(&output), "outer\n");
+    // The enclosing run is over, its tree reaped; only now may the refresh finish.
+    fs::write(&go, "").expect("write go");
+    wait_until("the inner refresh is cached", || {
+        env.result_file("inner").exists()
+    });
+    let hit = env.run(["inner", "--ttl", "1h", "--", "sh", "-c", &inner]);
+    assert_eq!(common::stdout(&hit), "inner-fresh\n", "{}", stderr(&hit));
+}

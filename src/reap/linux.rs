@@ -16,6 +16,7 @@ pub struct Stat {
     pub state: u8,
     pub ppid: u32,
     pub pgrp: u32,
+    pub session: u32,
     pub start_ticks: u64,
 }
 
@@ -31,6 +32,7 @@ impl Stat {
             state: *fields.first()?.as_bytes().first()?,
             ppid: fields.get(1)?.parse().ok()?,
             pgrp: fields.get(2)?.parse().ok()?,
+            session: fields.get(3)?.parse().ok()?,
             start_ticks: fields.get(19)?.parse().ok()?,
         })
     }
@@ -60,7 +62,7 @@ pub fn descendants(root: u32) -> Vec<Stat> {
     while let Some(parent) = parents.pop() {
         for p in processes
             .iter()
-            .filter(|p| p.ppid == parent && p.pid != guard)
+            .filter(|p| p.ppid == parent && p.pid != guard && !other_runs_refresher(p))
         {
             parents.push(p.pid);
             found.push(*p);
@@ -141,6 +143,7 @@ pub fn kill_remains(record: &RunRecord) {
             .into_iter()
             .filter(|p| p.alive() && p.pid != me && p.start_ticks >= record.start_ticks)
             .filter(|p| (group_is_ours && p.pgrp == record.pid) || carries_token(p.pid, &needle))
+            .filter(|p| !other_runs_refresher(p))
             .collect();
         if remains.is_empty() {
             return;
@@ -180,6 +183,7 @@ pub fn note_tree(owner: u32, seen: &mut HashMap<u32, u64>) {
             }
             if let Some(stat) = Stat::read(child)
                 && stat.alive()
+                && !other_runs_refresher(&stat)
             {
                 seen.insert(child, stat.start_ticks);
                 parents.push(child);
@@ -195,7 +199,7 @@ pub fn note_tree(owner: u32, seen: &mut HashMap<u32, u64>) {
 fn hold(pid: u32, start: u64) -> Option<OwnedFd> {
     let fd = rustix::process::pidfd_open(Pid::from_raw(pid as i32)?, PidfdFlags::empty()).ok()?;
     let stat = Stat::read(pid)?;
-    (stat.start_ticks == start && stat.alive()).then_some(fd)
+    (stat.start_ticks == start && stat.alive() && !other_runs_refresher(&stat)).then_some(fd)
 }
 
 /// The guard's clean-up once singleflight died: the run's processes it saw, those
@@ -250,4 +254,64 @@ pub fn kill_run(known: &crate::guard::Known) {
     for fd in held.values() {
         let _ = rustix::process::pidfd_send_signal(fd, Signal::KILL);
     }
+}
+
+/// Whether `stat` is a `--background` refresher of another run, started inside this
+/// one (a status line script calling `singleflight --background inner …`): such a
+/// refresher finishes under its own limits, so a run's clean-up leaves it and its
+/// tree alone. Proof, not a mark anyone could copy: it is singleflight itself (the
+/// same executable), leads its own session, was started as a refresher
+/// (`--refresher…`), and holds an flock'd file (the other NAME's lock it was handed).
+/// A process of the run that is all of that is a refresher.
+fn other_runs_refresher(stat: &Stat) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if stat.session != stat.pid {
+        return false;
+    }
+    let same_file = |a: &fs::Metadata, b: &fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    let pid = stat.pid;
+    let (Ok(theirs), Ok(ours)) = (
+        fs::metadata(format!("/proc/{pid}/exe")),
+        fs::metadata("/proc/self/exe"),
+    ) else {
+        return false;
+    };
+    if !same_file(&theirs, &ours) {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg.starts_with(b"--refresher"))
+    {
+        return false;
+    }
+    // /proc/locks: "1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF", device in hex.
+    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+    let locked: Vec<(u64, u64, u64)> = locks
+        .lines()
+        .filter(|l| l.contains("FLOCK"))
+        .filter_map(|l| {
+            let id = l.split_whitespace().nth(5)?;
+            let mut parts = id.split(':');
+            let major = u64::from_str_radix(parts.next()?, 16).ok()?;
+            let minor = u64::from_str_radix(parts.next()?, 16).ok()?;
+            let inode = parts.next()?.parse().ok()?;
+            Some((major, minor, inode))
+        })
+        .collect();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::metadata(fd.path()).is_ok_and(|m| {
+            let dev = m.dev();
+            let id = (
+                u64::from(rustix::fs::major(dev)),
+                u64::from(rustix::fs::minor(dev)),
+                m.ino(),
+            );
+            locked.contains(&id)
+        })
+    })
 }
