@@ -147,6 +147,10 @@ pub fn signal_tree(group: u32, stop: Stop) {
         };
         if let Some(pid) = Pid::from_raw(group as i32) {
             let _ = kill_process_group(pid, signal);
+            // A stopped process acts on SIGTERM only once continued (as timeout(1)).
+            if stop == Stop::Term {
+                let _ = kill_process_group(pid, Signal::CONT);
+            }
         }
         #[cfg(any(target_os = "linux", target_os = "android"))]
         for pid in linux::descendants(std::process::id()) {
@@ -267,6 +271,8 @@ pub fn start_ticks(pid: u32) -> u64 {
     0
 }
 
+#[cfg(unix)]
+pub mod terminal;
 #[cfg(windows)]
 pub(crate) mod windows;
 
