@@ -14,6 +14,8 @@ pub mod entry;
 pub mod etcd;
 pub mod exit;
 pub mod flight;
+#[cfg(unix)]
+pub mod guard;
 pub mod key;
 pub mod lock;
 pub mod reap;

@@ -9,6 +9,13 @@ use singleflight::exit;
 
 /// Parses the command line, runs it, reports an error; returns the exit status.
 fn parse_and_run() -> u8 {
+    #[cfg(all(unix, not(all(target_os = "linux", target_env = "gnu", not(test)))))]
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == singleflight::guard::ARG)
+    {
+        return guard_main();
+    }
     let cli = Cli::parse_args();
     let status = match singleflight::run(cli) {
         Ok(status) => status,
@@ -53,10 +60,24 @@ fn main() -> std::process::ExitCode {
 /// a stack overflow is a plain SIGSEGV without std's message.
 #[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
 #[unsafe(no_mangle)]
-extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc::c_int {
+    // The guard's hidden mode, told from argv in place: a hit pays one comparison.
+    // SAFETY: glibc passes argc valid, NUL-terminated strings in argv.
+    if argc > 1
+        && unsafe { std::ffi::CStr::from_ptr(*argv.add(1)) }.to_bytes()
+            == singleflight::guard::ARG.as_bytes()
+    {
+        return guard_main().into();
+    }
     singleflight::start::prepare();
     let status = parse_and_run();
     // std's runtime flushes stdout at exit; returning from here does not.
     let _ = std::io::Write::flush(&mut std::io::stdout());
     status.into()
+}
+
+/// `singleflight __guard …`: the guard of a run (see `singleflight::guard`).
+#[cfg(unix)]
+fn guard_main() -> u8 {
+    u8::try_from(singleflight::guard::main()).unwrap_or(1)
 }

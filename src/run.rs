@@ -133,6 +133,8 @@ enum Event {
     Stderr(Vec<u8>),
     Signal(i32),
     Abort,
+    /// The command stopped (SIGTSTP from the terminal, SIGTTIN, SIGSTOP).
+    Stopped,
 }
 
 /// Runs the command to the end, however it ends. `started` is told the command's pid
@@ -156,6 +158,16 @@ pub fn run(
     // Handlers go in before the spawn: a Ctrl-C a moment later must not orphan the tree.
     let signals = SignalForwarder::start(events.clone());
     reap::become_subreaper();
+    // The guard starts alongside the command (each spawn waits for its exec; in
+    // parallel they cost one wait). Its first look finds whatever the command started
+    // meanwhile. A singleflight killed in the moment before its guard exists leaves
+    // the clean-up to the next winner, as without a guard. The guard is dropped (told
+    // `done`, waited for) once the tree is gone, on every way out of here.
+    #[cfg(unix)]
+    let guard = {
+        let token = spec.token.to_owned();
+        thread::spawn(move || crate::guard::Guard::start(&token))
+    };
 
     let mut command = Command::new(&spec.argv[0]);
     command
@@ -164,17 +176,39 @@ pub fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     reap::prepare(&mut command, spec.token);
+    // The caller that runs the command in the foreground of a terminal hands it the
+    // terminal for the run; a refresher or a caller in the background never does.
+    #[cfg(unix)]
+    let terminal = spec
+        .pass_stderr
+        .then(reap::terminal::Terminal::if_foreground)
+        .flatten();
+    #[cfg(unix)]
+    if let Some(terminal) = &terminal {
+        reap::terminal::hand_to_child(&mut command, terminal);
+    }
     command.envs(spec.env.iter().map(|(key, value)| (key, value)));
     let start = Instant::now();
-    let mut child = command
-        .spawn()
-        .map_err(|e| spawn_error(&spec.argv[0], &e))?;
+    let spawned = command.spawn();
+    // Joined on every way out, a failed spawn included: a guard still between fork
+    // and exec holds copies of singleflight's fds, the NAME's lock among them.
+    #[cfg(unix)]
+    let mut guard = guard.join().ok().flatten();
+    let mut child = spawned.map_err(|e| spawn_error(&spec.argv[0], &e))?;
     let tree = Tree::adopt(&mut child).map_err(|e| {
         Exit::new(
             exit::INTERNAL,
             format!("cannot take charge of the command's process tree: {e}"),
         )
     })?;
+    #[cfg(unix)]
+    if let Some(guard) = guard.as_mut() {
+        guard.started(tree.pid(), reap::start_ticks(tree.pid()));
+    }
+    #[cfg(unix)]
+    if let Some(terminal) = &terminal {
+        terminal.give(tree.pid());
+    }
     started(tree.pid());
 
     let out = child.stdout.take().expect("stdout is piped");
@@ -189,19 +223,35 @@ pub fn run(
     spawn_waiter(child, events);
 
     let mut streams = Streams::default();
-    let mut outcome = match next(&receiver, deadline(start, spec.timeout), &mut streams) {
-        Wake::Exited(status) => outcome_of(status),
-        Wake::Stop(stop @ Outcome::Interrupted(_)) => {
-            terminate(&tree, spec.kill_after, &receiver, &mut streams);
-            stop
-        }
-        // A signal to singleflight while it stops the run for another reason wins.
-        Wake::Stop(stop) => terminate(&tree, spec.kill_after, &receiver, &mut streams)
-            .map_or(stop, Outcome::Interrupted),
-        Wake::Deadline => terminate(&tree, spec.kill_after, &receiver, &mut streams)
-            .map_or(Outcome::TimedOut, Outcome::Interrupted),
+    // Time the user holds the run stopped (Ctrl-Z) does not count against --timeout.
+    let mut timeout_at = deadline(start, spec.timeout);
+    let mut outcome = loop {
+        break match next(&receiver, timeout_at, &mut streams) {
+            Wake::Stopped => {
+                #[cfg(unix)]
+                if let Some(terminal) = &terminal {
+                    let held = reap::terminal::suspend(terminal, tree.pid());
+                    timeout_at = timeout_at.and_then(|at| at.checked_add(held));
+                }
+                continue;
+            }
+            Wake::Exited(status) => outcome_of(status),
+            Wake::Stop(stop @ Outcome::Interrupted(_)) => {
+                terminate(&tree, spec.kill_after, &receiver, &mut streams);
+                stop
+            }
+            // A signal to singleflight while it stops the run for another reason wins.
+            Wake::Stop(stop) => terminate(&tree, spec.kill_after, &receiver, &mut streams)
+                .map_or(stop, Outcome::Interrupted),
+            Wake::Deadline => terminate(&tree, spec.kill_after, &receiver, &mut streams)
+                .map_or(Outcome::TimedOut, Outcome::Interrupted),
+        };
     };
     tree.kill_leftovers();
+    #[cfg(unix)]
+    drop(terminal);
+    #[cfg(unix)]
+    drop(guard);
     let duration = start.elapsed();
     if let Some(abort) = spec.abort {
         abort.disarm();
@@ -219,7 +269,7 @@ pub fn run(
             Ok(Event::Abort) if !matches!(outcome, Outcome::Interrupted(_)) => {
                 outcome = Outcome::LeaseLost
             }
-            Ok(Event::Overflow | Event::Exited(_) | Event::Abort) => {}
+            Ok(Event::Overflow | Event::Exited(_) | Event::Abort | Event::Stopped) => {}
             // The signal forwarder holds a sender to the end: not before the streams.
             Err(_) => break,
         }
@@ -257,6 +307,8 @@ enum Wake {
     Exited(io::Result<ExitStatus>),
     /// The run must stop: output overflow, or a signal to singleflight.
     Stop(Outcome),
+    /// The command stopped.
+    Stopped,
     Deadline,
 }
 
@@ -275,6 +327,7 @@ fn next(receiver: &Receiver<Event>, deadline: Option<Instant>, streams: &mut Str
             Ok(Event::Overflow) => return Wake::Stop(Outcome::OutputOverflow),
             Ok(Event::Signal(signal)) => return Wake::Stop(Outcome::Interrupted(signal)),
             Ok(Event::Abort) => return Wake::Stop(Outcome::LeaseLost),
+            Ok(Event::Stopped) => return Wake::Stopped,
             Ok(Event::Stdout(writer)) => streams.stdout = Some(*writer),
             Ok(Event::Stderr(tail)) => streams.stderr_tail = Some(tail),
             Err(RecvTimeoutError::Timeout) => return Wake::Deadline,
@@ -306,7 +359,7 @@ fn terminate(
                 signal = Some(got);
                 break;
             }
-            Wake::Stop(_) => continue,
+            Wake::Stop(_) | Wake::Stopped => continue,
             Wake::Deadline => break,
         }
     }
@@ -331,6 +384,10 @@ fn spawn_error(program: &OsString, error: &io::Error) -> anyhow::Error {
 
 fn spawn_waiter(mut child: Child, events: Sender<Event>) {
     thread::spawn(move || {
+        #[cfg(unix)]
+        while let reap::terminal::Seen::Stopped = reap::terminal::wait_stop_or_exit(child.id()) {
+            let _ = events.send(Event::Stopped);
+        }
         let _ = events.send(Event::Exited(child.wait()));
     });
 }

@@ -8,7 +8,7 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use common::{TestEnv, alive, finish, marker, status, stderr, stdout, wait_until};
@@ -315,9 +315,11 @@ fn the_refresher_has_its_own_session_stdio_on_null_and_no_descriptor_but_the_loc
         !fds.iter().any(|(_, t)| *t == leak),
         "a leaked fd was inherited: {fds:?}"
     );
-    // Everything else is the refresher's own: the run's temp file, pipes and signal socket.
+    // Everything else is the refresher's own: the run's temp file, pipes and signal
+    // socket, and /dev/null opened for the stdio of what it spawns (its guard).
     for (fd, target) in &fds {
         let own = target.starts_with(&env.cache)
+            || target == Path::new("/dev/null")
             || ["pipe:", "socket:", "anon_inode:"]
                 .iter()
                 .any(|kind| target.to_string_lossy().starts_with(kind));

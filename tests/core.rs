@@ -7,7 +7,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 
-use common::{TestEnv, alive, finish, marker, status, stderr, stdout, wait_until};
+use common::{TestEnv, finish, status, stderr, stdout, wait_until};
+#[cfg(target_os = "linux")]
+use common::{alive, marker};
 
 /// A command that counts its runs in the test's counter file and prints `output`.
 fn counting(env: &TestEnv, output: &str) -> Vec<String> {

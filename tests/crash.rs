@@ -2,6 +2,9 @@
 //! signals to singleflight, SIGKILL, output overflow and disk faults, checked against
 //! the real process table and the real cache dir.
 
+// Half of these tests need /proc and run on Linux only; elsewhere their helpers go unused.
+#![cfg_attr(not(target_os = "linux"), allow(dead_code, unused_imports))]
+
 mod common;
 
 use std::fs;
@@ -383,6 +386,8 @@ fn after_sigkill_the_next_winner_kills_what_is_left_of_the_run() {
         started.exists() && sleepers(&m).len() == 4
     });
     let command = direct_child(first.id()).expect("the command runs");
+    // The guard dies too (a host killing every process of the caller): the fallback.
+    kill_guard_of(first.id());
     send(first.id(), Signal::KILL);
     assert_died_of(finish(first).status, 9, "singleflight");
     // PR_SET_PDEATHSIG: the command itself goes with singleflight ...
@@ -448,6 +453,7 @@ fn after_sigkill_of_a_background_refresher_the_lock_is_free_and_remains_are_kill
         refresher = run["owner_pid"].as_u64().unwrap_or(0) as u32;
         run["pid"].as_u64().unwrap_or(0) != 0 && sleepers(&m).len() == 2
     });
+    kill_guard_of(refresher);
     send(refresher, Signal::KILL);
     wait_until("the refresher is gone", || !is_alive(refresher));
     assert_eq!(sleepers(&m).len(), 2, "the escapees outlive the refresher");
@@ -538,10 +544,36 @@ fn is_alive(pid: u32) -> bool {
         .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
 }
 
-/// The (first) child of `pid`.
+/// The children of singleflight `pid`: (its guard, its command).
+fn children_of(pid: u32) -> (Option<u32>, Option<u32>) {
+    let children =
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let (mut guard, mut command) = (None, None);
+    for child in children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+    {
+        let cmdline = fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("__guard") {
+            guard = Some(child);
+        } else {
+            command = command.or(Some(child));
+        }
+    }
+    (guard, command)
+}
+
+/// The command of singleflight `pid` (its child that is not the guard).
 fn direct_child(pid: u32) -> Option<u32> {
-    let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    children.split_whitespace().next()?.parse().ok()
+    children_of(pid).1
+}
+
+/// SIGKILLs the guard of singleflight `pid` and waits until it is gone, so that what
+/// a SIGKILL of singleflight leaves is the next winner's to clean up.
+fn kill_guard_of(pid: u32) {
+    let guard = children_of(pid).0.expect("singleflight has a guard");
+    send(guard, Signal::KILL);
+    wait_until("the guard is gone", || !is_alive(guard));
 }
 
 // ---------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 
-use common::{TestEnv, finish, status, stderr, stdout};
+#[cfg(target_os = "linux")]
+use common::stdout;
+use common::{TestEnv, finish, status, stderr};
 
 /// `singleflight ARGS...` started by `sh` with its stdout closed.
 fn with_stdout_closed(env: &TestEnv, args: &[&str]) -> std::process::Output {

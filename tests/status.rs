@@ -192,6 +192,7 @@ fn status_json_gives_every_key_of_fresh_stale_in_flight_and_failed_names() {
         "the cache dir's runs are this machine's"
     );
     let command_pid = u64_of(in_flight, "command_pid");
+    assert_ne!(command_pid, 0, "the command's pid");
     #[cfg(target_os = "linux")]
     {
         let cmdline = fs::read(format!("/proc/{command_pid}/cmdline")).unwrap();

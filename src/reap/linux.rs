@@ -1,9 +1,11 @@
 //! The Linux side of a run's tree: `/proc` for descendants and identities, reaping
 //! as a child subreaper, and killing the remains of a killed run.
 
+use std::collections::HashMap;
 use std::fs;
+use std::os::fd::OwnedFd;
 
-use rustix::process::{Pid, Signal, WaitOptions};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitOptions};
 
 use crate::record::RunRecord;
 
@@ -14,6 +16,7 @@ pub struct Stat {
     pub state: u8,
     pub ppid: u32,
     pub pgrp: u32,
+    pub session: u32,
     pub start_ticks: u64,
 }
 
@@ -29,6 +32,7 @@ impl Stat {
             state: *fields.first()?.as_bytes().first()?,
             ppid: fields.get(1)?.parse().ok()?,
             pgrp: fields.get(2)?.parse().ok()?,
+            session: fields.get(3)?.parse().ok()?,
             start_ticks: fields.get(19)?.parse().ok()?,
         })
     }
@@ -49,13 +53,17 @@ fn all_processes() -> Vec<Stat> {
         .collect()
 }
 
-/// Every process below `root` in the tree (not `root` itself).
+/// Every process below `root` in the tree (not `root` itself), but the guard.
 pub fn descendants(root: u32) -> Vec<Stat> {
     let processes = all_processes();
+    let guard = super::spared();
     let mut found = Vec::new();
     let mut parents = vec![root];
     while let Some(parent) = parents.pop() {
-        for p in processes.iter().filter(|p| p.ppid == parent) {
+        for p in processes
+            .iter()
+            .filter(|p| p.ppid == parent && p.pid != guard && !other_runs_refresher(p))
+        {
             parents.push(p.pid);
             found.push(*p);
         }
@@ -119,11 +127,15 @@ pub fn kill_remains(record: &RunRecord) {
         return;
     }
     let needle = format!("{}={}", super::RUN_ID_ENV, record.token).into_bytes();
-    // The group id is the command's pid. It is still this run's group unless the
-    // pid now names another process: a pid in use as a group id is never reused,
-    // so a different process with that pid means the old group is gone.
+    // The group id is the command's pid. It is provably this run's group only while
+    // its leader lives: once the leader is gone and the group's last member exits
+    // the pid is free, and a stranger may lead a group with that id (a pipeline
+    // whose first command ended, a daemon). So no leader, no group.
     let group_is_ours = record.pid != 0
-        && Stat::read(record.pid).is_none_or(|leader| leader.start_ticks == record.start_ticks);
+        && record.start_ticks != 0
+        && Stat::read(record.pid).is_some_and(|leader| {
+            leader.alive() && leader.start_ticks == record.start_ticks && leader.pgrp == record.pid
+        });
     let me = std::process::id();
     // Bounded: each pass kills all it finds, and a killed process cannot fork.
     for _ in 0..100 {
@@ -131,6 +143,7 @@ pub fn kill_remains(record: &RunRecord) {
             .into_iter()
             .filter(|p| p.alive() && p.pid != me && p.start_ticks >= record.start_ticks)
             .filter(|p| (group_is_ours && p.pgrp == record.pid) || carries_token(p.pid, &needle))
+            .filter(|p| !other_runs_refresher(p))
             .collect();
         if remains.is_empty() {
             return;
@@ -140,4 +153,165 @@ pub fn kill_remains(record: &RunRecord) {
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
+}
+
+/// The children of `pid`, from `/proc/PID/task/*/children` (each thread's own).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(list) = fs::read_to_string(task.path().join("children")) {
+            found.extend(
+                list.split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    found
+}
+
+/// Adds every live descendant of `owner` but the caller (the guard) to `seen`.
+pub fn note_tree(owner: u32, seen: &mut HashMap<u32, u64>) {
+    let me = std::process::id();
+    let mut parents = vec![owner];
+    while let Some(parent) = parents.pop() {
+        for child in children(parent) {
+            if child == me {
+                continue;
+            }
+            if let Some(stat) = Stat::read(child)
+                && stat.alive()
+                && !other_runs_refresher(&stat)
+            {
+                seen.insert(child, stat.start_ticks);
+                parents.push(child);
+            }
+        }
+    }
+}
+
+/// A handle on `pid` that stays with that very process (a pidfd), if it is still the
+/// one that started at `start`: the start time is read after the pidfd is opened, so
+/// a pid reused in between is caught, and signals through the handle can never reach
+/// a later process with the same pid.
+fn hold(pid: u32, start: u64) -> Option<OwnedFd> {
+    let fd = rustix::process::pidfd_open(Pid::from_raw(pid as i32)?, PidfdFlags::empty()).ok()?;
+    let stat = Stat::read(pid)?;
+    (stat.start_ticks == start && stat.alive() && !other_runs_refresher(&stat)).then_some(fd)
+}
+
+/// The guard's clean-up once singleflight died: the run's processes it saw, those
+/// carrying the run's token, and every descendant of those. Each is first stopped
+/// (SIGSTOP), generation by generation, so that none can fork a child away while the
+/// tree is walked; then all are killed. Every signal goes through a pidfd held on a
+/// process whose start time was checked.
+pub fn kill_run(known: &crate::guard::Known) {
+    let mut held: HashMap<u32, OwnedFd> = HashMap::new();
+    let mut next: Vec<(u32, u64)> = known.seen.iter().map(|(p, s)| (*p, *s)).collect();
+    if let Some((command, start)) = known.command {
+        next.push((command, start));
+        // Escapees the looks missed (started in the last moments), if they kept the
+        // token; a token is no proof alone, so only processes younger than the run.
+        if !known.token.is_empty() {
+            let needle = format!("{}={}", super::RUN_ID_ENV, known.token).into_bytes();
+            next.extend(
+                all_processes()
+                    .into_iter()
+                    .filter(|p| p.alive() && p.start_ticks >= start)
+                    .filter(|p| carries_token(p.pid, &needle))
+                    .map(|p| (p.pid, p.start_ticks)),
+            );
+        }
+    }
+    // Bounded: a stopped process cannot fork, so each pass finds fewer new ones.
+    for _ in 0..1000 {
+        let mut stopped = Vec::new();
+        for (pid, start) in next.drain(..) {
+            if held.contains_key(&pid) {
+                continue;
+            }
+            if let Some(fd) = hold(pid, start) {
+                let _ = rustix::process::pidfd_send_signal(&fd, Signal::STOP);
+                held.insert(pid, fd);
+                stopped.push(pid);
+            }
+        }
+        if stopped.is_empty() {
+            break;
+        }
+        for parent in stopped {
+            for child in children(parent) {
+                if let Some(stat) = Stat::read(child)
+                    && stat.ppid == parent
+                {
+                    next.push((child, stat.start_ticks));
+                }
+            }
+        }
+    }
+    for fd in held.values() {
+        let _ = rustix::process::pidfd_send_signal(fd, Signal::KILL);
+    }
+}
+
+/// Whether `stat` is a `--background` refresher of another run, started inside this
+/// one (a status line script calling `singleflight --background inner …`): such a
+/// refresher finishes under its own limits, so a run's clean-up leaves it and its
+/// tree alone. Proof, not a mark anyone could copy: it is singleflight itself (the
+/// same executable), leads its own session, was started as a refresher
+/// (`--refresher…`), and holds an flock'd file (the other NAME's lock it was handed).
+/// A process of the run that is all of that is a refresher.
+fn other_runs_refresher(stat: &Stat) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if stat.session != stat.pid {
+        return false;
+    }
+    let same_file = |a: &fs::Metadata, b: &fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    let pid = stat.pid;
+    let (Ok(theirs), Ok(ours)) = (
+        fs::metadata(format!("/proc/{pid}/exe")),
+        fs::metadata("/proc/self/exe"),
+    ) else {
+        return false;
+    };
+    if !same_file(&theirs, &ours) {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg.starts_with(b"--refresher"))
+    {
+        return false;
+    }
+    // /proc/locks: "1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF", device in hex.
+    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+    let locked: Vec<(u64, u64, u64)> = locks
+        .lines()
+        .filter(|l| l.contains("FLOCK"))
+        .filter_map(|l| {
+            let id = l.split_whitespace().nth(5)?;
+            let mut parts = id.split(':');
+            let major = u64::from_str_radix(parts.next()?, 16).ok()?;
+            let minor = u64::from_str_radix(parts.next()?, 16).ok()?;
+            let inode = parts.next()?.parse().ok()?;
+            Some((major, minor, inode))
+        })
+        .collect();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::metadata(fd.path()).is_ok_and(|m| {
+            let dev = m.dev();
+            let id = (
+                u64::from(rustix::fs::major(dev)),
+                u64::from(rustix::fs::minor(dev)),
+                m.ino(),
+            );
+            locked.contains(&id)
+        })
+    })
 }

@@ -113,14 +113,20 @@ pub fn prepare(command: &mut Command, token: &str) {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         {
             let parent = rustix::process::getpid();
-            // SAFETY: only async-signal-safe syscalls between fork and exec.
+            // SAFETY: the closure runs in the child between fork and exec, where a
+            // multi-threaded parent's heap lock may be held by a thread that no longer
+            // exists: it makes two raw syscalls (prctl, getppid) and nothing else. No
+            // allocation: the errors are `from_raw_os_error` (an integer inside the
+            // `io::Error`), and rustix's `Errno` converts to one the same way.
             unsafe {
                 command.pre_exec(move || {
                     use rustix::process::{Signal, getppid, set_parent_process_death_signal};
-                    set_parent_process_death_signal(Some(Signal::KILL))?;
-                    // singleflight may have died before the death signal was armed.
+                    set_parent_process_death_signal(Some(Signal::KILL))
+                        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
+                    // singleflight may have died before the death signal was armed:
+                    // the child then fails to start with ESRCH ("no such process").
                     if getppid() != Some(parent) {
-                        return Err(std::io::Error::other("singleflight exited"));
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                     }
                     Ok(())
                 });
@@ -141,6 +147,10 @@ pub fn signal_tree(group: u32, stop: Stop) {
         };
         if let Some(pid) = Pid::from_raw(group as i32) {
             let _ = kill_process_group(pid, signal);
+            // A stopped process acts on SIGTERM only once continued (as timeout(1)).
+            if stop == Stop::Term {
+                let _ = kill_process_group(pid, Signal::CONT);
+            }
         }
         #[cfg(any(target_os = "linux", target_os = "android"))]
         for pid in linux::descendants(std::process::id()) {
@@ -160,25 +170,69 @@ pub fn kill_leftovers(group: u32) {
 }
 
 /// Kills what a run whose singleflight was killed left behind: the processes that
-/// carry its token, and the members of its process group if the group is still its
-/// own (pid and start time checked, so that a reused pid is never hit).
+/// carry its token, and the members of its process group if the group is provably
+/// still its own: its leader alive with the recorded pid and start time. A group
+/// whose leader is gone may be anyone's (the pid is free again once the group's last
+/// member exits), so it is left alone.
 pub fn kill_remains(record: &crate::record::RunRecord) {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     linux::kill_remains(record);
     #[cfg(all(unix, not(any(target_os = "linux", target_os = "android"))))]
-    if let Some(pid) = rustix::process::Pid::from_raw(record.pid as i32) {
-        // Without /proc there is no start time to check. A live process with the
-        // recorded pid may be a stranger that reused it: it is left alone (and with
-        // it, there being no death signal here, the run's own leader). A pid that is
-        // gone cannot have been handed out again while its group lives on, so a group
-        // with that id is still the run's.
-        use rustix::process::{Signal, kill_process_group, test_kill_process};
-        if test_kill_process(pid).is_err_and(|e| e == rustix::io::Errno::SRCH) {
-            let _ = kill_process_group(pid, Signal::KILL);
-        }
+    if record.start_ticks != 0 && start_ticks(record.pid) == record.start_ticks {
+        kill_group(record.pid);
     }
     #[cfg(not(unix))]
     let _ = record;
+}
+
+/// SIGKILL to the process group `group`.
+#[cfg(all(unix, not(any(target_os = "linux", target_os = "android"))))]
+fn kill_group(group: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(group as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// The pid of this process's guard ([`crate::guard`]), 0 for none: it is
+/// singleflight's child but not of the run, so the run's clean-up spares it.
+static GUARD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Marks `pid` (0: nothing) as the guard, which the run's clean-up leaves alone.
+pub fn spare(pid: u32) {
+    GUARD.store(pid, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn spared() -> u32 {
+    GUARD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The guard's look at the run while singleflight lives: adds every descendant of
+/// `owner` (but the guard) to `seen`, by pid and start time. Elsewhere than Linux
+/// there is no cheap way to walk the tree, and the guard relies on the group.
+#[cfg(unix)]
+pub fn note_tree(owner: u32, seen: &mut std::collections::HashMap<u32, u64>) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    linux::note_tree(owner, seen);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (owner, seen);
+}
+
+/// The guard's work when singleflight died: kills the run's tree, never a process
+/// that is not provably of the run (pid and start time checked before each signal).
+#[cfg(unix)]
+pub fn kill_run(known: &crate::guard::Known) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    linux::kill_run(known);
+    // No death signal here: the command outlived singleflight, so its group's leader
+    // is still there to prove the group is the run's.
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    if let Some((pid, start)) = known.command
+        && start != 0
+        && start_ticks(pid) == start
+    {
+        kill_group(pid);
+    }
 }
 
 /// The kernel's boot id, to tell records of an earlier boot apart.
@@ -188,16 +242,37 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// The start time of `pid` in clock ticks since boot, 0 if unknown.
+/// The start time of `pid`, 0 if unknown: on Linux in clock ticks since boot, on
+/// macOS in microseconds since the epoch. Only ever compared with itself.
 pub fn start_ticks(pid: u32) -> u64 {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if let Some(stat) = linux::Stat::read(pid) {
         return stat.start_ticks;
     }
+    #[cfg(target_os = "macos")]
+    {
+        let mut info: libc::proc_bsdinfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::proc_bsdinfo>() as libc::c_int;
+        // SAFETY: proc_pidinfo writes at most `size` bytes into `info`.
+        let got = unsafe {
+            libc::proc_pidinfo(
+                pid as libc::c_int,
+                libc::PROC_PIDTBSDINFO,
+                0,
+                (&raw mut info).cast(),
+                size,
+            )
+        };
+        if got == size {
+            return info.pbi_start_tvsec * 1_000_000 + info.pbi_start_tvusec;
+        }
+    }
     let _ = pid;
     0
 }
 
+#[cfg(unix)]
+pub mod terminal;
 #[cfg(windows)]
 pub(crate) mod windows;
 
