@@ -21,7 +21,8 @@ command -v x86_64-w64-mingw32-gcc >/dev/null || apt_install mingw-w64
 
 cargo check --target "$TARGET"
 cargo clippy --target "$TARGET" -- -D warnings
-cargo build --release --target "$TARGET"
+# The release build and its .zip, by the script that builds the releases (dist/build.sh).
+bash dist/build.sh "$TARGET"
 exe="target/$TARGET/release/singleflight.exe"
 echo "windows: built $exe ($(stat -c %s "$exe") bytes)"
 

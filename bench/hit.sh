@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # The cost of a fresh hit: `singleflight NAME --ttl 1h -- CMD` served from the cache,
-# measured in one hyperfine run against `cat` of the same bytes, a keyed hit (the same
-# with --key-cwd, --key-env and --key-file: one getcwd and one stat more) and a `bkt`
-# hit of the same command, plus the hit's max RSS. Not a test: it prints figures, it asserts
+# measured in one hyperfine run, side by side, for
+#   static  the shipped static Linux binary (dist/build.sh's <arch>-unknown-linux-musl archive),
+#   npm     the `singleflight` of the npm packages (dist/build.sh npm), installed with
+#           `npm install -g` into a temp prefix, as a user gets it,
+#   cargo   the `cargo install --path .` build (glibc),
+#   cat     `cat` of the same bytes,
+#   keyed   a static hit with --key-cwd, --key-env and --key-file (one getcwd and one stat more),
+#   bkt     a hit of the same command;
+# with the ratios and each one's max RSS. Not a test: it prints figures, it asserts
 # nothing about speed. The figures are only as good as the machine is quiet: the load
-# average is printed with them.
+# average is printed with them. Targets: static <= 0.7x cat, npm within 1.05x of static.
 #
-#   bench/hit.sh              # 10 KiB result, then a 100 MiB one
+#   bench/hit.sh              # 10 KiB result, then a 100 MiB one (static only)
 #   SKIP_LARGE=1 bench/hit.sh # 10 KiB only
 #   RUNS=2000 bench/hit.sh    # more runs per command (default 1000)
-#   SF_BIN=/path/to/singleflight bench/hit.sh  # measure that binary, build nothing
+#   SF_BIN=/path/to/singleflight bench/hit.sh    # measure that binary as `static`
+#   SF_CARGO=/path/to/singleflight bench/hit.sh  # and that one as `cargo` (no cargo install)
 #
-# Installs what is missing: hyperfine (apt, else cargo), bkt (cargo, into bench/.tools),
-# GNU time and python3 (apt).
+# Builds what is missing (dist/build.sh, cargo install into a temp root) and installs
+# hyperfine (apt, else cargo), bkt (cargo, into bench/.tools), GNU time and python3 (apt).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -45,16 +52,42 @@ need_tools() {
 }
 
 need_tools
-sf=${SF_BIN:-}
-if [[ -z $sf ]]; then
-    say "building singleflight (release)"
-    cargo build --release --quiet
-    sf="${CARGO_TARGET_DIR:-$root/target}/release/singleflight"
-fi
-bkt=$(command -v bkt)
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+dist="$target_dir/dist"
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
+musl="$(uname -m)-unknown-linux-musl"
+case $(uname -m) in x86_64) platform=linux-x64 ;; aarch64) platform=linux-arm64 ;; esac
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+
+# static: the binary inside the shipped archive.
+sf=${SF_BIN:-}
+if [[ -z $sf ]]; then
+    archive="$dist/singleflight-$version-$musl.tar.gz"
+    [[ -f $archive ]] || { say "building the static archive"; dist/build.sh "$musl"; }
+    tar -xzf "$archive" -C "$work"
+    sf="$work/singleflight-$version-$musl/singleflight"
+fi
+# npm: the packed packages, installed globally into a temp prefix (offline).
+npm_tgz="$dist/npm/singleflight-cli-singleflight-$version.tgz"
+npm_platform_tgz="$dist/npm/singleflight-cli-$platform-$version.tgz"
+[[ -f $npm_tgz && -f $npm_platform_tgz ]] || { say "packing the npm packages"; dist/build.sh npm; }
+npm_config_cache="$work/npm-cache" npm_config_userconfig=/dev/null \
+    npm install -g --prefix "$work/npm" --offline --no-audit --no-fund \
+    --allow-scripts=@singleflight-cli/singleflight "$npm_platform_tgz" "$npm_tgz" > /dev/null 2>&1
+sf_npm="$work/npm/bin/singleflight"
+# cargo: what `cargo install --path .` builds, reusing this tree's release build.
+sf_cargo=${SF_CARGO:-}
+if [[ -z $sf_cargo ]]; then
+    say "cargo install --path . (release, glibc)"
+    cargo install --quiet --locked --path "$root" --root "$work/cargo" --target-dir "$target_dir"
+    sf_cargo="$work/cargo/bin/singleflight"
+fi
+say "static: $sf ($(file -b "$sf" | cut -d, -f1-2 | tr -d '\n'))"
+say "npm:    $sf_npm -> $(readlink -f "$sf_npm")"
+say "cargo:  $sf_cargo"
+bkt=$(command -v bkt)
 export SINGLEFLIGHT_CACHE_DIR="$work/sf-cache"
 export BKT_CACHE_DIR="$work/bkt-cache"
 mkdir -m 700 "$SINGLEFLIGHT_CACHE_DIR" "$BKT_CACHE_DIR"
@@ -76,28 +109,22 @@ prime() {
         { say "not a fresh hit: $(cat "$work/decision")"; exit 1; }
 }
 
-# Prints the hyperfine export's figures as ratios of the first command (the hit).
+# Prints the hyperfine export's figures, then the ratios asked for as A/B,... pairs.
 ratios() {
-    python3 - "$1" "$2" <<'EOF'
+    python3 - "$@" <<'EOF'
 import json, sys
 results = json.load(open(sys.argv[1]))["results"]
 labels = sys.argv[2].split(",")
 by = dict(zip(labels, results))
-hit = by["hit"]
 def ms(r, key): return r[key] * 1000
 for label in labels:
     r = by[label]
-    print(f"  {label:5} mean {ms(r, 'mean'):7.3f} ms ± {ms(r, 'stddev'):.3f}  "
+    print(f"  {label:6} mean {ms(r, 'mean'):7.3f} ms ± {ms(r, 'stddev'):.3f}  "
           f"median {ms(r, 'median'):7.3f} ms  min {ms(r, 'min'):7.3f} ms")
-for label in labels[1:]:
-    r = by[label]
-    if label == "keyed":
-        print(f"keyed/hit: {r['median'] / hit['median']:.2f}x (median), "
-              f"{r['mean'] / hit['mean']:.2f}x (mean), {r['min'] / hit['min']:.2f}x (min), "
-              f"+{(r['median'] - hit['median']) * 1e6:.0f} us (median)")
-        continue
-    print(f"hit/{label}: {hit['median'] / r['median']:.2f}x (median), "
-          f"{hit['mean'] / r['mean']:.2f}x (mean), {hit['min'] / r['min']:.2f}x (min)")
+for pair in sys.argv[3].split(","):
+    a, b = (by[x] for x in pair.split("/"))
+    print(f"{pair:13} {a['median'] / b['median']:.2f}x (median), "
+          f"{a['mean'] / b['mean']:.2f}x (mean), {a['min'] / b['min']:.2f}x (min)")
 EOF
 }
 
@@ -115,15 +142,20 @@ prime "$small" keyed "${keys[@]}"
 
 say "measuring: $runs runs each"
 hyperfine -N --warmup 100 --runs "$runs" --style basic --export-json "$work/small.json" \
-    -n hit "$sf bench --ttl 1h -- cat $small" \
+    -n static "$sf bench --ttl 1h -- cat $small" \
+    -n npm "$sf_npm bench --ttl 1h -- cat $small" \
+    -n cargo "$sf_cargo bench --ttl 1h -- cat $small" \
     -n cat "cat $small" \
     -n keyed "$sf keyed --key-cwd --key-env HOME --key-file $small --ttl 1h -- cat $small" \
     -n bkt "$bkt --ttl=1h -- cat $small" >&2
 
 echo
 echo "== 10 KiB result, $runs runs each (hyperfine -N), $(uname -sr), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg) =="
-ratios "$work/small.json" hit,cat,keyed,bkt
-echo "max RSS: hit $(max_rss_kib "$sf" bench --ttl 1h -- cat "$small") KiB," \
+ratios "$work/small.json" static,npm,cargo,cat,keyed,bkt \
+    static/cat,npm/static,cargo/cat,cargo/static,keyed/static,static/bkt
+echo "max RSS: static $(max_rss_kib "$sf" bench --ttl 1h -- cat "$small") KiB," \
+    "npm $(max_rss_kib "$sf_npm" bench --ttl 1h -- cat "$small") KiB," \
+    "cargo $(max_rss_kib "$sf_cargo" bench --ttl 1h -- cat "$small") KiB," \
     "cat $(max_rss_kib cat "$small") KiB," \
     "bkt $(max_rss_kib "$bkt" --ttl=1h -- cat "$small") KiB"
 
@@ -139,6 +171,6 @@ hyperfine -N --warmup 2 --runs 20 --style basic --export-json "$work/large.json"
     -n cat "cat $large" >&2
 echo
 echo "== 100 MiB result, 20 runs each (hyperfine -N) =="
-ratios "$work/large.json" hit,cat
+ratios "$work/large.json" hit,cat hit/cat
 echo "max RSS: hit $(max_rss_kib "$sf" large --ttl 1h -- cat "$large") KiB," \
     "cat $(max_rss_kib cat "$large") KiB"
