@@ -53,6 +53,10 @@ struct AbortState {
 
 impl Abort {
     /// Stops the run (at most once; later reasons are dropped).
+    #[cfg_attr(
+        not(feature = "etcd"),
+        allow(dead_code, reason = "only an etcd lease trips it")
+    )]
     pub fn trip(&self, reason: String) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.reason.is_none() {
@@ -86,6 +90,7 @@ impl Abort {
 pub enum Outcome {
     Exited(i32),
     /// The command was killed by this signal, not by us.
+    #[cfg_attr(windows, allow(dead_code, reason = "no signals on Windows"))]
     Signaled(i32),
     TimedOut,
     /// stdout went past `--max-output`.
@@ -131,6 +136,10 @@ enum Event {
     Stdout(Box<EntryWriter>),
     Stderr(Vec<u8>),
     Signal(i32),
+    #[cfg_attr(
+        not(feature = "etcd"),
+        allow(dead_code, reason = "only an etcd lease trips it")
+    )]
     Abort,
 }
 

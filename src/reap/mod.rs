@@ -131,6 +131,7 @@ pub fn prepare(command: &mut Command, token: &str) {
 
 /// Signals the run's process group and, on Linux, every descendant of singleflight
 /// (which includes the ones that left the group).
+#[cfg(not(windows))]
 pub fn signal_tree(group: u32, stop: Stop) {
     #[cfg(unix)]
     {
@@ -153,6 +154,7 @@ pub fn signal_tree(group: u32, stop: Stop) {
 
 /// After the command itself has exited and been reaped: kills whatever is left of
 /// its tree and reaps it, so that the run never outlives a process it started.
+#[cfg(not(windows))]
 pub fn kill_leftovers(group: u32) {
     signal_tree(group, Stop::Kill);
     #[cfg(any(target_os = "linux", target_os = "android"))]
