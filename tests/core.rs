@@ -7,7 +7,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 
-use common::{TestEnv, alive, finish, marker, status, stderr, stdout, wait_until};
+use common::{
+    TestEnv, alive, blocked_on_a_lock, finish, marker, status, stderr, stdout, wait_until,
+};
 
 /// A command that counts its runs in the test's counter file and prints `output`.
 fn counting(env: &TestEnv, output: &str) -> Vec<String> {
@@ -171,7 +173,8 @@ fn max_stale_bounds_what_a_loser_is_served() {
     let env = TestEnv::new();
     let (gate, started, version) = (env.path("gate"), env.path("started"), env.path("version"));
     let script = format!(
-        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; cat '{}'",
+        "echo run >> '{}'; touch '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; cat '{}'",
+        env.counter().display(),
         started.display(),
         gate.display(),
         version.display()
@@ -190,13 +193,18 @@ fn max_stale_bounds_what_a_loser_is_served() {
     fs::write(&version, "new").unwrap();
     let winner = env.spawn(args(&[]));
     wait_until("the run started", || started.exists());
-    // The result is at least as old as the gap since it was written; 0s is too old.
+    // The result is at least as old as the gap since it was written; 0s is too old:
+    // that caller waits for the run in flight, blocked on its lock.
     let strict = env.spawn(args(&["--max-stale", "0", "--wait", "60s"]));
+    wait_until("the strict caller waits for the run", || {
+        blocked_on_a_lock(strict.id())
+    });
     let relaxed = finish(env.spawn(args(&["--max-stale", "1h"])));
-    assert_eq!(stdout(&relaxed), "old");
+    assert_eq!(stdout(&relaxed), "old", "{}", stderr(&relaxed));
     fs::write(&gate, "").unwrap();
     assert_eq!(stdout(&finish(strict)), "new", "it waited for the run");
     assert_eq!(stdout(&finish(winner)), "new");
+    assert_eq!(env.runs(), 2, "only the winner ran, once");
 }
 
 #[test]
@@ -276,26 +284,49 @@ fn a_failing_command_with_nothing_cached_prints_its_own_output_then_backs_off() 
 fn a_timeout_kills_the_whole_group_even_children_that_ignore_sigterm() {
     let env = TestEnv::new();
     let mark = marker();
-    let script = format!("trap '' TERM; sleep {mark} & sleep {mark} & echo partial; wait");
-    let out = env.run([
-        "t",
-        "--timeout",
-        "500ms",
-        "--kill-after",
-        "500ms",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    assert_eq!(status(&out), 124, "{}", stderr(&out));
+    let pids = env.path("pids");
+    let script = format!(
+        "trap '' TERM; sleep {mark} & echo $! >> {pids}; sleep {mark} & echo $! >> {pids}; \
+         echo partial; wait",
+        pids = pids.display()
+    );
+    let out = timed_out_after_children_started(&env, "t", &["--kill-after", "500ms"], &script);
     assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
     assert_eq!(alive(&mark), Vec::<u32>::new());
     assert!(!env.result_file("t").exists(), "nothing cached");
-    let background = format!("sleep {mark} & sleep {mark}");
-    let out = env.run(["t2", "--timeout", "300ms", "--", "sh", "-c", &background]);
-    assert_eq!(status(&out), 124);
+    let background = format!(
+        "sleep {mark} & echo $! >> {pids}; echo $$ >> {pids}; sleep {mark}",
+        pids = pids.display()
+    );
+    timed_out_after_children_started(&env, "t2", &[], &background);
     assert_eq!(alive(&mark), Vec::<u32>::new());
+}
+
+/// Runs `script` (which appends two pids to the test's `pids` file once its children
+/// run) under a `--timeout`; returns the output of a run that timed out with both
+/// children started. A timeout is the behaviour under test, so it cannot wait for the
+/// children: a run whose shell had not started them in time (a loaded machine) proves
+/// nothing and is tried again with a longer timeout.
+fn timed_out_after_children_started(
+    env: &TestEnv,
+    name: &str,
+    options: &[&str],
+    script: &str,
+) -> Output {
+    let pids = env.path("pids");
+    for timeout in ["500ms", "2s", "8s", "30s"] {
+        let _ = fs::remove_file(&pids);
+        let mut args = vec![name, "--timeout", timeout];
+        args.extend_from_slice(options);
+        args.extend(["--", "sh", "-c", script]);
+        let out = env.run(&args);
+        assert_eq!(status(&out), 124, "{args:?}: {}", stderr(&out));
+        let started = fs::read_to_string(&pids).unwrap_or_default();
+        if started.lines().count() == 2 {
+            return out;
+        }
+    }
+    panic!("{name}: the command never started its children before the timeout");
 }
 
 #[test]

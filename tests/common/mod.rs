@@ -47,11 +47,6 @@ impl TestEnv {
         command
     }
 
-    /// `singleflight` as an `assert_cmd` command, for tests that read like the manual.
-    pub fn sf(&self) -> assert_cmd::Command {
-        assert_cmd::Command::from_std(self.command())
-    }
-
     /// Another program, run with this test's cache dir in its environment.
     pub fn command_for(&self, program: &str) -> Command {
         let mut command = Command::new(program);
@@ -195,4 +190,26 @@ pub fn marker() -> String {
 
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
+}
+
+/// Whether this is CI (`CI` set), where a test must not skip.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+/// Says that the test is skipped and why; in CI, where nothing may be skipped, fails
+/// it instead. The caller returns right after.
+pub fn skip(why: &str) {
+    assert!(!in_ci(), "CI must run this test, but {why}");
+    eprintln!("SKIPPED: {why}");
+}
+
+/// Whether `pid` waits for a lock in `/proc/locks` (a blocked flock): a caller that
+/// waits for the run in flight.
+pub fn blocked_on_a_lock(pid: u32) -> bool {
+    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks.lines().any(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        words.get(1) == Some(&"->") && words.get(5) == Some(&pid.to_string().as_str())
+    })
 }
