@@ -316,7 +316,8 @@ fn timed_out_after_children_started(
     let pids = env.path("pids");
     for timeout in ["500ms", "2s", "8s", "30s"] {
         let _ = fs::remove_file(&pids);
-        let mut args = vec![name, "--timeout", timeout];
+        // A timed-out run is a failure: the next try must not back off from it.
+        let mut args = vec![name, "--timeout", timeout, "--retry-after", "0"];
         args.extend_from_slice(options);
         args.extend(["--", "sh", "-c", script]);
         let out = env.run(&args);
