@@ -8,10 +8,10 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use common::{TestEnv, alive, finish, marker, status, stderr, stdout, wait_until};
+use common::{TestEnv, alive, assert_status, finish, marker, status, stderr, stdout, wait_until};
 use serde_json::Value;
 
 /// A command whose runs are counted, and which, once armed, holds each run until the
@@ -315,9 +315,12 @@ fn the_refresher_has_its_own_session_stdio_on_null_and_no_descriptor_but_the_loc
         !fds.iter().any(|(_, t)| *t == leak),
         "a leaked fd was inherited: {fds:?}"
     );
-    // Everything else is the refresher's own: the run's temp file, pipes and signal socket.
+    // Everything else is the refresher's own: the run's temp file, pipes and signal
+    // socket, and /dev/null, which std opens for the command's stdin while spawning it
+    // (and closes once the spawn returns, which may be after the command has begun).
     for (fd, target) in &fds {
         let own = target.starts_with(&env.cache)
+            || *target == Path::new("/dev/null")
             || ["pipe:", "socket:", "anon_inode:"]
                 .iter()
                 .any(|kind| target.to_string_lossy().starts_with(kind));
@@ -367,7 +370,7 @@ fn with_nothing_cached_the_caller_waits_for_the_refresher_and_serves_what_it_mad
         &["--background", "--wait", "100ms"],
         &gated.command(),
     ));
-    assert_eq!(status(&short), 75, "{}", stderr(&short));
+    assert_status(&short, 75);
     assert!(
         stderr(&short).contains("--wait 100ms ran out"),
         "{}",
@@ -559,7 +562,7 @@ fn a_refresher_whose_command_cannot_start_records_it() {
         &missing.display().to_string(),
     );
     let out = env.run(&call);
-    assert_eq!(status(&out), 75, "{}", stderr(&out));
+    assert_status(&out, 75);
     assert!(
         stderr(&out).contains("produced nothing to serve"),
         "{}",

@@ -5,10 +5,10 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::Output;
 
 use common::{
-    TestEnv, alive, blocked_on_a_lock, finish, marker, status, stderr, stdout, wait_until,
+    Ran, TestEnv, alive, assert_status, blocked_on_a_lock, finish, marker, status, stderr, stdout,
+    wait_until,
 };
 
 /// A command that counts its runs in the test's counter file and prints `output`.
@@ -20,20 +20,12 @@ fn counting(env: &TestEnv, output: &str) -> Vec<String> {
     vec!["sh".into(), "-c".into(), script]
 }
 
-fn call(env: &TestEnv, name: &str, options: &[&str], command: &[String]) -> Output {
-    let mut args: Vec<String> = options.iter().map(|s| s.to_string()).collect();
-    args.insert(0, name.to_owned());
-    args.push("--".into());
-    args.extend(command.iter().cloned());
-    env.run(&args)
-}
-
 #[test]
 fn a_fresh_hit_serves_the_bytes_and_status_of_the_run_without_running_again() {
     let env = TestEnv::new();
     let command = counting(&env, "hello");
     for _ in 0..3 {
-        let out = call(&env, "greet", &[], &command);
+        let out = env.call("greet", &[], &command);
         assert_eq!((status(&out), stdout(&out).as_str()), (0, "hello"));
     }
     assert_eq!(env.runs(), 1);
@@ -52,9 +44,9 @@ fn a_hit_is_byte_for_byte_for_binary_empty_and_unterminated_output() {
     for (name, bytes) in cases {
         fs::write(env.path(name), bytes).unwrap();
         let command = ["cat".to_string(), env.path(name).display().to_string()];
-        let first = call(&env, name, &[], &command);
+        let first = env.call(name, &[], &command);
         fs::write(env.path(name), b"changed").unwrap();
-        let hit = call(&env, name, &[], &command);
+        let hit = env.call(name, &[], &command);
         assert_eq!(first.stdout, bytes, "{name}: the run");
         assert_eq!(hit.stdout, bytes, "{name}: the hit");
     }
@@ -69,7 +61,7 @@ fn a_cached_failure_is_served_with_its_own_exit_status() {
     );
     let command = ["sh".to_string(), "-c".into(), script];
     for _ in 0..2 {
-        let out = call(&env, "flaky", &["--cache-failures"], &command);
+        let out = env.call("flaky", &["--cache-failures"], &command);
         assert_eq!((status(&out), stdout(&out).as_str()), (3, "partial\n"));
     }
     assert_eq!(env.runs(), 1);
@@ -78,8 +70,8 @@ fn a_cached_failure_is_served_with_its_own_exit_status() {
 #[test]
 fn a_different_command_under_the_same_name_is_never_served_the_other_result() {
     let env = TestEnv::new();
-    let a = call(&env, "shared", &[], &["echo".into(), "a".into()]);
-    let b = call(&env, "shared", &[], &["echo".into(), "b".into()]);
+    let a = env.call("shared", &[], &["echo", "a"]);
+    let b = env.call("shared", &[], &["echo", "b"]);
     assert_eq!((stdout(&a).as_str(), stdout(&b).as_str()), ("a\n", "b\n"));
 }
 
@@ -312,7 +304,7 @@ fn timed_out_after_children_started(
     name: &str,
     options: &[&str],
     script: &str,
-) -> Output {
+) -> Ran {
     let pids = env.path("pids");
     for timeout in ["500ms", "2s", "8s", "30s"] {
         let _ = fs::remove_file(&pids);
@@ -321,7 +313,7 @@ fn timed_out_after_children_started(
         args.extend_from_slice(options);
         args.extend(["--", "sh", "-c", script]);
         let out = env.run(&args);
-        assert_eq!(status(&out), 124, "{args:?}: {}", stderr(&out));
+        assert_status(&out, 124);
         let started = fs::read_to_string(&pids).unwrap_or_default();
         if started.lines().count() == 2 {
             return out;
@@ -366,7 +358,7 @@ fn large_output_streams_through_the_cache_in_bounded_memory() {
 fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
     let env = TestEnv::new();
     let command = counting(&env, "real");
-    call(&env, "c", &[], &command);
+    env.call("c", &[], &command);
     let good = fs::read(env.result_file("c")).unwrap();
     let mut flipped = good.clone();
     flipped[34] ^= 1;
@@ -379,7 +371,7 @@ fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
     ];
     for (i, (what, bytes)) in damaged.into_iter().enumerate() {
         fs::write(env.result_file("c"), &bytes).unwrap();
-        let out = call(&env, "c", &["--ttl", "1h"], &command);
+        let out = env.call("c", &["--ttl", "1h"], &command);
         assert_eq!((status(&out), stdout(&out).as_str()), (0, "real"), "{what}");
         assert!(
             stderr(&out).contains("ignoring the cached result"),
@@ -387,7 +379,7 @@ fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
             stderr(&out)
         );
         assert_eq!(env.runs(), i + 2, "{what}: ran again");
-        let hit = call(&env, "c", &["--ttl", "1h"], &command);
+        let hit = env.call("c", &["--ttl", "1h"], &command);
         assert_eq!(stdout(&hit), "real", "{what}: replaced by a valid result");
         assert_eq!(env.runs(), i + 2, "{what}: the replacement is a hit");
     }
@@ -396,7 +388,7 @@ fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
 #[test]
 fn the_lock_file_stays_and_results_are_private() {
     let env = TestEnv::new();
-    call(&env, "p", &[], &["true".to_string()]);
+    env.call("p", &[], &["true".to_string()]);
     let mode = |path: &std::path::Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&env.cache), 0o700);
     assert_eq!(mode(&env.result_file("p")), 0o600);

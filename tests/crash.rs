@@ -14,7 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    TestEnv, alive, blocked_on_a_lock, finish, marker, status, stderr, stdout, wait_until,
+    TestEnv, alive, assert_status, blocked_on_a_lock, finish, marker, status, stderr, stdout,
+    wait_until,
 };
 use rustix::process::{Pid, Signal};
 
@@ -135,7 +136,7 @@ fn escapees_are_killed_when_the_run_ends_with(tail: &str, expected: i32) {
     let m = marker();
     let script = escaping(&m, &env.path("pids"), tail);
     let output = finish(env.spawn(["esc", "--", "sh", "-c", &script]));
-    assert_eq!(status(&output), expected, "{}", stderr(&output));
+    assert_status(&output, expected);
     assert_eq!(stdout(&output), "out\n");
     assert_escapees_gone(&env, &m);
 }
@@ -180,7 +181,7 @@ fn escapees_are_killed_when_the_run_times_out_ignoring_sigterm() {
             "-c",
             &script,
         ]));
-        assert_eq!(status(&output), 124, "{}", stderr(&output));
+        assert_status(&output, 124);
         assert!(
             !env.result_file("esc").exists(),
             "a timed-out run was cached"
@@ -411,7 +412,7 @@ fn after_sigkill_the_next_winner_kills_what_is_left_of_the_run() {
     assert!(file_in_cache(&env, "k9.run").exists(), "no run record");
     fs::write(&done, "").expect("write done");
     let second = env.run(args);
-    assert_eq!(status(&second), 0, "{}", stderr(&second));
+    assert_status(&second, 0);
     assert_eq!(stdout(&second), "second\n");
     assert!(
         stderr(&second).contains("killing what is left"),
@@ -452,7 +453,7 @@ fn after_sigkill_of_a_background_refresher_the_lock_is_free_and_remains_are_kill
         "-c",
         &script,
     ]);
-    assert_eq!(status(&first), 75, "{}", stderr(&first));
+    assert_status(&first, 75);
     let record = file_in_cache(&env, "bg.run");
     let mut refresher = 0;
     wait_until("the refresher started the command", || {
@@ -470,7 +471,7 @@ fn after_sigkill_of_a_background_refresher_the_lock_is_free_and_remains_are_kill
     let second = env.run([
         "bg", "--ttl", "0", "--wait", "5s", "--", "sh", "-c", &script,
     ]);
-    assert_eq!(status(&second), 0, "{}", stderr(&second));
+    assert_status(&second, 0);
     assert_eq!(stdout(&second), "second\n");
     assert_eq!(
         alive(&m),
@@ -519,7 +520,7 @@ fn a_reused_pid_is_never_hit() {
 
     forge(ticks - 1);
     let output = env.run(["reuse", "--ttl", "0", "--", "echo", "hi"]);
-    assert_eq!(status(&output), 0, "{}", stderr(&output));
+    assert_status(&output, 0);
     assert!(
         stderr(&output).contains("killing what is left"),
         "the record was not read"
@@ -533,7 +534,7 @@ fn a_reused_pid_is_never_hit() {
     // Control: the same record with the process's real start time names its group.
     forge(ticks);
     let output = env.run(["reuse", "--ttl", "0", "--", "echo", "hi"]);
-    assert_eq!(status(&output), 0, "{}", stderr(&output));
+    assert_status(&output, 0);
     let exit = wait_exit(&mut unrelated);
     assert_eq!(exit.signal(), Some(9), "the recorded group was not killed");
 }
@@ -646,7 +647,7 @@ fn kill_9_at_any_moment_never_tears_the_cache_nor_sticks_the_lock() {
     };
     let writer_args = command("0", &[]);
     let seed = env.run(&writer_args);
-    assert_eq!(status(&seed), 0, "{}", stderr(&seed));
+    assert_status(&seed, 0);
     check_version(&seed.stdout, &m).expect("the seed is a version");
 
     let start = Instant::now();
@@ -745,7 +746,7 @@ fn kill_9_at_any_moment_never_tears_the_cache_nor_sticks_the_lock() {
             .map(|s| s.to_string())
             .chain(writer_args.clone()),
     );
-    assert_eq!(status(&last), 0, "{}", stderr(&last));
+    assert_status(&last, 0);
     assert!(
         stderr(&last).contains("ran the command"),
         "{}",
@@ -777,7 +778,7 @@ fn kill_9_at_any_moment_never_tears_the_cache_nor_sticks_the_lock() {
         to_age.len() - 1
     );
     let cleanup = env.run(&writer_args);
-    assert_eq!(status(&cleanup), 0, "{}", stderr(&cleanup));
+    assert_status(&cleanup, 0);
     assert_eq!(
         temps(&env),
         vec![young],
@@ -851,7 +852,7 @@ fn max_output_kills_the_tree_and_writes_nothing_past_the_cap() {
     let output = env.run(args);
     stop.store(true, Ordering::Relaxed);
     let largest = watcher.join().expect("watcher");
-    assert_eq!(status(&output), 125, "{}", stderr(&output));
+    assert_status(&output, 125);
     assert!(
         stderr(&output).contains("--max-output"),
         "{}",
@@ -898,7 +899,7 @@ fn max_output_kills_the_tree_and_writes_nothing_past_the_cap() {
     let before = fs::read(env.result_file("cap")).expect("result");
     fs::write(&mode, "").expect("write mode");
     let output = env.run(args);
-    assert_eq!(status(&output), 125, "{}", stderr(&output));
+    assert_status(&output, 125);
     assert_eq!(stdout(&output), "good\n", "the last good result is served");
     assert_eq!(fs::read(env.result_file("cap")).expect("result"), before);
     assert_eq!(alive(&m), Vec::<u32>::new());
@@ -951,7 +952,7 @@ fn within_retry_after_nobody_reruns_and_nothing_cached_means_75() {
     let args = |retry: &str| flaky_args(&script, retry);
     fs::write(&fail, "").expect("write fail");
     let first = env.run(args("1h"));
-    assert_eq!(status(&first), 3, "{}", stderr(&first));
+    assert_status(&first, 3);
     assert_eq!(env.runs(), 1);
     let record = failure(&env, "r");
     assert!(
@@ -970,7 +971,7 @@ fn within_retry_after_nobody_reruns_and_nothing_cached_means_75() {
     fs::remove_file(&fail).expect("rm fail");
     for _ in 0..5 {
         let output = env.run(args("1h"));
-        assert_eq!(status(&output), 75, "{}", stderr(&output));
+        assert_status(&output, 75);
         assert_eq!(stdout(&output), "");
         assert!(stderr(&output).contains("failed"), "{}", stderr(&output));
         assert!(
@@ -1026,7 +1027,7 @@ fn a_timed_out_run_counts_as_a_failure_for_retry_after() {
         "1h",
     ];
     let first = env.run(args.iter().copied().chain(["--", "sh", "-c", &script]));
-    assert_eq!(status(&first), 124, "{}", stderr(&first));
+    assert_status(&first, 124);
     let reason = failure(&env, "t")["reason"]
         .as_str()
         .unwrap_or_default()
@@ -1036,7 +1037,7 @@ fn a_timed_out_run_counts_as_a_failure_for_retry_after() {
     // within the 300ms.
     let ran = env.runs();
     let again = env.run(args.iter().copied().chain(["--", "sh", "-c", &script]));
-    assert_eq!(status(&again), 75, "{}", stderr(&again));
+    assert_status(&again, 75);
     assert_eq!(
         env.runs(),
         ran,
@@ -1059,7 +1060,7 @@ fn a_full_disk_keeps_the_old_result_and_still_prints_the_run() {
     let args = ["disk", "--ttl", "0", "--", "sh", "-c", &script];
     fs::write(&version, "old").expect("write");
     let old = env.run(args);
-    assert_eq!(status(&old), 0, "{}", stderr(&old));
+    assert_status(&old, 0);
     let before = fs::read(env.result_file("disk")).expect("result");
 
     fs::write(&version, "new").expect("write");

@@ -24,8 +24,8 @@ use common::etcd::Etcd;
 #[cfg(feature = "etcd")]
 use common::stdout;
 #[cfg(feature = "etcd")]
-use common::{PATIENCE, alive, marker, wait_until};
-use common::{TestEnv, finish, status, stderr};
+use common::{PATIENCE, alive, marker, status, wait_until};
+use common::{TestEnv, assert_status, finish, stderr};
 #[cfg(feature = "etcd")]
 use serde_json::Value;
 
@@ -174,7 +174,7 @@ fn a_frozen_etcd_ends_a_call_after_the_backend_timeout_with_125() {
         "a call to a frozen etcd returned after {:?}",
         started.elapsed()
     );
-    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert_status(&out, 125);
     assert!(
         stderr(&out).contains("no answer within 500ms"),
         "{}",
@@ -266,7 +266,7 @@ fn losing_the_lease_mid_run_kills_the_tree_and_stores_nothing() {
         paused.elapsed()
     );
     // etcd is still frozen: the tree died because the lease was lost, not on an answer.
-    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert_status(&out, 125);
     assert!(
         stderr(&out).contains("lost the etcd lock mid-run")
             && stderr(&out).contains("nothing was stored"),
@@ -315,7 +315,7 @@ fn fencing_tokens_strictly_increase_across_runs_on_any_machine() {
         };
         let before = written(machine);
         let out = machine.run(&args);
-        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_status(&out, 0);
         if i == 3 {
             wait_until("the refresh ran", || {
                 written(machine).is_some_and(|now| Some(now) != before)
@@ -504,7 +504,7 @@ fn status_and_clear_see_the_fleet_from_any_machine() {
     );
 
     let out = a.run(["clear", "--all"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     assert_eq!(
         b.status_json(&[]).expect("an empty array"),
         Vec::<Value>::new()
@@ -598,7 +598,7 @@ fn a_result_over_the_etcd_limit_is_refused_not_truncated() {
         "/dev/zero",
     ];
     let out = machine.run(big);
-    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert_status(&out, 125);
     assert!(
         stderr(&out).contains("etcd backend's limit of 1.0MiB"),
         "{}",
@@ -628,7 +628,7 @@ fn a_result_over_the_etcd_limit_is_refused_not_truncated() {
 fn without_the_etcd_feature_a_backend_is_a_usage_error() {
     let machine = Machine::new("etcd://127.0.0.1:2379");
     let out = machine.run(["x", "--", "echo", "hi"]);
-    assert_eq!(status(&out), 2, "{}", stderr(&out));
+    assert_status(&out, 2);
     assert!(
         stderr(&out).contains("built without the etcd backend"),
         "{}",

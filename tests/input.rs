@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use common::{TestEnv, is_root, status, stderr, stdout};
+use common::{TestEnv, assert_status, is_root, status, stderr, stdout};
 
 /// A cache with one good result in it, and the command that made it.
 fn primed() -> (TestEnv, Vec<String>, Vec<u8>) {
@@ -110,7 +110,7 @@ fn assert_refused(env: &TestEnv, cache: &std::path::Path, reason: &str) {
         ])
         .output()
         .unwrap();
-    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert_status(&out, 125);
     assert_one_line(&stderr(&out), reason);
     assert!(
         stderr(&out).contains(cache.to_str().unwrap()),
@@ -198,11 +198,11 @@ fn global_options_may_come_before_a_verb_but_a_name_may_not() {
     let env = TestEnv::new();
     env.run(["seen", "--", "echo", "x"]);
     let status_out = env.run(["-v", "status", "seen"]);
-    assert_eq!(status(&status_out), 0, "{}", stderr(&status_out));
+    assert_status(&status_out, 0);
     assert!(stdout(&status_out).contains("seen"));
     let dir = env.cache.to_str().unwrap();
     let with_dir = env.run(["--cache-dir", dir, "status", "seen"]);
-    assert_eq!(status(&with_dir), 0, "{}", stderr(&with_dir));
+    assert_status(&with_dir, 0);
     let confused = env.run(["seen", "status", "--", "echo", "x"]);
     assert_eq!(status(&confused), 2);
     assert!(
