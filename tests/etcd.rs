@@ -348,12 +348,15 @@ fn a_cluster_that_loses_its_leader_during_a_herd_never_runs_twice_at_once() {
     let leader = etcd.wait_leader();
     let shared = Shared::new();
     let machines: Vec<Machine> = (0..3).map(|_| Machine::new(&etcd.url())).collect();
-    let busy = shared.path("busy");
-    // mkdir is atomic: a run that finds the dir of another run overlaps it.
+    let (busy, hold) = (shared.path("busy"), shared.path("hold"));
+    // mkdir is atomic: a run that finds the dir of another run overlaps it. While
+    // `hold` exists a run stays in flight, so that the leader dies during one.
     let script = format!(
         "mkdir '{busy}' 2>/dev/null || echo OVERLAP >> '{overlaps}'; echo run >> '{runs}'; \
-         trap \"rmdir '{busy}'; exit 143\" TERM; sleep 0.2; rmdir '{busy}'; echo out",
+         trap \"rmdir '{busy}'; exit 143\" TERM; while [ -e '{hold}' ]; do sleep 0.01; done; \
+         sleep 0.2; rmdir '{busy}'; echo out",
         busy = busy.display(),
+        hold = hold.display(),
         overlaps = shared.path("overlaps").display(),
         runs = shared.counter().display()
     );
@@ -371,6 +374,9 @@ fn a_cluster_that_loses_its_leader_during_a_herd_never_runs_twice_at_once() {
     let (mut served, mut refused) = (0, 0);
     let mut runs_when_killed = None;
     for round in 0..6 {
+        if round == 2 {
+            fs::write(&hold, "").expect("write");
+        }
         let callers: Vec<Child> = machines
             .iter()
             .flat_map(|machine| (0..4).map(|_| machine.spawn(args)))
@@ -379,6 +385,7 @@ fn a_cluster_that_loses_its_leader_during_a_herd_never_runs_twice_at_once() {
             wait_until("a run is in flight", || busy.exists());
             etcd.kill(leader);
             runs_when_killed = Some(shared.runs());
+            fs::remove_file(&hold).expect("remove");
         }
         for caller in callers {
             let out = finish(caller);
