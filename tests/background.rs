@@ -594,3 +594,34 @@ fn a_fresh_result_is_served_without_a_refresher() {
     assert_eq!(env.runs(), 1);
     assert!(refreshers(&gated.command()).is_empty());
 }
+
+/// `--refresher=FD` (internal) claims only a lock file it was handed: an fd that is not
+/// open, or is open on another file, is refused (125) before anything runs, and the
+/// other file's fd is not taken for the lock.
+#[test]
+fn a_refresher_takes_only_the_lock_file_it_was_handed() {
+    let env = TestEnv::new();
+    fs::create_dir(&env.cache).expect("mkdir");
+    fs::set_permissions(
+        &env.cache,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("chmod");
+    let sf = env!("CARGO_BIN_EXE_singleflight");
+    let counter = env.counter();
+    let script = format!("echo run >> '{}'", counter.display());
+    let cases = [
+        ("", "--refresher=9", "not an open file descriptor"),
+        ("exec 9</dev/null; ", "--refresher=9", "not "),
+        ("", "--refresher=1", "not an open file descriptor"),
+    ];
+    for (setup, arg, said) in cases {
+        let line = format!("{setup}exec '{sf}' {arg} handed -- sh -c \"$0\"");
+        let out = finish(common::start(
+            env.command_for("sh").args(["-c", &line, &script]),
+        ));
+        assert_status(&out, 125);
+        assert!(stderr(&out).contains(said), "{arg}: {}", stderr(&out));
+        assert_eq!(env.runs(), 0, "{arg}: the command ran");
+    }
+}
