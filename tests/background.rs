@@ -11,7 +11,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use common::{TestEnv, alive, assert_status, finish, marker, status, stderr, stdout, wait_until};
+use common::{
+    TestEnv, alive, assert_status, blocked_on_a_lock, finish, marker, status, stderr, stdout,
+    wait_until,
+};
 use serde_json::Value;
 
 /// A command whose runs are counted, and which, once armed, holds each run until the
@@ -381,6 +384,11 @@ fn with_nothing_cached_the_caller_waits_for_the_refresher_and_serves_what_it_mad
     // A second caller finds the refresher in flight and waits for it.
     let mut waiting = env.spawn(args("cold", &["-v", "--background"], &gated.command()));
     wait_until("the refresher's run starts", || env.runs() == 1);
+    // Not only started: waiting on the lock, or on a loaded machine it may arrive
+    // after the run and be served a fresh result.
+    wait_until("the second caller waits for the run", || {
+        blocked_on_a_lock(waiting.id())
+    });
     assert!(waiting.try_wait().unwrap().is_none());
     gated.open();
     let out = finish(waiting);
