@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use singleflight::etcd::{Client, DEFAULT_TIMEOUT, Endpoints};
+use singleflight::etcd_client::{Client, DEFAULT_TIMEOUT, Endpoints};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();

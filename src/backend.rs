@@ -34,6 +34,7 @@ pub use fleet::Fleet;
 
 /// The hidden `--lease-ttl` default: how long the etcd lock outlives a singleflight
 /// that can no longer renew it (killed, cut off).
+#[cfg(feature = "etcd")]
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// The environment variable that gives the command its fencing token.
@@ -373,10 +374,19 @@ impl Slot {
     }
 
     /// The lock a `--background` caller handed over as an open file descriptor: it
-    /// must be open, be this NAME's lock file, and hold its lock.
+    /// must be open, be this NAME's lock file, and hold its lock. The fd is closed
+    /// when it is not.
+    ///
+    /// # Safety
+    ///
+    /// Nothing else in this process may own `fd`: it must be a number this process
+    /// was handed open at exec (`--refresher=FD`), not yet claimed. A number that was
+    /// not open at exec may since name a file this process opened; such a file is
+    /// close-on-exec (std and rustix open every file so) and refused here, but a file
+    /// opened otherwise (by C code) would not be.
     #[cfg(unix)]
-    pub fn inherit(&self, fd: i32) -> Result<Held> {
-        use std::os::fd::BorrowedFd;
+    pub unsafe fn inherit(&self, fd: std::os::fd::RawFd) -> Result<Held> {
+        use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
         use std::os::unix::fs::MetadataExt;
         let refuse = |why: &str| -> anyhow::Error {
             let message = format!("--refresher={fd} (internal): {why}");
@@ -387,11 +397,21 @@ impl Slot {
                 "a lock file is handed over only with the cache dir backend",
             ));
         }
-        // SAFETY: borrowed for one fcntl; a number that is not open fails with EBADF.
-        if fd < 3 || rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) }).is_err() {
+        if fd < 3 {
             return Err(refuse("not an open file descriptor"));
         }
-        let guard = LockGuard::inherited(fd);
+        // SAFETY: borrowed for one fcntl; a number that is not open fails with EBADF.
+        let flags = rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) });
+        match flags {
+            Err(_) => return Err(refuse("not an open file descriptor")),
+            // The caller cleared close-on-exec for the hand-over; every file of ours has it.
+            Ok(flags) if flags.contains(rustix::io::FdFlags::CLOEXEC) => {
+                return Err(refuse("a file of this process, not one handed over"));
+            }
+            Ok(_) => {}
+        }
+        // SAFETY: open, and owned by nothing else in this process (our caller's word).
+        let guard = LockGuard::inherited(unsafe { OwnedFd::from_raw_fd(fd) });
         let (held, named) = (guard.file().metadata(), fs::metadata(&self.paths.lock));
         let same =
             matches!((&held, &named), (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino());
@@ -638,13 +658,15 @@ impl Slot {
             reap::kill_remains(&run);
         }
         let mut removed = Vec::new();
+        #[cfg_attr(windows, allow(unused_mut))]
         let mut files = vec![
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
             (&paths.run, "run record"),
             (&paths.key, "key values"),
         ];
-        if cfg!(unix) && lock::still_named(guard.file(), &paths.lock) {
+        #[cfg(unix)]
+        if lock::still_named(guard.file(), &paths.lock) {
             files.push((&paths.lock, "lock"));
         }
         for (path, what) in files {

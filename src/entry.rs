@@ -269,10 +269,6 @@ impl Body {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     pub fn print(self, out: &mut impl Write) -> io::Result<()> {
         match self {
             Body::Memory { bytes, start, end } => out.write_all(&bytes[start..end])?,
@@ -351,10 +347,6 @@ impl EntryWriter {
 
     pub fn len(&self) -> u64 {
         self.written + self.tail.len() as u64
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Why the output cannot be saved, if a write failed.
@@ -442,6 +434,7 @@ impl EntryWriter {
 /// A whole result as bytes in the same format as a result file (header, body,
 /// metadata), for a backend that stores values rather than files (etcd), so that a
 /// value is checked exactly as a file is.
+#[cfg(any(feature = "etcd", test))]
 pub fn to_bytes(body: &[u8], meta: &Meta) -> Vec<u8> {
     let meta_bytes = serde_json::to_vec(meta).expect("Meta serializes");
     let mut hasher = Xxh3::new();
@@ -461,6 +454,7 @@ pub fn to_bytes(body: &[u8], meta: &Meta) -> Vec<u8> {
 
 /// How long [`to_bytes`] of a body of `body_len` bytes is, to check a size limit
 /// before reading the body into memory.
+#[cfg(any(feature = "etcd", test))]
 pub fn encoded_len(body_len: u64, meta: &Meta) -> u64 {
     let meta_len = serde_json::to_vec(meta).expect("Meta serializes").len() as u64;
     HEADER_LEN + body_len + meta_len
@@ -468,6 +462,7 @@ pub fn encoded_len(body_len: u64, meta: &Meta) -> u64 {
 
 /// Checks a result held in memory (see [`to_bytes`]): `Err` if the bytes are not a
 /// complete result of this format.
+#[cfg(any(feature = "etcd", test))]
 pub fn from_bytes(bytes: Vec<u8>) -> Result<Entry, Invalid> {
     let len = bytes.len() as u64;
     if len < HEADER_LEN {

@@ -548,7 +548,9 @@ impl Flight {
         let held = match handover {
             Refresher::Lease(lease) => self.slot.adopt(lease)?,
             #[cfg(unix)]
-            Refresher::Fd(fd) => self.slot.inherit(fd)?,
+            // SAFETY: FD is from our own command line (`--refresher`, internal): the
+            // caller started us with it open, and this is the one place that claims it.
+            Refresher::Fd(fd) => unsafe { self.slot.inherit(fd)? },
             #[cfg(not(unix))]
             Refresher::Fd(_) => {
                 let lock = &self.slot.paths().lock;

@@ -115,7 +115,8 @@ pub struct Known {
     pub seen: HashMap<u32, u64>,
     /// The command (its process group's leader): pid and start time.
     pub command: Option<(u32, u64)>,
-    /// The run's token (`SINGLEFLIGHT_RUN_ID`).
+    /// The run's token (`SINGLEFLIGHT_RUN_ID`); read from `/proc` on Linux only.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub token: String,
 }
 

@@ -1,37 +1,67 @@
 //! singleflight: of any number of concurrent callers at most one runs the command;
 //! its stdout is cached atomically and everyone else gets the last good result.
 //!
-//! `main` parses the command line ([`cli`]) and calls [`run`]. The decision of every
-//! call is in [`decide`], carried out by [`flight`] with the cache ([`store`],
-//! [`entry`]), the lock ([`lock`]) and the process tree ([`run`](mod@run), [`reap`]).
-//! With `--backend etcd://…` the lock and the result live in etcd instead ([`etcd`]):
-//! [`backend`] is the one place where the two part ways.
+//! `main` parses the command line (`cli`) and calls [`run`]. The decision of every
+//! call is in `decide`, carried out by `flight` with the cache (`store`, `entry`), the
+//! lock (`lock`) and the process tree (`run`, `reap`). With `--backend etcd://…` the
+//! lock and the result live in etcd instead (`etcd`): `backend` is the one place
+//! where the two part ways.
+//!
+//! The modules are private: the crate is an executable first, and its library is
+//! what `main`, the tests and the example need, listed below, nothing else.
 
-pub mod backend;
-pub mod cli;
-pub mod decide;
-pub mod entry;
-pub mod etcd;
+mod backend;
+mod cli;
+mod decide;
+mod entry;
+mod etcd;
 pub mod exit;
-pub mod flight;
+mod flight;
 #[cfg(unix)]
-pub mod guard;
-pub mod key;
-pub mod lock;
-pub mod reap;
-pub mod record;
-pub mod run;
-pub mod say;
+mod guard;
+mod key;
+mod lock;
+mod reap;
+mod record;
+mod run;
+mod say;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub mod start;
-pub mod status;
-pub mod store;
-pub mod values;
+mod start;
+mod status;
+mod store;
+mod values;
+
+// For `main`.
+pub use crate::cli::Cli;
+#[cfg(unix)]
+pub use crate::guard::{ARG as GUARD_ARG, main as guard_main};
+pub use crate::run::die_of;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub use crate::start::prepare;
+
+// For the man page and the completions, generated from the definition (tests/generated.rs).
+pub use crate::backend::FENCING_TOKEN_ENV;
+pub use crate::cli::EXAMPLES;
+pub use crate::reap::RUN_ID_ENV;
+
+/// The etcd client on its own, with the result encoding it stores and the NAME its
+/// keys are made of: for the client's tests against a real etcd
+/// (`tests/etcd_client.rs`) and the `etcd_get` example. Nothing here touches the
+/// cache dir, a lock file or a process.
+#[cfg(feature = "etcd")]
+pub mod etcd_client {
+    pub use crate::entry::{Meta, argv_digest, encoded_len, from_bytes, now_ms, to_bytes};
+    pub use crate::etcd::{
+        Client, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, EtcdError, FencingToken, LeaseId,
+        LeaseKeeper, LeaseLost, Prefix, Write, check_size, default_lead,
+    };
+    pub use crate::values::Name;
+}
 
 use anyhow::Result;
 
 use crate::backend::Backend;
-use crate::cli::{Cli, Verb};
+use crate::cli::Verb;
 use crate::say::Say;
 use crate::store::Store;
 

@@ -17,12 +17,11 @@ pub struct LockGuard {
 
 impl LockGuard {
     /// The lock a `--background` caller handed to its refresher as an open file.
+    /// Owned already: turning the number the caller passed into an owned fd is the
+    /// unsafe step, taken once, in `Slot::inherit`.
     #[cfg(unix)]
-    pub fn inherited(fd: i32) -> LockGuard {
-        use std::os::fd::FromRawFd;
-        // SAFETY: the caller that started us passed this fd open and locked, and
-        // nothing else in this process owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
+    pub fn inherited(fd: std::os::fd::OwnedFd) -> LockGuard {
+        let file = File::from(fd);
         // It came without close-on-exec. The command must not inherit it: a process
         // of the run that outlived a killed refresher would hold the lock, and no
         // winner would ever come to kill it.
@@ -31,6 +30,7 @@ impl LockGuard {
     }
 
     /// The locked file, so that a detached refresher can inherit the lock.
+    #[cfg(unix)]
     pub fn file(&self) -> &File {
         &self.file
     }

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 
-use singleflight::cli::Cli;
+use singleflight::Cli;
 use singleflight::exit;
 
 /// Parses the command line, runs it, reports an error; returns the exit status.
@@ -12,7 +12,7 @@ fn parse_and_run() -> u8 {
     #[cfg(all(unix, not(all(target_os = "linux", target_env = "gnu", not(test)))))]
     if std::env::args_os()
         .nth(1)
-        .is_some_and(|a| a == singleflight::guard::ARG)
+        .is_some_and(|a| a == singleflight::GUARD_ARG)
     {
         return guard_main();
     }
@@ -23,7 +23,7 @@ fn parse_and_run() -> u8 {
         Err(error) if is_broken_pipe(&error) => 0,
         // Everything that held a lock or a temp file has been dropped on the way here.
         Err(error) if killed_by(&error).is_some() => {
-            singleflight::run::die_of(killed_by(&error).unwrap_or_default())
+            singleflight::die_of(killed_by(&error).unwrap_or_default())
         }
         Err(error) => {
             // Not eprintln!, which panics when stderr is gone (a closed terminal).
@@ -55,7 +55,7 @@ fn main() -> std::process::ExitCode {
 /// `/proc/self/maps` to locate the main thread's stack guard and maps an alternate
 /// signal stack for its stack-overflow message: measured ~70 µs, about a tenth of
 /// `cat`-ing a 10 KiB result, on a path that does little else (a fresh hit).
-/// [`start::prepare`](singleflight::start::prepare) does the part singleflight needs.
+/// [`prepare`](singleflight::prepare) does the part singleflight needs.
 /// glibc hands argv to std before this runs, so `std::env::args` works as usual;
 /// a stack overflow is a plain SIGSEGV without std's message.
 #[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
@@ -65,11 +65,11 @@ extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc:
     // SAFETY: glibc passes argc valid, NUL-terminated strings in argv.
     if argc > 1
         && unsafe { std::ffi::CStr::from_ptr(*argv.add(1)) }.to_bytes()
-            == singleflight::guard::ARG.as_bytes()
+            == singleflight::GUARD_ARG.as_bytes()
     {
         return guard_main().into();
     }
-    singleflight::start::prepare();
+    singleflight::prepare();
     let status = parse_and_run();
     // std's runtime flushes stdout at exit; returning from here does not.
     let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -79,5 +79,5 @@ extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc:
 /// `singleflight __guard …`: the guard of a run (see `singleflight::guard`).
 #[cfg(unix)]
 fn guard_main() -> u8 {
-    u8::try_from(singleflight::guard::main()).unwrap_or(1)
+    u8::try_from(singleflight::guard_main()).unwrap_or(1)
 }

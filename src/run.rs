@@ -54,6 +54,10 @@ struct AbortState {
 
 impl Abort {
     /// Stops the run (at most once; later reasons are dropped).
+    #[cfg_attr(
+        not(feature = "etcd"),
+        allow(dead_code, reason = "only an etcd lease trips it")
+    )]
     pub fn trip(&self, reason: String) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.reason.is_none() {
@@ -87,6 +91,7 @@ impl Abort {
 pub enum Outcome {
     Exited(i32),
     /// The command was killed by this signal, not by us.
+    #[cfg_attr(windows, allow(dead_code, reason = "no signals on Windows"))]
     Signaled(i32),
     TimedOut,
     /// stdout went past `--max-output`.
@@ -132,8 +137,13 @@ enum Event {
     Stdout(Box<EntryWriter>),
     Stderr(Vec<u8>),
     Signal(i32),
+    #[cfg_attr(
+        not(feature = "etcd"),
+        allow(dead_code, reason = "only an etcd lease trips it")
+    )]
     Abort,
     /// The command stopped (SIGTSTP from the terminal, SIGTTIN, SIGSTOP).
+    #[cfg_attr(windows, allow(dead_code, reason = "job control is Unix's"))]
     Stopped,
 }
 
@@ -224,6 +234,7 @@ pub fn run(
 
     let mut streams = Streams::default();
     // Time the user holds the run stopped (Ctrl-Z) does not count against --timeout.
+    #[cfg_attr(not(unix), allow(unused_mut))]
     let mut timeout_at = deadline(start, spec.timeout);
     let mut outcome = loop {
         break match next(&receiver, timeout_at, &mut streams) {

@@ -283,6 +283,7 @@ pub fn open_regular(path: &Path) -> io::Result<Opened> {
 
 /// Whether a file name is one [`Store::temp_file`] makes: `.tmp.NAME.XXXXXX`, six
 /// letters or digits of tempfile's after a valid NAME. Nothing else is ever swept.
+#[cfg_attr(windows, allow(dead_code, reason = "nothing is swept on Windows"))]
 fn is_temp_name(file_name: &str) -> bool {
     let Some(rest) = file_name.strip_prefix(TEMP_PREFIX) else {
         return false;

@@ -11,7 +11,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use common::{TestEnv, alive, finish, marker, status, stderr, stdout, wait_until};
+use common::{
+    TestEnv, alive, assert_status, blocked_on_a_lock, finish, marker, status, stderr, stdout,
+    wait_until,
+};
 use serde_json::Value;
 
 /// A command whose runs are counted, and which, once armed, holds each run until the
@@ -319,7 +322,7 @@ fn the_refresher_has_its_own_session_stdio_on_null_and_no_descriptor_but_the_loc
     // socket, and /dev/null opened for the stdio of what it spawns (its guard).
     for (fd, target) in &fds {
         let own = target.starts_with(&env.cache)
-            || target == Path::new("/dev/null")
+            || *target == Path::new("/dev/null")
             || ["pipe:", "socket:", "anon_inode:"]
                 .iter()
                 .any(|kind| target.to_string_lossy().starts_with(kind));
@@ -369,7 +372,7 @@ fn with_nothing_cached_the_caller_waits_for_the_refresher_and_serves_what_it_mad
         &["--background", "--wait", "100ms"],
         &gated.command(),
     ));
-    assert_eq!(status(&short), 75, "{}", stderr(&short));
+    assert_status(&short, 75);
     assert!(
         stderr(&short).contains("--wait 100ms ran out"),
         "{}",
@@ -380,6 +383,11 @@ fn with_nothing_cached_the_caller_waits_for_the_refresher_and_serves_what_it_mad
     // A second caller finds the refresher in flight and waits for it.
     let mut waiting = env.spawn(args("cold", &["-v", "--background"], &gated.command()));
     wait_until("the refresher's run starts", || env.runs() == 1);
+    // Not only started: waiting on the lock, or on a loaded machine it may arrive
+    // after the run and be served a fresh result.
+    wait_until("the second caller waits for the run", || {
+        blocked_on_a_lock(waiting.id())
+    });
     assert!(waiting.try_wait().unwrap().is_none());
     gated.open();
     let out = finish(waiting);
@@ -561,7 +569,7 @@ fn a_refresher_whose_command_cannot_start_records_it() {
         &missing.display().to_string(),
     );
     let out = env.run(&call);
-    assert_eq!(status(&out), 75, "{}", stderr(&out));
+    assert_status(&out, 75);
     assert!(
         stderr(&out).contains("produced nothing to serve"),
         "{}",
@@ -592,4 +600,35 @@ fn a_fresh_result_is_served_without_a_refresher() {
     );
     assert_eq!(env.runs(), 1);
     assert!(refreshers(&gated.command()).is_empty());
+}
+
+/// `--refresher=FD` (internal) claims only a lock file it was handed: an fd that is not
+/// open, or is open on another file, is refused (125) before anything runs, and the
+/// other file's fd is not taken for the lock.
+#[test]
+fn a_refresher_takes_only_the_lock_file_it_was_handed() {
+    let env = TestEnv::new();
+    fs::create_dir(&env.cache).expect("mkdir");
+    fs::set_permissions(
+        &env.cache,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("chmod");
+    let sf = env!("CARGO_BIN_EXE_singleflight");
+    let counter = env.counter();
+    let script = format!("echo run >> '{}'", counter.display());
+    let cases = [
+        ("", "--refresher=9", "not an open file descriptor"),
+        ("exec 9</dev/null; ", "--refresher=9", "not "),
+        ("", "--refresher=1", "not an open file descriptor"),
+    ];
+    for (setup, arg, said) in cases {
+        let line = format!("{setup}exec '{sf}' {arg} handed -- sh -c \"$0\"");
+        let out = finish(common::start(
+            env.command_for("sh").args(["-c", &line, &script]),
+        ));
+        assert_status(&out, 125);
+        assert!(stderr(&out).contains(said), "{arg}: {}", stderr(&out));
+        assert_eq!(env.runs(), 0, "{arg}: the command ran");
+    }
 }

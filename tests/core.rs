@@ -5,9 +5,12 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::Output;
 
-use common::{TestEnv, finish, status, stderr, stdout, wait_until};
+// `Ran` and `assert_status` serve Linux-only tests too; on macOS the rest compiles alone.
+#[cfg_attr(not(target_os = "linux"), allow(unused_imports))]
+use common::{
+    Ran, TestEnv, assert_status, blocked_on_a_lock, finish, status, stderr, stdout, wait_until,
+};
 #[cfg(target_os = "linux")]
 use common::{alive, marker};
 
@@ -20,20 +23,12 @@ fn counting(env: &TestEnv, output: &str) -> Vec<String> {
     vec!["sh".into(), "-c".into(), script]
 }
 
-fn call(env: &TestEnv, name: &str, options: &[&str], command: &[String]) -> Output {
-    let mut args: Vec<String> = options.iter().map(|s| s.to_string()).collect();
-    args.insert(0, name.to_owned());
-    args.push("--".into());
-    args.extend(command.iter().cloned());
-    env.run(&args)
-}
-
 #[test]
 fn a_fresh_hit_serves_the_bytes_and_status_of_the_run_without_running_again() {
     let env = TestEnv::new();
     let command = counting(&env, "hello");
     for _ in 0..3 {
-        let out = call(&env, "greet", &[], &command);
+        let out = env.call("greet", &[], &command);
         assert_eq!((status(&out), stdout(&out).as_str()), (0, "hello"));
     }
     assert_eq!(env.runs(), 1);
@@ -52,9 +47,9 @@ fn a_hit_is_byte_for_byte_for_binary_empty_and_unterminated_output() {
     for (name, bytes) in cases {
         fs::write(env.path(name), bytes).unwrap();
         let command = ["cat".to_string(), env.path(name).display().to_string()];
-        let first = call(&env, name, &[], &command);
+        let first = env.call(name, &[], &command);
         fs::write(env.path(name), b"changed").unwrap();
-        let hit = call(&env, name, &[], &command);
+        let hit = env.call(name, &[], &command);
         assert_eq!(first.stdout, bytes, "{name}: the run");
         assert_eq!(hit.stdout, bytes, "{name}: the hit");
     }
@@ -69,7 +64,7 @@ fn a_cached_failure_is_served_with_its_own_exit_status() {
     );
     let command = ["sh".to_string(), "-c".into(), script];
     for _ in 0..2 {
-        let out = call(&env, "flaky", &["--cache-failures"], &command);
+        let out = env.call("flaky", &["--cache-failures"], &command);
         assert_eq!((status(&out), stdout(&out).as_str()), (3, "partial\n"));
     }
     assert_eq!(env.runs(), 1);
@@ -78,8 +73,8 @@ fn a_cached_failure_is_served_with_its_own_exit_status() {
 #[test]
 fn a_different_command_under_the_same_name_is_never_served_the_other_result() {
     let env = TestEnv::new();
-    let a = call(&env, "shared", &[], &["echo".into(), "a".into()]);
-    let b = call(&env, "shared", &[], &["echo".into(), "b".into()]);
+    let a = env.call("shared", &[], &["echo", "a"]);
+    let b = env.call("shared", &[], &["echo", "b"]);
     assert_eq!((stdout(&a).as_str(), stdout(&b).as_str()), ("a\n", "b\n"));
 }
 
@@ -173,7 +168,8 @@ fn max_stale_bounds_what_a_loser_is_served() {
     let env = TestEnv::new();
     let (gate, started, version) = (env.path("gate"), env.path("started"), env.path("version"));
     let script = format!(
-        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; cat '{}'",
+        "echo run >> '{}'; touch '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; cat '{}'",
+        env.counter().display(),
         started.display(),
         gate.display(),
         version.display()
@@ -192,13 +188,18 @@ fn max_stale_bounds_what_a_loser_is_served() {
     fs::write(&version, "new").unwrap();
     let winner = env.spawn(args(&[]));
     wait_until("the run started", || started.exists());
-    // The result is at least as old as the gap since it was written; 0s is too old.
+    // The result is at least as old as the gap since it was written; 0s is too old:
+    // that caller waits for the run in flight, blocked on its lock.
     let strict = env.spawn(args(&["--max-stale", "0", "--wait", "60s"]));
+    wait_until("the strict caller waits for the run", || {
+        blocked_on_a_lock(strict.id())
+    });
     let relaxed = finish(env.spawn(args(&["--max-stale", "1h"])));
-    assert_eq!(stdout(&relaxed), "old");
+    assert_eq!(stdout(&relaxed), "old", "{}", stderr(&relaxed));
     fs::write(&gate, "").unwrap();
     assert_eq!(stdout(&finish(strict)), "new", "it waited for the run");
     assert_eq!(stdout(&finish(winner)), "new");
+    assert_eq!(env.runs(), 2, "only the winner ran, once");
 }
 
 #[test]
@@ -278,26 +279,51 @@ fn a_failing_command_with_nothing_cached_prints_its_own_output_then_backs_off() 
 fn a_timeout_kills_the_whole_group_even_children_that_ignore_sigterm() {
     let env = TestEnv::new();
     let mark = marker();
-    let script = format!("trap '' TERM; sleep {mark} & sleep {mark} & echo partial; wait");
-    let out = env.run([
-        "t",
-        "--timeout",
-        "500ms",
-        "--kill-after",
-        "500ms",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    assert_eq!(status(&out), 124, "{}", stderr(&out));
+    let pids = env.path("pids");
+    let script = format!(
+        "trap '' TERM; sleep {mark} & echo $! >> {pids}; sleep {mark} & echo $! >> {pids}; \
+         echo partial; wait",
+        pids = pids.display()
+    );
+    let out = timed_out_after_children_started(&env, "t", &["--kill-after", "500ms"], &script);
     assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
     assert_eq!(alive(&mark), Vec::<u32>::new());
     assert!(!env.result_file("t").exists(), "nothing cached");
-    let background = format!("sleep {mark} & sleep {mark}");
-    let out = env.run(["t2", "--timeout", "300ms", "--", "sh", "-c", &background]);
-    assert_eq!(status(&out), 124);
+    let background = format!(
+        "sleep {mark} & echo $! >> {pids}; echo $$ >> {pids}; sleep {mark}",
+        pids = pids.display()
+    );
+    timed_out_after_children_started(&env, "t2", &[], &background);
     assert_eq!(alive(&mark), Vec::<u32>::new());
+}
+
+/// Runs `script` (which appends two pids to the test's `pids` file once its children
+/// run) under a `--timeout`; returns the output of a run that timed out with both
+/// children started. A timeout is the behaviour under test, so it cannot wait for the
+/// children: a run whose shell had not started them in time (a loaded machine) proves
+/// nothing and is tried again with a longer timeout.
+#[cfg(target_os = "linux")]
+fn timed_out_after_children_started(
+    env: &TestEnv,
+    name: &str,
+    options: &[&str],
+    script: &str,
+) -> Ran {
+    let pids = env.path("pids");
+    for timeout in ["500ms", "2s", "8s", "30s"] {
+        let _ = fs::remove_file(&pids);
+        // A timed-out run is a failure: the next try must not back off from it.
+        let mut args = vec![name, "--timeout", timeout, "--retry-after", "0"];
+        args.extend_from_slice(options);
+        args.extend(["--", "sh", "-c", script]);
+        let out = env.run(&args);
+        assert_status(&out, 124);
+        let started = fs::read_to_string(&pids).unwrap_or_default();
+        if started.lines().count() == 2 {
+            return out;
+        }
+    }
+    panic!("{name}: the command never started its children before the timeout");
 }
 
 #[test]
@@ -336,7 +362,7 @@ fn large_output_streams_through_the_cache_in_bounded_memory() {
 fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
     let env = TestEnv::new();
     let command = counting(&env, "real");
-    call(&env, "c", &[], &command);
+    env.call("c", &[], &command);
     let good = fs::read(env.result_file("c")).unwrap();
     let mut flipped = good.clone();
     flipped[34] ^= 1;
@@ -349,7 +375,7 @@ fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
     ];
     for (i, (what, bytes)) in damaged.into_iter().enumerate() {
         fs::write(env.result_file("c"), &bytes).unwrap();
-        let out = call(&env, "c", &["--ttl", "1h"], &command);
+        let out = env.call("c", &["--ttl", "1h"], &command);
         assert_eq!((status(&out), stdout(&out).as_str()), (0, "real"), "{what}");
         assert!(
             stderr(&out).contains("ignoring the cached result"),
@@ -357,7 +383,7 @@ fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
             stderr(&out)
         );
         assert_eq!(env.runs(), i + 2, "{what}: ran again");
-        let hit = call(&env, "c", &["--ttl", "1h"], &command);
+        let hit = env.call("c", &["--ttl", "1h"], &command);
         assert_eq!(stdout(&hit), "real", "{what}: replaced by a valid result");
         assert_eq!(env.runs(), i + 2, "{what}: the replacement is a hit");
     }
@@ -366,7 +392,7 @@ fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
 #[test]
 fn the_lock_file_stays_and_results_are_private() {
     let env = TestEnv::new();
-    call(&env, "p", &[], &["true".to_string()]);
+    env.call("p", &[], &["true".to_string()]);
     let mode = |path: &std::path::Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&env.cache), 0o700);
     assert_eq!(mode(&env.result_file("p")), 0o600);

@@ -24,8 +24,8 @@ use common::etcd::Etcd;
 #[cfg(feature = "etcd")]
 use common::stdout;
 #[cfg(feature = "etcd")]
-use common::{PATIENCE, alive, marker, wait_until};
-use common::{TestEnv, finish, status, stderr};
+use common::{PATIENCE, alive, marker, status, wait_until};
+use common::{TestEnv, assert_status, finish, stderr};
 #[cfg(feature = "etcd")]
 use serde_json::Value;
 
@@ -174,7 +174,7 @@ fn a_frozen_etcd_ends_a_call_after_the_backend_timeout_with_125() {
         "a call to a frozen etcd returned after {:?}",
         started.elapsed()
     );
-    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert_status(&out, 125);
     assert!(
         stderr(&out).contains("no answer within 500ms"),
         "{}",
@@ -266,7 +266,7 @@ fn losing_the_lease_mid_run_kills_the_tree_and_stores_nothing() {
         paused.elapsed()
     );
     // etcd is still frozen: the tree died because the lease was lost, not on an answer.
-    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert_status(&out, 125);
     assert!(
         stderr(&out).contains("lost the etcd lock mid-run")
             && stderr(&out).contains("nothing was stored"),
@@ -315,7 +315,7 @@ fn fencing_tokens_strictly_increase_across_runs_on_any_machine() {
         };
         let before = written(machine);
         let out = machine.run(&args);
-        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_status(&out, 0);
         if i == 3 {
             wait_until("the refresh ran", || {
                 written(machine).is_some_and(|now| Some(now) != before)
@@ -348,12 +348,15 @@ fn a_cluster_that_loses_its_leader_during_a_herd_never_runs_twice_at_once() {
     let leader = etcd.wait_leader();
     let shared = Shared::new();
     let machines: Vec<Machine> = (0..3).map(|_| Machine::new(&etcd.url())).collect();
-    let busy = shared.path("busy");
-    // mkdir is atomic: a run that finds the dir of another run overlaps it.
+    let (busy, hold) = (shared.path("busy"), shared.path("hold"));
+    // mkdir is atomic: a run that finds the dir of another run overlaps it. While
+    // `hold` exists a run stays in flight, so that the leader dies during one.
     let script = format!(
         "mkdir '{busy}' 2>/dev/null || echo OVERLAP >> '{overlaps}'; echo run >> '{runs}'; \
-         trap \"rmdir '{busy}'; exit 143\" TERM; sleep 0.2; rmdir '{busy}'; echo out",
+         trap \"rmdir '{busy}'; exit 143\" TERM; while [ -e '{hold}' ]; do sleep 0.01; done; \
+         sleep 0.2; rmdir '{busy}'; echo out",
         busy = busy.display(),
+        hold = hold.display(),
         overlaps = shared.path("overlaps").display(),
         runs = shared.counter().display()
     );
@@ -371,6 +374,9 @@ fn a_cluster_that_loses_its_leader_during_a_herd_never_runs_twice_at_once() {
     let (mut served, mut refused) = (0, 0);
     let mut runs_when_killed = None;
     for round in 0..6 {
+        if round == 2 {
+            fs::write(&hold, "").expect("write");
+        }
         let callers: Vec<Child> = machines
             .iter()
             .flat_map(|machine| (0..4).map(|_| machine.spawn(args)))
@@ -379,6 +385,7 @@ fn a_cluster_that_loses_its_leader_during_a_herd_never_runs_twice_at_once() {
             wait_until("a run is in flight", || busy.exists());
             etcd.kill(leader);
             runs_when_killed = Some(shared.runs());
+            fs::remove_file(&hold).expect("remove");
         }
         for caller in callers {
             let out = finish(caller);
@@ -504,7 +511,7 @@ fn status_and_clear_see_the_fleet_from_any_machine() {
     );
 
     let out = a.run(["clear", "--all"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     assert_eq!(
         b.status_json(&[]).expect("an empty array"),
         Vec::<Value>::new()
@@ -598,7 +605,7 @@ fn a_result_over_the_etcd_limit_is_refused_not_truncated() {
         "/dev/zero",
     ];
     let out = machine.run(big);
-    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert_status(&out, 125);
     assert!(
         stderr(&out).contains("etcd backend's limit of 1.0MiB"),
         "{}",
@@ -628,7 +635,7 @@ fn a_result_over_the_etcd_limit_is_refused_not_truncated() {
 fn without_the_etcd_feature_a_backend_is_a_usage_error() {
     let machine = Machine::new("etcd://127.0.0.1:2379");
     let out = machine.run(["x", "--", "echo", "hi"]);
-    assert_eq!(status(&out), 2, "{}", stderr(&out));
+    assert_status(&out, 2);
     assert!(
         stderr(&out).contains("built without the etcd backend"),
         "{}",

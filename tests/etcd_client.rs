@@ -12,11 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::PATIENCE;
 use common::etcd::Etcd;
-use singleflight::entry::{self, Meta};
-use singleflight::etcd::{
-    self, Client, Endpoints, EtcdError, FencingToken, LeaseKeeper, LeaseLost, Prefix, Write,
+use singleflight::etcd_client as entry;
+use singleflight::etcd_client::{
+    self as etcd, Client, Endpoints, EtcdError, FencingToken, LeaseKeeper, LeaseLost, Meta, Name,
+    Prefix, Write,
 };
-use singleflight::values::Name;
 
 const LEASE_TTL: Duration = Duration::from_secs(10);
 

@@ -10,8 +10,8 @@ use clap_complete::Shell;
 use clap_mangen::Man;
 use clap_mangen::roff::{Roff, bold, italic, roman};
 
-use singleflight::cli::{Cli, EXAMPLES};
 use singleflight::exit;
+use singleflight::{Cli, EXAMPLES};
 
 const REGENERATE: &str = "SINGLEFLIGHT_REGENERATE";
 
@@ -399,7 +399,7 @@ fn environment(roff: &mut Roff) {
     );
     item(
         roff,
-        singleflight::backend::FENCING_TOKEN_ENV,
+        singleflight::FENCING_TOKEN_ENV,
         "Set by singleflight in the environment of the command with the etcd backend: \
          the lock's fencing token, an integer that is larger for every new holder of the \
          lock. A store the command writes to can refuse writes with a smaller token than \
@@ -407,7 +407,7 @@ fn environment(roff: &mut Roff) {
     );
     item(
         roff,
-        singleflight::reap::RUN_ID_ENV,
+        singleflight::RUN_ID_ENV,
         "Set by singleflight in the environment of the command: a token that marks \
          every process of one run.",
     );

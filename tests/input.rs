@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use common::{TestEnv, is_root, status, stderr, stdout};
+use common::{TestEnv, assert_status, is_root, status, stderr, stdout};
 
 /// A cache with one good result in it, and the command that made it.
 fn primed() -> (TestEnv, Vec<String>, Vec<u8>) {
@@ -110,7 +110,7 @@ fn assert_refused(env: &TestEnv, cache: &std::path::Path, reason: &str) {
         ])
         .output()
         .unwrap();
-    assert_eq!(status(&out), 125, "{}", stderr(&out));
+    assert_status(&out, 125);
     assert_one_line(&stderr(&out), reason);
     assert!(
         stderr(&out).contains(cache.to_str().unwrap()),
@@ -146,7 +146,7 @@ fn a_cache_dir_owned_by_another_user_is_refused() {
     let theirs = env.path("theirs");
     fs::create_dir(&theirs).unwrap();
     if !is_root() {
-        eprintln!("SKIPPED: needs root to give a dir to another user");
+        common::skip("giving a dir to another user needs root");
         return;
     }
     std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
@@ -172,9 +172,24 @@ fn verbose_says_what_was_decided_in_one_line_and_quiet_says_nothing() {
 #[test]
 fn durations_in_every_documented_form_are_accepted() {
     let env = TestEnv::new();
-    for ttl in ["500ms", "30s", "5m", "1h", "1h30m", "30", "0"] {
+    let forms = [
+        ("500ms", 500),
+        ("30s", 30_000),
+        ("5m", 300_000),
+        ("1h", 3_600_000),
+        ("1h30m", 5_400_000),
+        ("30", 30_000),
+        ("0.5", 500),
+        ("0", 0),
+    ];
+    for (ttl, ms) in forms {
+        // A result written with this ttl carries it, in milliseconds.
+        let _ = fs::remove_file(env.result_file("d"));
         let out = env.run(["d", "--ttl", ttl, "--", "true"]);
         assert_eq!(status(&out), 0, "--ttl {ttl}: {}", stderr(&out));
+        let shown = env.run(["status", "--json", "d"]);
+        let json: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("JSON");
+        assert_eq!(json[0]["ttl_ms"], ms, "--ttl {ttl}: {}", stdout(&shown));
     }
 }
 
@@ -183,11 +198,11 @@ fn global_options_may_come_before_a_verb_but_a_name_may_not() {
     let env = TestEnv::new();
     env.run(["seen", "--", "echo", "x"]);
     let status_out = env.run(["-v", "status", "seen"]);
-    assert_eq!(status(&status_out), 0, "{}", stderr(&status_out));
+    assert_status(&status_out, 0);
     assert!(stdout(&status_out).contains("seen"));
     let dir = env.cache.to_str().unwrap();
     let with_dir = env.run(["--cache-dir", dir, "status", "seen"]);
-    assert_eq!(status(&with_dir), 0, "{}", stderr(&with_dir));
+    assert_status(&with_dir, 0);
     let confused = env.run(["seen", "status", "--", "echo", "x"]);
     assert_eq!(status(&confused), 2);
     assert!(

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{TestEnv, finish, status, stderr, stdout, wait_until};
+use common::{TestEnv, assert_status, finish, status, stderr, stdout, wait_until};
 use serde_json::{Map, Value};
 
 const KEYS: [&str; 17] = [
@@ -50,19 +50,11 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn call(env: &TestEnv, name: &str, options: &[&str], command: &[&str]) -> std::process::Output {
-    let mut args: Vec<&str> = options.to_vec();
-    args.push(name);
-    args.push("--");
-    args.extend(command);
-    env.run(args)
-}
-
 fn status_json(env: &TestEnv, names: &[&str]) -> Vec<Value> {
     let mut args = vec!["status", "--json"];
     args.extend(names);
     let out = env.run(args);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     serde_json::from_slice::<Value>(&out.stdout)
         .expect("status --json is JSON")
         .as_array()
@@ -120,11 +112,10 @@ impl Drop for Gate {
 fn status_json_gives_every_key_of_fresh_stale_in_flight_and_failed_names() {
     let env = TestEnv::new();
     let before = now_ms();
-    let out = call(&env, "fresh", &["--ttl", "1h"], &["printf", "hello"]);
+    let out = env.call("fresh", &["--ttl", "1h"], &["printf", "hello"]);
     assert_eq!(stdout(&out), "hello");
     // --ttl 0: stale the moment it is written.
-    let out = call(
-        &env,
+    let out = env.call(
         "stale",
         &["--ttl", "0"],
         &["sh", "-c", "echo stale; exit 0"],
@@ -135,7 +126,7 @@ fn status_json_gives_every_key_of_fresh_stale_in_flight_and_failed_names() {
         "-c",
         "echo partial; echo first >&2; echo boom >&2; exit 3",
     ];
-    let out = call(&env, "failed", &[], &failing);
+    let out = env.call("failed", &[], &failing);
     assert_eq!(status(&out), 3);
     let (held, gate) = gated(&env);
     let _gate = Gate(gate.clone());
@@ -274,15 +265,15 @@ fn the_status_table_fits_100_columns_and_shows_failures() {
     let env = TestEnv::new();
     let long_name = "n".repeat(128);
     let long_arg = "x".repeat(300);
-    let out = call(&env, &long_name, &["--ttl", "1h"], &["echo", &long_arg]);
+    let out = env.call(&long_name, &["--ttl", "1h"], &["echo", &long_arg]);
     assert_eq!(status(&out), 0);
     let escape = "echo hidden >&2; echo plain >&2; printf '\\033[31mred\\033[0m\\n' >&2; \
                   echo long $(seq 1 60) >&2; exit 4";
-    let out = call(&env, "broken", &[], &["sh", "-c", escape]);
+    let out = env.call("broken", &[], &["sh", "-c", escape]);
     assert_eq!(status(&out), 4);
 
     let out = env.run(["status"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     let table = stdout(&out);
     let lines: Vec<&str> = table.lines().collect();
     for line in &lines {
@@ -350,7 +341,7 @@ fn status_with_nothing_cached_is_an_empty_table_or_array() {
 #[test]
 fn status_of_a_name_that_does_not_exist_exits_1_and_says_so() {
     let env = TestEnv::new();
-    let out = call(&env, "known", &[], &["echo", "hi"]);
+    let out = env.call("known", &[], &["echo", "hi"]);
     assert_eq!(status(&out), 0);
 
     let out = env.run(["status", "nope"]);
@@ -426,16 +417,11 @@ fn clear_all_removes_every_result_and_failure_record_and_keeps_the_locks() {
     let counter = env.counter().display().to_string();
     let counting = format!("echo run >> '{counter}'; echo one");
     assert_eq!(
-        status(&call(
-            &env,
-            "one",
-            &["--ttl", "1h"],
-            &["sh", "-c", &counting]
-        )),
+        status(&env.call("one", &["--ttl", "1h"], &["sh", "-c", &counting])),
         0
     );
-    assert_eq!(status(&call(&env, "two", &[], &["echo", "two"])), 0);
-    assert_eq!(status(&call(&env, "bad", &[], &["sh", "-c", "exit 5"])), 5);
+    assert_eq!(status(&env.call("two", &[], &["echo", "two"])), 0);
+    assert_eq!(status(&env.call("bad", &[], &["sh", "-c", "exit 5"])), 5);
     assert_eq!(status_json(&env, &[]).len(), 3);
 
     let out = env.run(["clear", "--all"]);
@@ -453,7 +439,7 @@ fn clear_all_removes_every_result_and_failure_record_and_keeps_the_locks() {
         assert!(!env.cache.join(format!("{name}.failure")).exists());
     }
     // The next call runs the command again.
-    let out = call(&env, "one", &["--ttl", "1h"], &["sh", "-c", &counting]);
+    let out = env.call("one", &["--ttl", "1h"], &["sh", "-c", &counting]);
     assert_eq!(stdout(&out), "one\n");
     assert_eq!(env.runs(), 2);
 }
@@ -461,10 +447,10 @@ fn clear_all_removes_every_result_and_failure_record_and_keeps_the_locks() {
 #[test]
 fn clear_of_names_says_what_it_removed_and_an_unknown_name_is_no_error() {
     let env = TestEnv::new();
-    assert_eq!(status(&call(&env, "kept", &[], &["echo", "kept"])), 0);
-    assert_eq!(status(&call(&env, "gone", &[], &["echo", "gone"])), 0);
+    assert_eq!(status(&env.call("kept", &[], &["echo", "kept"])), 0);
+    assert_eq!(status(&env.call("gone", &[], &["echo", "gone"])), 0);
     let out = env.run(["clear", "-v", "gone", "nope"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     assert_eq!(
         stderr(&out),
         "singleflight: gone: cleared (result)\nsingleflight: nope: nothing to clear\n"

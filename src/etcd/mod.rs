@@ -23,13 +23,15 @@ mod transport;
 #[cfg(feature = "etcd")]
 mod wire;
 
-pub use endpoints::{DEFAULT_PORT, Endpoints};
-pub use keys::{DEFAULT_PREFIX, Keys, Prefix};
+pub use endpoints::Endpoints;
+#[cfg(feature = "etcd")]
+pub use keys::Keys;
+pub use keys::Prefix;
 
 #[cfg(feature = "etcd")]
 pub use client::{
-    Client, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, EtcdError, FencingToken, Holder, Lease, LeaseId,
-    POLL_INTERVAL, TooLarge, Value, Write, check_size,
+    Client, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, EtcdError, FencingToken, Lease, LeaseId, Write,
+    check_size,
 };
 #[cfg(feature = "etcd")]
 pub use keeper::{LeaseKeeper, LeaseLost, default_lead};

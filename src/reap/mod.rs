@@ -137,6 +137,7 @@ pub fn prepare(command: &mut Command, token: &str) {
 
 /// Signals the run's process group and, on Linux, every descendant of singleflight
 /// (which includes the ones that left the group).
+#[cfg(not(windows))]
 pub fn signal_tree(group: u32, stop: Stop) {
     #[cfg(unix)]
     {
@@ -163,6 +164,7 @@ pub fn signal_tree(group: u32, stop: Stop) {
 
 /// After the command itself has exited and been reaped: kills whatever is left of
 /// its tree and reaps it, so that the run never outlives a process it started.
+#[cfg(not(windows))]
 pub fn kill_leftovers(group: u32) {
     signal_tree(group, Stop::Kill);
     #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -195,9 +197,14 @@ fn kill_group(group: u32) {
 
 /// The pid of this process's guard ([`crate::guard`]), 0 for none: it is
 /// singleflight's child but not of the run, so the run's clean-up spares it.
+#[cfg_attr(
+    windows,
+    allow(dead_code, reason = "no guard on Windows: the Job Object is one")
+)]
 static GUARD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Marks `pid` (0: nothing) as the guard, which the run's clean-up leaves alone.
+#[cfg_attr(windows, allow(dead_code))]
 pub fn spare(pid: u32) {
     GUARD.store(pid, std::sync::atomic::Ordering::Relaxed);
 }
