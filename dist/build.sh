@@ -136,8 +136,11 @@ PY
 }
 
 write_sums() {
-    (cd "$dist" && ls singleflight-"$version"-*.tar.gz singleflight-"$version"-*.zip 2> /dev/null |
-        LC_ALL=C sort | xargs -r sha256sum > SHA256SUMS)
+    # Whatever archives are there (a build of one target may be the first): a glob that
+    # matches nothing expands to nothing, never to itself.
+    (cd "$dist" && shopt -s nullglob &&
+        archives=(singleflight-"$version"-*.tar.gz singleflight-"$version"-*.zip) &&
+        printf '%s\n' "${archives[@]}" | LC_ALL=C sort | xargs -r sha256sum > SHA256SUMS)
     say "wrote $dist/SHA256SUMS"
 }
 
