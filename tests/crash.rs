@@ -52,20 +52,6 @@ impl Drop for Running {
     }
 }
 
-/// The temp files in the cache dir.
-fn temps(env: &TestEnv) -> Vec<PathBuf> {
-    let Ok(entries) = fs::read_dir(&env.cache) else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp."))
-        .map(|e| e.path())
-        .collect();
-    found.sort();
-    found
-}
-
 /// The live `sleep MARKER` processes (not the shells or singleflights whose command
 /// lines mention the marker too).
 fn sleepers(marker: &str) -> Vec<u32> {
@@ -232,7 +218,7 @@ fn signal_stops_the_run(signal: Signal, number: i32) {
         !env.result_file("sig").exists(),
         "an interrupted run was cached"
     );
-    assert_eq!(temps(&env), Vec::<PathBuf>::new(), "temp file left behind");
+    assert_eq!(env.temps(), Vec::<PathBuf>::new(), "temp file left behind");
     assert!(
         !file_in_cache(&env, "sig.run").exists(),
         "run record left behind"
@@ -702,7 +688,7 @@ fn kill_9_at_any_moment_never_tears_the_cache_nor_sticks_the_lock() {
     let mut killed_mid_write = 0;
     let mut killed_after_rename = 0;
     for i in 0..ITERATIONS {
-        let before = temps(&env);
+        let before = env.temps();
         let mut writer = env
             .command()
             .args(&writer_args)
@@ -721,7 +707,7 @@ fn kill_9_at_any_moment_never_tears_the_cache_nor_sticks_the_lock() {
                 if writer.try_wait().expect("try_wait").is_some() {
                     return true;
                 }
-                let now = temps(&env);
+                let now = env.temps();
                 match &seen_temp {
                     None => {
                         seen_temp = now.into_iter().find(|t| !before.contains(t));
@@ -771,7 +757,7 @@ fn kill_9_at_any_moment_never_tears_the_cache_nor_sticks_the_lock() {
     assert!(stale > 0, "the stale reader read nothing");
 
     // No stuck lock: a call wins and runs; it kills what the last victim left.
-    let leftover = temps(&env);
+    let leftover = env.temps();
     let last = env.run(
         ["-v"]
             .iter()
@@ -812,7 +798,7 @@ fn kill_9_at_any_moment_never_tears_the_cache_nor_sticks_the_lock() {
     let cleanup = env.run(&writer_args);
     assert_status(&cleanup, 0);
     assert_eq!(
-        temps(&env),
+        env.temps(),
         vec![young],
         "old temps stay, or a young one went"
     );
@@ -917,7 +903,7 @@ fn max_output_kills_the_tree_and_writes_nothing_past_the_cap() {
         !env.result_file("cap").exists(),
         "an overflowing run was cached"
     );
-    assert_eq!(temps(&env), Vec::<PathBuf>::new());
+    assert_eq!(env.temps(), Vec::<PathBuf>::new());
     let reason = failure(&env, "cap")["reason"]
         .as_str()
         .unwrap_or_default()
@@ -1121,7 +1107,7 @@ fn a_full_disk_keeps_the_old_result_and_still_prints_the_run() {
         stderr(&output)
     );
     assert_eq!(fs::read(env.result_file("disk")).expect("result"), before);
-    assert_eq!(temps(&env), Vec::<PathBuf>::new());
+    assert_eq!(env.temps(), Vec::<PathBuf>::new());
 }
 
 #[cfg(target_os = "linux")]

@@ -247,20 +247,6 @@ fn a_stalled_reader_of_the_winner_holds_up_nobody() {
 
 // ---- 1. A quiet run keeps its temp file ---------------------------------------------
 
-/// The temp files in the cache dir.
-fn temps(env: &TestEnv) -> Vec<std::path::PathBuf> {
-    let Ok(entries) = fs::read_dir(&env.cache) else {
-        return Vec::new();
-    };
-    let mut found: Vec<_> = entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp."))
-        .map(|e| e.path())
-        .collect();
-    found.sort();
-    found
-}
-
 /// Sets a file's mtime to two hours ago.
 fn backdate(paths: &[std::path::PathBuf]) {
     let touched = std::process::Command::new("touch")
@@ -283,14 +269,14 @@ fn a_quiet_run_keeps_its_temp_file_and_a_dead_one_goes() {
         &format!("read x < {}; echo finally", gate.display()),
     );
     let run = env.spawn(["quiet", "--", quiet.to_str().expect("utf-8")]);
-    wait_until("the quiet run's temp file", || !temps(&env).is_empty());
-    let quiet_temp = temps(&env);
+    wait_until("the quiet run's temp file", || !env.temps().is_empty());
+    let quiet_temp = env.temps();
     backdate(&quiet_temp);
     // A run killed with its singleflight leaves its temp file behind.
     let stuck = env.script("stuck", "echo partial; exec sleep 1000");
     let mut killed = env.spawn(["dead", "--", stuck.to_str().expect("utf-8")]);
     let others = || -> Vec<_> {
-        temps(&env)
+        env.temps()
             .into_iter()
             .filter(|t| !quiet_temp.contains(t))
             .collect()
@@ -304,7 +290,7 @@ fn a_quiet_run_keeps_its_temp_file_and_a_dead_one_goes() {
     let out = env.run(["other", "--", "echo", "other"]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     assert_eq!(
-        temps(&env),
+        env.temps(),
         quiet_temp,
         "the dead run's temp went, the quiet one stayed"
     );
@@ -333,44 +319,16 @@ fn a_quiet_run_keeps_its_temp_file_and_a_dead_one_goes() {
 #[test]
 fn a_caller_that_meets_a_clear_does_not_exit_75() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let env = Arc::new(TestEnv::new());
     let out = env.run(["seed", "--", "echo", "seed"]);
     assert_eq!(status(&out), 0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let clearer = {
-        let (env, stop) = (env.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut clears = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let out = env.run(["clear", "--all"]);
-                assert_eq!(status(&out), 0, "{}", stderr(&out));
-                clears += 1;
-            }
-            clears
-        })
-    };
-    let callers: Vec<_> = (0..3)
-        .map(|_| {
-            let env = env.clone();
-            std::thread::spawn(move || {
-                let mut failures = Vec::new();
-                for _ in 0..60 {
-                    let out = env.run(["--ttl", "0", "cleared", "--", "echo", "hi"]);
-                    if status(&out) != 0 || stdout(&out) != "hi\n" {
-                        failures.push(format!("{}: {}", status(&out), stderr(&out)));
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
-    let failures: Vec<String> = callers
-        .into_iter()
-        .flat_map(|caller| caller.join().expect("caller thread"))
-        .collect();
-    stop.store(true, Ordering::Relaxed);
-    let clears = clearer.join().expect("clear thread");
+    let (clears, failures) = calls_during_clears(
+        &env,
+        &["clear", "--all"],
+        &["--ttl", "0", "cleared", "--", "echo", "hi"],
+        60,
+        "hi\n",
+    );
     assert!(clears > 0);
     assert!(
         failures.is_empty(),
@@ -582,7 +540,6 @@ fn clear_older_than_removes_old_names_with_their_locks() {
 #[test]
 fn removing_lock_files_never_lets_two_runs_overlap() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let env = Arc::new(TestEnv::new());
     let running = env.path("running");
     let overlaps = env.path("overlaps");
@@ -597,40 +554,13 @@ fn removing_lock_files_never_lets_two_runs_overlap() {
     let script = script.to_str().expect("utf-8").to_owned();
     let out = env.run(["--ttl", "0", "pruned", "--", &script]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
-    let stop = Arc::new(AtomicBool::new(false));
-    let clearer = {
-        let (env, stop) = (env.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut clears = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let out = env.run(["clear", "--older-than", "0s"]);
-                assert_eq!(status(&out), 0, "{}", stderr(&out));
-                clears += 1;
-            }
-            clears
-        })
-    };
-    let callers: Vec<_> = (0..3)
-        .map(|_| {
-            let (env, script) = (env.clone(), script.clone());
-            std::thread::spawn(move || {
-                let mut failures = Vec::new();
-                for _ in 0..40 {
-                    let out = env.run(["--ttl", "0", "pruned", "--", &script]);
-                    if status(&out) != 0 || stdout(&out) != "ok\n" {
-                        failures.push(format!("{}: {}", status(&out), stderr(&out)));
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
-    let failures: Vec<String> = callers
-        .into_iter()
-        .flat_map(|caller| caller.join().expect("caller"))
-        .collect();
-    stop.store(true, Ordering::Relaxed);
-    let clears = clearer.join().expect("clearer");
+    let (clears, failures) = calls_during_clears(
+        &env,
+        &["clear", "--older-than", "0s"],
+        &["--ttl", "0", "pruned", "--", &script],
+        40,
+        "ok\n",
+    );
     assert!(clears > 0);
     assert_eq!(
         fs::read_to_string(&overlaps).unwrap_or_default(),
@@ -691,4 +621,55 @@ fn a_caller_that_locks_a_removed_lock_file_opens_it_again() {
     let out = finish(clear);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     assert!(!env.result_file("racy").exists());
+}
+
+/// Three callers make `calls` calls each of `call`, every one expected to print
+/// `expected` and exit 0, while `clear_args` runs in a loop until they are done.
+/// Returns how many clears ran and what went wrong for the callers.
+fn calls_during_clears(
+    env: &std::sync::Arc<TestEnv>,
+    clear_args: &[&str],
+    call: &[&str],
+    calls: usize,
+    expected: &str,
+) -> (usize, Vec<String>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let clearer = {
+        let (env, stop) = (env.clone(), stop.clone());
+        let clear_args: Vec<String> = clear_args.iter().map(|a| a.to_string()).collect();
+        std::thread::spawn(move || {
+            let mut clears = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let out = env.run(&clear_args);
+                assert_eq!(status(&out), 0, "{}", stderr(&out));
+                clears += 1;
+            }
+            clears
+        })
+    };
+    let call: Vec<String> = call.iter().map(|a| a.to_string()).collect();
+    let callers: Vec<_> = (0..3)
+        .map(|_| {
+            let (env, call, expected) = (env.clone(), call.clone(), expected.to_owned());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for _ in 0..calls {
+                    let out = env.run(&call);
+                    if status(&out) != 0 || stdout(&out) != expected {
+                        failures.push(format!("{}: {}", status(&out), stderr(&out)));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = callers
+        .into_iter()
+        .flat_map(|caller| caller.join().expect("caller thread"))
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    let clears = clearer.join().expect("clear thread");
+    (clears, failures)
 }

@@ -53,6 +53,20 @@ impl TestEnv {
         command
     }
 
+    /// The temp files in the cache dir (`.tmp.*`), sorted.
+    pub fn temps(&self) -> Vec<PathBuf> {
+        let Ok(entries) = fs::read_dir(&self.cache) else {
+            return Vec::new();
+        };
+        let mut found: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp."))
+            .map(|e| e.path())
+            .collect();
+        found.sort();
+        found
+    }
+
     /// `singleflight ARGS...`, run to the end with stdin from nothing.
     pub fn run<I, S>(&self, args: I) -> Ran
     where
