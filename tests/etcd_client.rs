@@ -458,7 +458,7 @@ fn names_are_listed_from_the_keys_under_the_prefix() {
 
     let keys = client.list(prefix.as_bytes()).unwrap();
     let names: Vec<String> = prefix
-        .names(keys.iter().map(Vec::as_slice))
+        .slots(keys.iter().map(Vec::as_slice))
         .iter()
         .map(ToString::to_string)
         .collect();

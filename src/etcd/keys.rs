@@ -15,7 +15,6 @@
 use std::fmt;
 
 use crate::key::SlotId;
-use crate::values::Name;
 
 /// `--etcd-prefix` default.
 pub const DEFAULT_PREFIX: &str = "/singleflight/";
@@ -70,24 +69,6 @@ impl Prefix {
         slots.dedup();
         slots
     }
-
-    /// The NAMEs that have any key under this prefix, sorted, once each (for `status`
-    /// and `clear --all`). Keys that are not singleflight's are ignored.
-    pub fn names<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Vec<Name> {
-        let mut names: Vec<Name> = keys
-            .into_iter()
-            .filter_map(|key| {
-                let rest = std::str::from_utf8(key.strip_prefix(self.as_bytes())?).ok()?;
-                let (name, kind) = rest.split_once('/')?;
-                [LOCK, RESULT, FAILURE]
-                    .contains(&kind)
-                    .then(|| Name::parse(name).ok())?
-            })
-            .collect();
-        names.sort();
-        names.dedup();
-        names
-    }
 }
 
 impl Default for Prefix {
@@ -113,6 +94,7 @@ pub struct Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::values::Name;
 
     #[test]
     fn layout() {
@@ -139,7 +121,7 @@ mod tests {
             b"/elsewhere/d/result",
         ];
         let names: Vec<String> = prefix
-            .names(listing)
+            .slots(listing)
             .iter()
             .map(|n| n.to_string())
             .collect();
