@@ -341,6 +341,35 @@ impl Slot {
         Ok(held)
     }
 
+    /// Takes the NAME's lock, waiting for it for at most `limit`; `None` if it stayed
+    /// held. The cache dir queues for it (see [`lock::exclusive_within`]); etcd has no
+    /// queue, so its waiter takes the lock when it sees it let go.
+    pub fn lock_within(&self, limit: Duration) -> Result<Option<Held>> {
+        let held = match &self.place {
+            Place::CacheDir => lock::exclusive_within(&self.paths.lock, limit)
+                .with_context(|| format!("cannot lock {}", self.paths.lock.display()))
+                .map(|guard| guard.map(Held::Local))
+                .map_err(|e| Exit::new(exit::INTERNAL, format!("{e:#}")))?,
+            #[cfg(feature = "etcd")]
+            Place::Etcd(etcd) => {
+                let deadline = crate::values::later(std::time::Instant::now(), limit);
+                loop {
+                    if let Some(held) = etcd.try_lock()? {
+                        break Some(held);
+                    }
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() || !etcd.wait_released(left)? {
+                        break None;
+                    }
+                }
+            }
+        };
+        if let Some(held) = &held {
+            self.record_key_values(held);
+        }
+        Ok(held)
+    }
+
     /// Best effort: without the record `status` shows the slot without its values.
     fn record_key_values(&self, held: &Held) {
         let Some(key) = self.key.as_ref().filter(|key| key.id.key.is_some()) else {

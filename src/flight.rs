@@ -315,10 +315,7 @@ impl Flight {
         let released = self.slot.wait_released(left)?;
         let name = &self.opts.name;
         if !released {
-            let wait = human(self.opts.wait);
-            let message =
-                format!("{name}: a run is in flight and --wait {wait} ran out; nothing to serve");
-            return Err(Exit::new(exit::NOTHING_TO_SERVE, message).into());
+            return Err(self.wait_ran_out());
         }
         let look = self.look()?;
         let written = |look: &Look| look.entry.as_ref().map(|e| e.meta.written_at_ms);
@@ -347,7 +344,7 @@ impl Flight {
                         "{why}; the lock was let go with nothing to serve and no failure \
                          recorded (a clear, or a run that was stopped): trying again"
                     ));
-                    return self.again();
+                    return self.queue(before);
                 }
                 let message = format!(
                     "{name}: the lock holders let go {MAX_RETRIES} times with nothing to serve; \
@@ -422,6 +419,44 @@ impl Flight {
 
     /// Back to the lock after a wait that ended with nothing to serve: run (or start
     /// a refresher) if it is free, else serve or wait as any caller that lost.
+    /// Back at the lock after a wait that ended with nothing to serve. This time the
+    /// caller queues for the lock itself, for what is left of `--wait`, and decides
+    /// under it: going back to `try_lock` and waiting again could lose every turn to a
+    /// `clear` in a loop, each taking the lock the moment a run lets it go and deleting
+    /// its result before this caller looks.
+    fn queue(&self, before: &Look) -> Result<i32> {
+        if self.opts.background {
+            return self.again();
+        }
+        let left = self.wait_ends.get().map_or(self.opts.wait, |ends| {
+            ends.saturating_duration_since(Instant::now())
+        });
+        let Some(held) = self.slot.lock_within(left)? else {
+            return Err(self.wait_ran_out());
+        };
+        // A run that ended while this caller queued left its result: that is what the
+        // caller waited for, as any waiter would be served it.
+        let look = self.look()?;
+        let written = |look: &Look| look.entry.as_ref().map(|e| e.meta.written_at_ms);
+        let fresh_from_run = look.entry.is_some() && written(&look) != written(before);
+        if decide::after_wait(look.cached, fresh_from_run, self.policy()) == AfterWait::Serve {
+            drop(held);
+            self.say.decided(format_args!(
+                "{}; queued for the lock: served the result of the run before",
+                self.describe(look.cached)
+            ));
+            return self.serve(look);
+        }
+        self.won(held)
+    }
+
+    fn wait_ran_out(&self) -> anyhow::Error {
+        let (name, wait) = (&self.opts.name, human(self.opts.wait));
+        let message =
+            format!("{name}: a run is in flight and --wait {wait} ran out; nothing to serve");
+        Exit::new(exit::NOTHING_TO_SERVE, message).into()
+    }
+
     fn again(&self) -> Result<i32> {
         if self.opts.background {
             return self.background(self.nothing());

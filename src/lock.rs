@@ -175,6 +175,28 @@ pub fn exclusive(path: &Path) -> io::Result<LockGuard> {
     )))
 }
 
+/// Takes the exclusive lock, queued for it (a blocking flock) for at most `limit`;
+/// `None` if it stayed held that long. Unlike a loop of [`try_exclusive`] and
+/// [`wait_released`], a queued caller cannot lose every turn to callers that take the
+/// lock the moment it is let go (`clear` in a loop).
+pub fn exclusive_within(path: &Path, limit: Duration) -> io::Result<Option<LockGuard>> {
+    if let Some(guard) = try_exclusive(path)? {
+        return Ok(Some(guard));
+    }
+    let path = path.to_owned();
+    // flock has no timeout: block on a thread and stop listening at the deadline. A
+    // lock the thread takes after that is let go at once: its send fails and the
+    // guard drops.
+    let (sender, receiver) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = sender.send(exclusive(&path));
+    });
+    match receiver.recv_timeout(limit) {
+        Ok(result) => result.map(Some),
+        Err(_) => Ok(None),
+    }
+}
+
 /// Takes the exclusive lock, trying for up to `limit`; `None` if it stayed held. For
 /// the Windows refresher, which cannot inherit its caller's lock and takes it over
 /// once the caller lets go.
