@@ -247,6 +247,14 @@ fn a_stalled_reader_of_the_winner_holds_up_nobody() {
 
 // ---- 1. A quiet run keeps its temp file ---------------------------------------------
 
+/// Whether NAME's run record names its command's pid: written once the command is
+/// spawned, which is after the run's temp file was created.
+fn command_started(env: &TestEnv, name: &str) -> bool {
+    let record = fs::read(env.cache.join(format!("{name}.run"))).unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(&record)
+        .is_ok_and(|run| run["pid"].as_u64().unwrap_or(0) != 0)
+}
+
 /// Sets a file's mtime to two hours ago.
 fn backdate(paths: &[std::path::PathBuf]) {
     let touched = std::process::Command::new("touch")
@@ -269,8 +277,10 @@ fn a_quiet_run_keeps_its_temp_file_and_a_dead_one_goes() {
         &format!("read x < {}; echo finally", gate.display()),
     );
     let run = env.spawn(["quiet", "--", quiet.to_str().expect("utf-8")]);
-    wait_until("the quiet run's temp file", || !env.temps().is_empty());
+    // Not the first temp file seen: the run record is written through one too.
+    wait_until("the quiet run's command", || command_started(&env, "quiet"));
     let quiet_temp = env.temps();
+    assert_eq!(quiet_temp.len(), 1, "{quiet_temp:?}");
     backdate(&quiet_temp);
     // A run killed with its singleflight leaves its temp file behind.
     let stuck = env.script("stuck", "echo partial; exec sleep 1000");
@@ -281,10 +291,11 @@ fn a_quiet_run_keeps_its_temp_file_and_a_dead_one_goes() {
             .filter(|t| !quiet_temp.contains(t))
             .collect()
     };
-    wait_until("the dead run's temp file", || !others().is_empty());
-    let dead_temp = others();
+    wait_until("the dead run's command", || command_started(&env, "dead"));
     killed.kill().expect("SIGKILL our own singleflight");
     let _ = killed.wait();
+    let dead_temp = others();
+    assert_eq!(dead_temp.len(), 1, "{dead_temp:?}");
     backdate(&dead_temp);
     // The winner of another NAME sweeps.
     let out = env.run(["other", "--", "echo", "other"]);
