@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::{LeaseHandover, parse_backend};
+use crate::backend;
 use crate::etcd::{Endpoints, Prefix};
 use crate::key::KeySpec;
-use crate::values::{Name, parse_duration, parse_size};
+use crate::values::{LeaseHandover, Name, Refresher, parse_backend, parse_duration, parse_size};
 
 /// The examples of `--help` and of the man page: what each does, then the command line.
 pub const EXAMPLES: &[(&str, &str)] = &[
@@ -257,15 +257,6 @@ impl Cli {
     }
 }
 
-/// The lock a detached refresher was handed by its `--background` caller.
-#[derive(Clone, Copy, Debug)]
-pub enum Refresher {
-    /// The locked lock file, open as this file descriptor (the cache dir backend).
-    Fd(i32),
-    /// The etcd lease that holds the lock, and its fencing token.
-    Lease(LeaseHandover),
-}
-
 /// The options of one run call, with every default resolved.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -285,6 +276,18 @@ pub struct RunOptions {
     pub hand_back: Option<i32>,
     pub cache_failures: bool,
     pub max_output: u64,
+}
+
+impl GlobalArgs {
+    /// What the backend is to be, as given (its defaults are the backend's).
+    pub fn backend_config(&self) -> backend::Config {
+        backend::Config {
+            endpoints: self.backend.clone(),
+            prefix: self.etcd_prefix.clone(),
+            timeout: self.backend_timeout,
+            lease_ttl: self.lease_ttl,
+        }
+    }
 }
 
 impl RunArgs {

@@ -15,11 +15,12 @@ pub enum Cached {
 }
 
 impl Cached {
-    pub fn classify(age: Option<Option<Duration>>, ttl: Duration) -> Cached {
+    /// A result of this argv that is present: fresh while younger than `ttl`.
+    /// `age` is `None` when it claims to be from the future.
+    pub fn of_present(age: Option<Duration>, ttl: Duration) -> Cached {
         match age {
-            None => Cached::Missing,
-            Some(Some(age)) if age < ttl => Cached::Fresh,
-            Some(age) => Cached::Stale { age },
+            Some(age) if age < ttl => Cached::Fresh,
+            age => Cached::Stale { age },
         }
     }
 
@@ -62,24 +63,29 @@ pub fn on_arrival(cached: Cached, background: bool) -> OnArrival {
 /// Holding the lock.
 #[derive(Debug, PartialEq, Eq)]
 pub enum OnWon {
-    /// Somebody refreshed it between our first look and the lock.
-    ServeFresh,
     Run,
+    /// No run: the lock is let go at once.
+    Serve(NoRun),
+}
+
+/// Why a caller holding the lock runs nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoRun {
+    /// Somebody refreshed it between our first look and the lock.
+    Fresh,
     /// A run failed less than `--retry-after` ago: no new run. Serve the last good
     /// result if there is one, else give up.
-    BackOff {
-        serve: bool,
-    },
+    BackOff { serve: bool },
 }
 
 /// `failed_ago`: how long ago the last failed run of this argv ended, if any run since
 /// the last good result failed.
 pub fn on_won(cached: Cached, failed_ago: Option<Duration>, policy: Policy) -> OnWon {
     match (cached, failed_ago) {
-        (Cached::Fresh, _) => OnWon::ServeFresh,
-        (_, Some(ago)) if ago < policy.retry_after => OnWon::BackOff {
+        (Cached::Fresh, _) => OnWon::Serve(NoRun::Fresh),
+        (_, Some(ago)) if ago < policy.retry_after => OnWon::Serve(NoRun::BackOff {
             serve: cached != Cached::Missing,
-        },
+        }),
         _ => OnWon::Run,
     }
 }
@@ -171,16 +177,12 @@ mod tests {
     #[test]
     fn classify_by_ttl_and_clock() {
         let ttl = S(30);
-        assert_eq!(Cached::classify(None, ttl), Cached::Missing);
-        assert_eq!(Cached::classify(Some(Some(S(29))), ttl), Cached::Fresh);
-        assert_eq!(Cached::classify(Some(Some(S(30))), ttl), stale(30));
+        assert_eq!(Cached::of_present(Some(S(29)), ttl), Cached::Fresh);
+        assert_eq!(Cached::of_present(Some(S(30)), ttl), stale(30));
         // A timestamp in the future is not fresh.
-        assert_eq!(
-            Cached::classify(Some(None), ttl),
-            Cached::Stale { age: None }
-        );
+        assert_eq!(Cached::of_present(None, ttl), Cached::Stale { age: None });
         // --ttl 0: never fresh.
-        assert_eq!(Cached::classify(Some(Some(S(0))), S(0)), stale(0));
+        assert_eq!(Cached::of_present(Some(S(0)), S(0)), stale(0));
     }
 
     #[test]
@@ -196,17 +198,20 @@ mod tests {
     #[test]
     fn won() {
         let p = policy(None);
-        assert_eq!(on_won(Cached::Fresh, None, p), OnWon::ServeFresh);
-        assert_eq!(on_won(Cached::Fresh, Some(S(1)), p), OnWon::ServeFresh);
+        assert_eq!(on_won(Cached::Fresh, None, p), OnWon::Serve(NoRun::Fresh));
+        assert_eq!(
+            on_won(Cached::Fresh, Some(S(1)), p),
+            OnWon::Serve(NoRun::Fresh)
+        );
         assert_eq!(on_won(stale(40), None, p), OnWon::Run);
         assert_eq!(on_won(Cached::Missing, None, p), OnWon::Run);
         assert_eq!(
             on_won(stale(40), Some(S(10)), p),
-            OnWon::BackOff { serve: true }
+            OnWon::Serve(NoRun::BackOff { serve: true })
         );
         assert_eq!(
             on_won(Cached::Missing, Some(S(10)), p),
-            OnWon::BackOff { serve: false }
+            OnWon::Serve(NoRun::BackOff { serve: false })
         );
         assert_eq!(on_won(stale(40), Some(S(30)), p), OnWon::Run);
         assert_eq!(on_won(Cached::Missing, Some(S(31)), p), OnWon::Run);

@@ -10,6 +10,7 @@
 //! The modules are private: the crate is an executable first, and its library is
 //! what `main`, the tests and the example need, listed below, nothing else.
 
+mod abort;
 mod backend;
 mod cli;
 mod decide;
@@ -60,7 +61,6 @@ pub mod etcd_client {
 
 use anyhow::Result;
 
-use crate::backend::Backend;
 use crate::cli::Verb;
 use crate::say::Say;
 use crate::store::Store;
@@ -68,10 +68,10 @@ use crate::store::Store;
 /// Carries out a parsed command line; returns the exit status.
 pub fn run(cli: Cli) -> Result<i32> {
     let global = cli.global;
-    let backend = Backend::from_args(&global);
+    let backend = backend::open(global.backend_config());
     let store = Store::locate(global.cache_dir)?;
     match cli.verb {
-        Some(Verb::Status { names, json }) => status::status(&backend, &store, names, json),
+        Some(Verb::Status { names, json }) => status::status(&*backend, &store, names, json),
         Some(Verb::Clear {
             names,
             all,
@@ -79,7 +79,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }) => {
             let say = Say::new(None, global.verbose, global.quiet);
             let every = all || (older_than.is_some() && names.is_empty());
-            status::clear(&backend, &store, names, every, older_than, &say)
+            status::clear(&*backend, &store, names, every, older_than, &say)
         }
         None => {
             let opts = cli

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::abort::Abort;
 use crate::entry::EntryWriter;
 use crate::exit::{self, Exit};
 use crate::reap::{self, Stop, Tree};
@@ -35,56 +36,6 @@ pub struct RunSpec<'a> {
     /// Stops the run from outside when tripped (the lease keeper, when the etcd lock
     /// is lost): [`Outcome::LeaseLost`].
     pub abort: Option<&'a Abort>,
-}
-
-/// A trip wire for a run, pulled from another thread. Tripped before the spawn, the
-/// command never starts; during the run, its tree is stopped as on a timeout (TERM,
-/// `--kill-after`, KILL) and the outcome is [`Outcome::LeaseLost`].
-#[derive(Debug, Default)]
-pub struct Abort {
-    state: Mutex<AbortState>,
-}
-
-#[derive(Debug, Default)]
-struct AbortState {
-    reason: Option<String>,
-    /// The events of the run in flight, if one is.
-    events: Option<Sender<Event>>,
-}
-
-impl Abort {
-    /// Stops the run (at most once; later reasons are dropped).
-    #[cfg_attr(
-        not(feature = "etcd"),
-        allow(dead_code, reason = "only an etcd lease trips it")
-    )]
-    pub fn trip(&self, reason: String) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.reason.is_none() {
-            state.reason = Some(reason);
-            if let Some(events) = state.events.take() {
-                let _ = events.send(Event::Abort);
-            }
-        }
-    }
-
-    /// Why it was tripped, if it was.
-    pub fn reason(&self) -> Option<String> {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.reason.clone()
-    }
-
-    /// Connects the wire to a run's events; `false` if it was tripped already.
-    fn arm(&self, events: Sender<Event>) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.events = Some(events);
-        state.reason.is_none()
-    }
-
-    fn disarm(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.events = None;
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,7 +107,12 @@ pub fn run(
 ) -> anyhow::Result<Finished> {
     let (events, receiver) = mpsc::channel();
     if let Some(abort) = spec.abort
-        && !abort.arm(events.clone())
+        && !abort.arm({
+            let events = events.clone();
+            move || {
+                let _ = events.send(Event::Abort);
+            }
+        })
     {
         return Ok(Finished {
             outcome: Outcome::LeaseLost,

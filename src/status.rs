@@ -103,7 +103,7 @@ pub struct FailureStatus {
     pub next_run_at_ms: Option<u64>,
 }
 
-pub fn status(backend: &Backend, store: &Store, names: Vec<Name>, json: bool) -> Result<i32> {
+pub fn status(backend: &dyn Backend, store: &Store, names: Vec<Name>, json: bool) -> Result<i32> {
     backend.verify(store)?;
     let now = SystemTime::now();
     let asked = !names.is_empty();
@@ -145,12 +145,12 @@ pub fn status(backend: &Backend, store: &Store, names: Vec<Name>, json: bool) ->
 /// in flight: a bare lock file (left by `clear`, or by a run that never finished) is
 /// nothing to show.
 fn look(
-    backend: &Backend,
+    backend: &dyn Backend,
     store: &Store,
     slot: &SlotId,
     now: SystemTime,
 ) -> Result<Option<NameStatus>> {
-    let snapshot = backend.clone().slot(store.clone(), slot).snapshot()?;
+    let snapshot = backend.slot(store.clone(), slot).place().snapshot()?;
     let mut status = NameStatus {
         name: slot.name.to_string(),
         slot: slot.to_string(),
@@ -354,10 +354,10 @@ fn truncate(text: &str, width: usize) -> String {
 /// has no result, which is all `clear` promises (like `rm -f`).
 ///
 /// With `older_than`, only NAMEs none of whose files was written for that long, and
-/// their lock files go too (see [`Slot::clear_older`](crate::backend::Slot)); the
+/// their lock files go too (see `Place::clear_older` in `backend`); the
 /// temp files of runs that are over are swept as a winner sweeps them.
 pub fn clear(
-    backend: &Backend,
+    backend: &dyn Backend,
     store: &Store,
     names: Vec<Name>,
     all: bool,
@@ -367,7 +367,7 @@ pub fn clear(
     if !backend.verify(store)? {
         return Ok(0);
     }
-    if older_than.is_some() && !matches!(backend, Backend::Local) {
+    if older_than.is_some() && !backend.is_cache_dir() {
         let message = "clear --older-than works on the cache dir only, not with --backend";
         return Err(Exit::new(crate::exit::USAGE, message).into());
     }
@@ -381,7 +381,8 @@ pub fn clear(
     for group in slots.chunk_by(|a, b| a.name == b.name) {
         let mut cleared = false;
         for slot in group {
-            let held = backend.clone().slot(store.clone(), slot);
+            let held = backend.slot(store.clone(), slot);
+            let held = held.place();
             let outcome = match older_than {
                 Some(age) => held.clear_older(&slot.name, age, say)?,
                 None => held.clear(&slot.name, say)?,

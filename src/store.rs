@@ -22,6 +22,7 @@ const TEMP_GRACE: Duration = Duration::from_secs(60);
 const TEMP_PREFIX: &str = ".tmp.";
 
 /// The files of one slot of a NAME (`NAME.*`, or `NAME@<key>.*` with key flags).
+#[derive(Clone)]
 pub struct Paths {
     /// The cached result: header, stdout, metadata (see `entry`).
     pub result: PathBuf,

@@ -151,6 +151,55 @@ pub fn format_size(bytes: u64) -> String {
     format!("{value:.1}{}", UNITS[unit])
 }
 
+/// `--backend` as given: an etcd URL. A singleflight built without the feature `etcd`
+/// refuses every value, so the command line is the same in both builds.
+pub fn parse_backend(value: &str) -> Result<crate::etcd::Endpoints, String> {
+    if cfg!(feature = "etcd") {
+        crate::etcd::Endpoints::parse(value)
+    } else {
+        Err(
+            "this singleflight was built without the etcd backend: build it with the \
+             cargo feature etcd, which is on unless --no-default-features"
+                .to_owned(),
+        )
+    }
+}
+
+/// `--refresher-lease=LEASE:TOKEN` (internal): the etcd lock a `--background` caller
+/// hands to its refresher: the lease id in hex (as etcd prints it) and the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseHandover {
+    pub lease: i64,
+    pub token: i64,
+}
+
+impl LeaseHandover {
+    pub fn parse(value: &str) -> Result<LeaseHandover, String> {
+        let bad = || format!("invalid lease handover {value:?}: expected LEASE:TOKEN");
+        let (lease, token) = value.split_once(':').ok_or_else(bad)?;
+        Ok(LeaseHandover {
+            // etcd prints lease ids as unsigned hex; the API's int64 may be negative.
+            lease: u64::from_str_radix(lease, 16).map_err(|_| bad())? as i64,
+            token: token.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl fmt::Display for LeaseHandover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}:{}", self.lease as u64, self.token)
+    }
+}
+
+/// The lock a detached refresher was handed by its `--background` caller.
+#[derive(Clone, Copy, Debug)]
+pub enum Refresher {
+    /// The locked lock file, open as this file descriptor (the cache dir backend).
+    Fd(i32),
+    /// The etcd lease that holds the lock, and its fencing token.
+    Lease(LeaseHandover),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,5 +276,24 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(312)), "5m12s");
         assert_eq!(format_size(10 * 1024), "10.0KiB");
         assert_eq!(format_size(12), "12B");
+    }
+
+    #[test]
+    fn lease_handovers_round_trip() {
+        let handover = LeaseHandover {
+            lease: 0x694d_8b2a_1c3f_0a11,
+            token: 42,
+        };
+        assert_eq!(handover.to_string(), "694d8b2a1c3f0a11:42");
+        assert_eq!(LeaseHandover::parse(&handover.to_string()), Ok(handover));
+        let negative = LeaseHandover {
+            lease: -2,
+            token: 7,
+        };
+        assert_eq!(negative.to_string(), "fffffffffffffffe:7");
+        assert_eq!(LeaseHandover::parse("fffffffffffffffe:7"), Ok(negative));
+        for bad in ["", "12", "x:1", "1:y", ":", "1:"] {
+            assert!(LeaseHandover::parse(bad).is_err(), "{bad}");
+        }
     }
 }

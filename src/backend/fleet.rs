@@ -8,32 +8,42 @@
 
 use std::ffi::OsString;
 use std::fmt;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use super::{Cleared, FENCING_TOKEN_ENV, Held, InFlight, LeaseHandover, Read, Snapshot};
+use super::{
+    Backend, Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Lock, Place, Read, Snapshot,
+    Unsaved,
+};
+use crate::abort::Abort;
 use crate::entry::{self, Body, EntryWriter, Meta};
 use crate::etcd::{
-    Client, DEFAULT_MAX_VALUE, Endpoints, EtcdError, FencingToken, Keys, Lease, LeaseId,
-    LeaseKeeper, Prefix, Write, check_size, default_lead,
+    Client, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, EtcdError, FencingToken, Keys, Lease,
+    LeaseId, LeaseKeeper, Prefix, Write, check_size, default_lead,
 };
 use crate::exit::{self, Exit};
 use crate::key::SlotId;
 use crate::record::{self, Failure};
-use crate::run::Abort;
 use crate::say::Say;
+use crate::store::Store;
+use crate::values::{LeaseHandover, Name, Refresher};
 
 /// How far in the future a result written by another machine may be dated and still
 /// count as just written. Clocks kept by NTP agree far better than this; a reader
 /// whose clock is behind the writer's must not take every new result for one "from
 /// the future" (not fresh) and run the command again.
-pub const CLOCK_SKEW: Duration = Duration::from_secs(1);
+const CLOCK_SKEW: Duration = Duration::from_secs(1);
 
 /// How long `clear` waits for a run in flight between two looks at the lock.
 const CLEAR_WAIT: Duration = Duration::from_secs(3600);
+
+/// The hidden `--lease-ttl` default: how long the etcd lock outlives a singleflight
+/// that can no longer renew it (killed, cut off).
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// The etcd backend as the command line gives it; cheap to clone.
 #[derive(Clone)]
@@ -45,36 +55,55 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// `--backend-timeout` and `--lease-ttl` as given (`None`: their defaults).
     pub fn new(
         endpoints: Endpoints,
         prefix: Prefix,
-        timeout: Duration,
-        lease_ttl: Duration,
+        timeout: Option<Duration>,
+        lease_ttl: Option<Duration>,
     ) -> Fleet {
         Fleet {
-            client: Client::new(endpoints, timeout),
+            client: Client::new(endpoints, timeout.unwrap_or(DEFAULT_TIMEOUT)),
             prefix,
-            lease_ttl,
+            lease_ttl: lease_ttl.unwrap_or(DEFAULT_LEASE_TTL),
             max_value: DEFAULT_MAX_VALUE,
         }
     }
+}
 
-    pub fn slot(self, id: &SlotId) -> FleetSlot {
-        FleetSlot {
+impl Backend for Fleet {
+    fn place(&self, store: Store, id: &SlotId) -> Box<dyn Place> {
+        Box::new(FleetSlot {
+            files: Rc::new(Files {
+                paths: store.paths(id),
+                store,
+            }),
             keys: self.prefix.keys(id),
             name_prefix: [self.prefix.as_bytes(), id.to_string().as_bytes(), b"/"].concat(),
             name: id.clone(),
-            fleet: self,
-        }
+            fleet: self.clone(),
+        })
+    }
+
+    fn verify(&self, _: &Store) -> Result<bool> {
+        Ok(true)
     }
 
     /// Every slot with a key under the prefix.
-    pub fn slots(&self) -> Result<Vec<SlotId>> {
+    fn slots(&self, _: &Store) -> Result<Vec<SlotId>> {
         let keys = self
             .client
             .list(self.prefix.as_bytes())
             .map_err(|e| Exit::new(exit::INTERNAL, format!("{self}: {e}")))?;
         Ok(self.prefix.slots(keys.iter().map(Vec::as_slice)))
+    }
+
+    fn describe(&self, _: &Store) -> String {
+        self.to_string()
+    }
+
+    fn is_cache_dir(&self) -> bool {
+        false
     }
 }
 
@@ -97,8 +126,11 @@ struct Owner {
     started_at_ms: u64,
 }
 
-/// One slot of a NAME in etcd.
-pub struct FleetSlot {
+/// One slot of a NAME in etcd, with its files in the local cache dir; its held lock
+/// keeps a copy.
+#[derive(Clone)]
+struct FleetSlot {
+    files: Rc<Files>,
     fleet: Fleet,
     /// The slot, for messages and key names: `NAME` or `NAME@<key>`.
     name: SlotId,
@@ -123,25 +155,6 @@ impl FleetSlot {
         Exit::new(exit::INTERNAL, format!("{}: {error}", self.name)).into()
     }
 
-    pub fn result_location(&self) -> String {
-        format!("etcd key {}", String::from_utf8_lossy(&self.keys.result))
-    }
-
-    pub fn max_value(&self) -> u64 {
-        self.fleet.max_value
-    }
-
-    /// How much stdout fits in one value next to the header and `meta`.
-    pub fn room_for_body(&self, meta: &Meta) -> u64 {
-        self.fleet
-            .max_value
-            .saturating_sub(entry::encoded_len(0, meta))
-    }
-
-    pub fn read_result(&self) -> Result<Read> {
-        self.get_result().map_err(|e| self.not_run(e))
-    }
-
     fn get_result(&self) -> Result<Read, EtcdError> {
         Ok(match self.client().get(&self.keys.result)? {
             None => Read::Missing,
@@ -150,10 +163,6 @@ impl FleetSlot {
                 Err(invalid) => Read::Invalid(invalid),
             },
         })
-    }
-
-    pub fn read_failure(&self) -> Result<Option<Failure>> {
-        self.get_failure().map_err(|e| self.not_run(e))
     }
 
     fn get_failure(&self) -> Result<Option<Failure>, EtcdError> {
@@ -168,14 +177,6 @@ impl FleetSlot {
             started_at_ms: entry::now_ms(SystemTime::now()),
         };
         serde_json::to_vec(&owner).expect("Owner serializes")
-    }
-
-    /// Takes the lock: a lease, then the lock key attached to it if nobody holds it.
-    pub fn try_lock(&self) -> Result<Option<Held>> {
-        self.take_lock()
-            .map_err(|e| self.not_run(e))?
-            .map(|(lease, token)| self.hold(lease, token))
-            .transpose()
     }
 
     fn take_lock(&self) -> Result<Option<(Lease, FencingToken)>, EtcdError> {
@@ -203,7 +204,7 @@ impl FleetSlot {
     fn hold(&self, lease: Lease, token: FencingToken) -> Result<Held> {
         let abort = Arc::new(Abort::default());
         let mut held = FleetHeld {
-            client: self.client().clone(),
+            slot: self.clone(),
             lease: lease.id,
             token,
             keeper: None,
@@ -224,12 +225,12 @@ impl FleetSlot {
                 return Err(Exit::new(exit::INTERNAL, message).into());
             }
         }
-        Ok(Held::Etcd(held))
+        Ok(Box::new(held))
     }
 
     /// The lock of a `--background` caller: still held with the lease and token it
     /// handed over, renewed from now on.
-    pub fn adopt(&self, handover: LeaseHandover) -> Result<Held> {
+    fn adopt(&self, handover: LeaseHandover) -> Result<Held> {
         let id = LeaseId(handover.lease);
         let token = FencingToken(handover.token);
         let sent = Instant::now();
@@ -262,86 +263,48 @@ impl FleetSlot {
         let _ = client.write_if_holder(&self.keys.lock, token, &rewrite);
         Ok(held)
     }
+}
 
-    pub fn wait_released(&self, limit: Duration) -> Result<bool> {
+impl Place for FleetSlot {
+    fn files(&self) -> &Files {
+        &self.files
+    }
+
+    fn clock_skew(&self) -> Duration {
+        CLOCK_SKEW
+    }
+
+    fn exists(&self) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn result_location(&self) -> String {
+        format!("etcd key {}", String::from_utf8_lossy(&self.keys.result))
+    }
+
+    fn read_result(&self) -> Result<Read> {
+        self.get_result().map_err(|e| self.not_run(e))
+    }
+
+    fn read_failure(&self) -> Result<Option<Failure>> {
+        self.get_failure().map_err(|e| self.not_run(e))
+    }
+
+    /// Takes the lock: a lease, then the lock key attached to it if nobody holds it.
+    fn try_lock(&self) -> Result<Option<Held>> {
+        self.take_lock()
+            .map_err(|e| self.not_run(e))?
+            .map(|(lease, token)| self.hold(lease, token))
+            .transpose()
+    }
+
+    fn wait_released(&self, limit: Duration) -> Result<bool> {
         self.client()
             .wait_released(&self.keys.lock, limit)
             .map_err(|e| self.not_run(e))
     }
 
-    /// Stores the result and releases the lock in one transaction, if the lock is
-    /// still ours: waiters see the lock gone and the new result at the same revision.
-    /// The output is read back from the local temp file (at most the value limit, see
-    /// `Slot::output_cap`).
-    pub fn save_result(
-        &self,
-        held: &FleetHeld,
-        stdout: EntryWriter,
-        meta: &Meta,
-    ) -> Result<Body, (String, Body)> {
-        // A write error of the temp file left the rest in memory: all of it is here.
-        let body = stdout.into_body();
-        let mut bytes = Vec::with_capacity(body.len() as usize);
-        if let Err(e) = body.print(&mut bytes) {
-            return Err((
-                format!("cannot read the run's output back: {e}"),
-                memory(bytes),
-            ));
-        }
-        let value = entry::to_bytes(&bytes, meta);
-        let out = memory(bytes);
-        if let Err(too_large) = check_size(value.len() as u64, self.fleet.max_value) {
-            return Err((too_large.to_string(), out));
-        }
-        let writes = [
-            Write::Put {
-                key: &self.keys.result,
-                value: &value,
-            },
-            Write::Delete {
-                key: &self.keys.lock,
-            },
-        ];
-        match self
-            .client()
-            .write_if_holder(&self.keys.lock, held.token, &writes)
-        {
-            Ok(true) => Ok(out),
-            Ok(false) => Err((
-                "the etcd lock was lost before the result could be stored (its lease \
-                 expired or was revoked); nothing was stored"
-                    .to_owned(),
-                out,
-            )),
-            Err(e) => Err((format!("{e}; nothing was stored"), out)),
-        }
-    }
-
-    pub fn save_failure(&self, held: &FleetHeld, failure: &Failure) -> Result<()> {
-        let bytes = crate::record::to_bytes(failure);
-        let stored =
-            self.client()
-                .put_if_holder(&self.keys.failure, &bytes, &self.keys.lock, held.token)?;
-        if !stored {
-            anyhow::bail!("the etcd lock was lost (its lease expired or was revoked)");
-        }
-        Ok(())
-    }
-
-    /// Records the key values of a keyed slot (best effort: they are for `status`).
-    pub fn save_key_values(&self, held: &FleetHeld, bytes: &[u8]) {
-        let _ = self
-            .client()
-            .put_if_holder(&self.keys.key, bytes, &self.keys.lock, held.token);
-    }
-
-    pub fn forget_failure(&self, held: &FleetHeld) {
-        let _ = self
-            .client()
-            .delete_if_holder(&self.keys.failure, &self.keys.lock, held.token);
-    }
-
-    pub fn snapshot(&self) -> Result<Snapshot> {
+    fn snapshot(&self) -> Result<Snapshot> {
         let result = self.get_result().map_err(|e| self.failed(e))?;
         let failure = self.get_failure().map_err(|e| self.failed(e))?;
         let holder = self
@@ -379,7 +342,7 @@ impl FleetSlot {
 
     /// Takes the lock (waiting for a run in flight), then deletes the result, the
     /// failure record and the lock in one guarded transaction.
-    pub fn clear(&self, say: &Say) -> Result<Cleared> {
+    fn clear(&self, _: &Name, say: &Say) -> Result<Cleared> {
         let client = self.client();
         let fail = |e| self.failed(e);
         if client.list(&self.name_prefix).map_err(fail)?.is_empty() {
@@ -444,44 +407,155 @@ impl FleetSlot {
             Cleared::Removed(removed)
         })
     }
+
+    unsafe fn take_handed(&self, handover: Refresher) -> Result<Option<Held>> {
+        match handover {
+            Refresher::Lease(lease) => self.adopt(lease).map(Some),
+            Refresher::Fd(fd) => Err(Exit::new(
+                exit::INTERNAL,
+                format!("--refresher={fd} (internal): a lock file is handed over only with the cache dir backend"),
+            )
+            .into()),
+        }
+    }
+
+    /// How much stdout fits in one value next to the header and `meta`.
+    fn room_for_body(&self, meta: &Meta) -> Option<u64> {
+        Some(
+            self.fleet
+                .max_value
+                .saturating_sub(entry::encoded_len(0, meta)),
+        )
+    }
+
+    fn value_limit(&self) -> Option<u64> {
+        Some(self.fleet.max_value)
+    }
+
+    fn results_in_cache_dir(&self) -> bool {
+        false
+    }
+}
+
+impl Lock for FleetHeld {
+    /// Stores the result and releases the lock in one transaction, if the lock is
+    /// still ours: waiters see the lock gone and the new result at the same revision.
+    /// The output is read back from the local temp file (at most the value limit, see
+    /// `Slot::output_cap`).
+    fn save_result(&self, stdout: EntryWriter, meta: &Meta) -> Result<Body, Unsaved> {
+        // A write error of the temp file left the rest in memory: all of it is here.
+        let body = stdout.into_body();
+        let mut bytes = Vec::with_capacity(body.len() as usize);
+        if let Err(e) = body.print(&mut bytes) {
+            return Err(Unsaved {
+                reason: format!("cannot read the run's output back: {e}"),
+                body: memory(bytes),
+            });
+        }
+        let value = entry::to_bytes(&bytes, meta);
+        let out = memory(bytes);
+        if let Err(too_large) = check_size(value.len() as u64, self.slot.fleet.max_value) {
+            return Err(Unsaved {
+                reason: too_large.to_string(),
+                body: out,
+            });
+        }
+        let writes = [
+            Write::Put {
+                key: &self.slot.keys.result,
+                value: &value,
+            },
+            Write::Delete {
+                key: &self.slot.keys.lock,
+            },
+        ];
+        match self
+            .slot
+            .client()
+            .write_if_holder(&self.slot.keys.lock, self.token, &writes)
+        {
+            Ok(true) => Ok(out),
+            Ok(false) => Err(Unsaved {
+                reason: "the etcd lock was lost before the result could be stored (its lease \
+                         expired or was revoked); nothing was stored"
+                    .to_owned(),
+                body: out,
+            }),
+            Err(e) => Err(Unsaved {
+                reason: format!("{e}; nothing was stored"),
+                body: out,
+            }),
+        }
+    }
+
+    fn save_failure(&self, failure: &Failure) -> Result<()> {
+        let bytes = crate::record::to_bytes(failure);
+        let stored = self.slot.client().put_if_holder(
+            &self.slot.keys.failure,
+            &bytes,
+            &self.slot.keys.lock,
+            self.token,
+        )?;
+        if !stored {
+            anyhow::bail!("the etcd lock was lost (its lease expired or was revoked)");
+        }
+        Ok(())
+    }
+
+    fn forget_failure(&self) {
+        let _ = self.slot.client().delete_if_holder(
+            &self.slot.keys.failure,
+            &self.slot.keys.lock,
+            self.token,
+        );
+    }
+
+    /// Records the key values of a keyed slot (best effort: they are for `status`).
+    fn save_key_values(&self, bytes: &[u8]) {
+        let _ = self.slot.client().put_if_holder(
+            &self.slot.keys.key,
+            bytes,
+            &self.slot.keys.lock,
+            self.token,
+        );
+    }
+
+    fn env(&self) -> &[(OsString, OsString)] {
+        &self.env
+    }
+
+    fn abort(&self) -> Option<&Abort> {
+        Some(&self.abort)
+    }
+
+    fn refresher_arg(&self) -> OsString {
+        let handover = LeaseHandover {
+            lease: self.lease.0,
+            token: self.token.0,
+        };
+        format!("--refresher-lease={handover}").into()
+    }
+
+    /// Stops renewing without revoking: the refresher renews the lease from now on.
+    fn hand_over(mut self: Box<Self>, _: std::process::Child) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.stop();
+        }
+        self.handed_over = true;
+    }
 }
 
 /// A held etcd lock: a lease renewed by a keeper, and the fencing token. Dropping it
 /// stops the keeper and revokes the lease, which deletes the lock key if it is still
 /// there.
-pub struct FleetHeld {
-    client: Client,
+struct FleetHeld {
+    slot: FleetSlot,
     lease: LeaseId,
     token: FencingToken,
     keeper: Option<LeaseKeeper>,
     abort: Arc<Abort>,
     env: [(OsString, OsString); 1],
     handed_over: bool,
-}
-
-impl FleetHeld {
-    pub fn env(&self) -> &[(OsString, OsString)] {
-        &self.env
-    }
-
-    pub fn abort(&self) -> &Abort {
-        &self.abort
-    }
-
-    pub fn handover(&self) -> LeaseHandover {
-        LeaseHandover {
-            lease: self.lease.0,
-            token: self.token.0,
-        }
-    }
-
-    /// Stops renewing without revoking: a refresher renews the lease from now on.
-    pub fn hand_over(mut self) {
-        if let Some(keeper) = self.keeper.take() {
-            keeper.stop();
-        }
-        self.handed_over = true;
-    }
 }
 
 impl Drop for FleetHeld {
@@ -491,7 +565,7 @@ impl Drop for FleetHeld {
         }
         // A lease reported lost is gone, or etcd cannot be reached to revoke it.
         if !self.handed_over && self.abort.reason().is_none() {
-            let _ = self.client.revoke(self.lease);
+            let _ = self.slot.client().revoke(self.lease);
         }
     }
 }

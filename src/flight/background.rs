@@ -1,0 +1,319 @@
+//! `--background`: serve at once and refresh in one detached process, which inherits
+//! the lock (`--refresher`), runs, and hands an unsaved result back to a caller that
+//! waits for it.
+
+use std::fs;
+use std::io;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use super::{Flight, Look};
+use crate::backend::Held;
+use crate::decide::{self, OnLost, OnWon};
+use crate::entry::Body;
+use crate::exit::{self, Exit};
+use crate::values::Refresher;
+
+/// The head of a handed-back result: its status and the length of its reason.
+const HAND_BACK_HEAD: u64 = 8;
+
+impl Flight {
+    /// `--background`: make sure one detached refresher runs, then serve stale or wait.
+    /// Only the caller that wins the lock starts one, and hands the lock over to it, so
+    /// there is at most one refresher per NAME however many callers arrive.
+    pub(super) fn background(&self, look: Look) -> Result<i32> {
+        self.slot.store().ensure()?;
+        let servable = decide::on_lost(look.cached, self.policy()) == OnLost::ServeStale;
+        let refresh = match self.slot.try_lock()? {
+            None => "a run is already in flight".to_owned(),
+            // Inside --retry-after of a failed run, or refreshed meanwhile: no refresher.
+            Some(held) => match self.won_decision()? {
+                (OnWon::Run, _) => {
+                    // Our hold of the lock goes in there: the refresher's is the only
+                    // one left, and a wait below must not wait for ourselves.
+                    match self.start_refresher(held, !servable) {
+                        Ok(pid) => format!("refresh started in background (pid {pid})"),
+                        Err(e) if servable => {
+                            self.say.warn(format_args!("{e:#}; serving stale"));
+                            "no refresh started".to_owned()
+                        }
+                        Err(e) => return Err(Exit::new(exit::INTERNAL, format!("{e:#}")).into()),
+                    }
+                }
+                (OnWon::Serve(decision), look) => {
+                    drop(held);
+                    return self.serve_without_run(decision, look);
+                }
+            },
+        };
+        let why = format!("{}; {refresh}", self.describe(look.cached));
+        if servable {
+            self.say.decided(format_args!("{why}; serving stale"));
+            self.serve(look)
+        } else {
+            self.wait_for_run(&look, &why)
+        }
+    }
+
+    /// Starts `singleflight --refresher=FD <the same arguments>` (with etcd:
+    /// `--refresher-lease=LEASE:TOKEN`) detached: its own session, stdin, stdout and
+    /// stderr on /dev/null, and no other file descriptor than the held lock file, which
+    /// it inherits (flock belongs to the open file, so the lock stays held across our
+    /// exit). Anything else inherited, such as the pipe of a `$(…)` or `| cat` reader,
+    /// would keep that reader waiting for the refresh. (Windows: see `Held::hand_over`.)
+    ///
+    /// A caller that will wait (`wait`: nothing to serve) also hands the refresher the
+    /// write end of a pipe (`--hand-back=FD`): a run whose result cannot be saved (a
+    /// full disk) comes back through it, so the waiter is served what a foreground
+    /// winner would print.
+    fn start_refresher(&self, held: Held, wait: bool) -> Result<u32> {
+        use std::process::Stdio;
+        let mut command = refresher_command()?;
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        #[cfg(unix)]
+        let pipe = if wait {
+            let (reader, writer) = io::pipe().context("cannot make a pipe for the refresher")?;
+            *self.hand_back.borrow_mut() = Some(reader);
+            Some(writer)
+        } else {
+            None
+        };
+        #[cfg(not(unix))]
+        let _ = wait;
+        #[cfg(unix)]
+        {
+            use std::os::fd::{AsRawFd, BorrowedFd};
+            use std::os::unix::process::CommandExt;
+            let lock = held.inheritable_fd();
+            let hand_back = pipe.as_ref().map(AsRawFd::as_raw_fd);
+            close_others_on_exec(&[lock, hand_back]);
+            // SAFETY: only async-signal-safe syscalls between fork and exec; the fds
+            // are open in the child, copies of ours.
+            unsafe {
+                command.pre_exec(move || {
+                    rustix::process::setsid()?;
+                    for fd in [lock, hand_back].into_iter().flatten() {
+                        let fd = BorrowedFd::borrow_raw(fd);
+                        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+                    }
+                    Ok(())
+                });
+            }
+            if let Some(fd) = hand_back {
+                command.arg(format!("--hand-back={fd}"));
+            }
+        }
+        command
+            .arg(held.refresher_arg())
+            .args(std::env::args_os().skip(1));
+        #[cfg(windows)]
+        let child = windows::spawn_detached(&mut command);
+        #[cfg(not(windows))]
+        let child = command.spawn();
+        let child = child.context("cannot start the background refresher")?;
+        // Our copy of the write end goes now: the pipe ends when the refresher does.
+        #[cfg(unix)]
+        drop(pipe);
+        self.started_refresher.set(true);
+        let pid = child.id();
+        held.hand_over(child);
+        Ok(pid)
+    }
+
+    /// The detached refresher: holds the lock it was handed and runs if still needed.
+    /// A run that cannot even start leaves a failure record too, so that `status`
+    /// shows why and `--retry-after` keeps callers from starting refresher after
+    /// refresher.
+    pub(super) fn refresh(&self, handover: Refresher) -> Result<i32> {
+        // Taken first, so that it is close-on-exec before the command starts: a
+        // process of the run holding it would keep the caller waiting.
+        let hand_back = self.opts.hand_back.and_then(adopt_pipe);
+        // SAFETY: a handed FD is from our own command line (`--refresher`, internal):
+        // the caller started us with it open, and this is the one place that claims it.
+        let Some(held) = (unsafe { self.slot.place().take_handed(handover)? }) else {
+            return Ok(0);
+        };
+        match self.won_decision()? {
+            (OnWon::Run, look) => {
+                let ran = self.run_and_store(look, &held).inspect_err(|e| {
+                    // A refresher stopped by a signal did not fail.
+                    if e.downcast_ref::<Exit>()
+                        .is_none_or(|exit| exit.signal.is_none())
+                    {
+                        self.record_failure_to_start(e, &held);
+                    }
+                });
+                drop(held);
+                let (status, body) = ran?;
+                match hand_back {
+                    Some(pipe) => self.hand_back(pipe, status, body),
+                    None => self.print(body)?,
+                }
+                Ok(status)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// What our refresher handed back through its pipe: the status and output of a run
+    /// whose result it could not save. Read until the refresher closes it, within what
+    /// is left of `--wait`.
+    pub(super) fn handed_back(&self) -> Option<(i32, Body)> {
+        use std::io::Read as _;
+        let mut reader = self.hand_back.borrow_mut().take()?;
+        let left = self
+            .wait_ends
+            .get()?
+            .saturating_duration_since(Instant::now());
+        let limit = self.opts.max_output.saturating_add(HAND_BACK_HEAD + 4096);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let read = (&mut reader).take(limit).read_to_end(&mut bytes);
+            let _ = sender.send(read.map(|_| bytes));
+        });
+        let bytes = receiver.recv_timeout(left).ok()?.ok()?;
+        let (status, rest) = bytes.split_first_chunk::<4>()?;
+        let (reason_len, rest) = rest.split_first_chunk::<4>()?;
+        let reason_len = u32::from_le_bytes(*reason_len) as usize;
+        let reason = String::from_utf8_lossy(rest.get(..reason_len)?).into_owned();
+        let status = i32::from_le_bytes(*status);
+        let start = HAND_BACK_HEAD as usize + reason_len;
+        self.say.warn(format_args!(
+            "{reason}; serving the refresher's output, which is not cached"
+        ));
+        let end = bytes.len();
+        Some((status, Body::Memory { bytes, start, end }))
+    }
+
+    /// Hands an unsaved result back to the waiting caller (see [`Self::handed_back`]):
+    /// status, the length of the reason, the reason, the output. Best effort: a caller
+    /// that stopped waiting has closed its end. A saved result is not handed back:
+    /// closing the pipe empty tells the caller to read the cache.
+    fn hand_back(&self, mut pipe: fs::File, status: i32, body: Body) {
+        let Some(reason) = self.unsaved.take() else {
+            return;
+        };
+        let mut head = Vec::new();
+        head.extend_from_slice(&status.to_le_bytes());
+        head.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+        head.extend_from_slice(reason.as_bytes());
+        if io::Write::write_all(&mut pipe, &head).is_ok() {
+            let _ = body.print(&mut pipe);
+        }
+    }
+}
+
+/// The write end of the pipe a `--background` caller handed its refresher
+/// (`--hand-back=FD`), made close-on-exec; `None` unless `fd` is open and a pipe.
+#[cfg(unix)]
+fn adopt_pipe(fd: i32) -> Option<fs::File> {
+    use std::os::fd::{BorrowedFd, FromRawFd};
+    if fd < 3 {
+        return None;
+    }
+    // SAFETY: borrowed for fcntl and fstat; a number that is not open fails (EBADF).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed).ok()?;
+    let stat = rustix::fs::fstat(borrowed).ok()?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Fifo {
+        return None;
+    }
+    rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC).ok()?;
+    // SAFETY: an open pipe that our caller passed to us for this one purpose; nothing
+    // else in this process knows the number.
+    Some(unsafe { fs::File::from_raw_fd(fd) })
+}
+
+#[cfg(not(unix))]
+fn adopt_pipe(_fd: i32) -> Option<fs::File> {
+    None
+}
+
+/// The command that starts a refresher: this very executable. On Linux through
+/// /proc/self/exe, which works even after the binary was replaced on disk; the
+/// process keeps its usual name for `ps` and `pgrep`.
+fn refresher_command() -> Result<std::process::Command> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if std::path::Path::new("/proc/self/exe").exists() {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new("/proc/self/exe");
+        let name = std::env::args_os()
+            .next()
+            .unwrap_or_else(|| "singleflight".into());
+        command.arg0(name);
+        return Ok(command);
+    }
+    let exe = std::env::current_exe().context("cannot find singleflight's own executable")?;
+    Ok(std::process::Command::new(exe))
+}
+
+/// Marks every open file descriptor above stderr close-on-exec, except `keep`. std
+/// opens its own files that way already; this is for what we inherited without the
+/// flag (a shell's `3>&1`, a parent's leaked pipe), which a detached refresher must
+/// not hold. Safe to do to ourselves: a `--background` caller execs nothing else.
+#[cfg(unix)]
+fn close_others_on_exec(keep: &[Option<std::os::fd::RawFd>]) {
+    use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
+    use std::os::fd::{BorrowedFd, RawFd};
+    let listed = ["/proc/self/fd", "/dev/fd"].iter().find_map(|dir| {
+        let entries = fs::read_dir(dir).ok()?;
+        let fds = entries
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<RawFd>().ok());
+        Some(fds.collect::<Vec<_>>())
+    });
+    let fds = listed.unwrap_or_else(|| {
+        // No fd listing: try every number up to the limit (bounded, to stay quick).
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(1024)
+            .min(1 << 16);
+        (3..limit as RawFd).collect()
+    });
+    for fd in fds
+        .into_iter()
+        .filter(|&fd| fd > 2 && !keep.contains(&Some(fd)))
+    {
+        // SAFETY: borrowed for two fcntl calls; a number that is not open (the
+        // listing's own fd, closed by now) fails with EBADF and is skipped.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        if let Ok(flags) = fcntl_getfd(borrowed)
+            && !flags.contains(FdFlags::CLOEXEC)
+        {
+            let _ = fcntl_setfd(borrowed, flags | FdFlags::CLOEXEC);
+        }
+    }
+}
+
+#[cfg(windows)]
+mod windows {
+    use std::io;
+    use std::os::windows::process::CommandExt;
+    use std::process::{Child, Command};
+
+    use windows_sys::Win32::System::Threading::{
+        CREATE_BREAKAWAY_FROM_JOB, CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW,
+    };
+
+    /// Starts the refresher apart from the caller: its own hidden console (no window
+    /// flashes up, closing the caller's terminal does not end it), its own process
+    /// group (the caller's Ctrl+C is not its), and out of the caller's Job Object when
+    /// that job allows it (a terminal or editor that kills its job on exit).
+    pub fn spawn_detached(command: &mut Command) -> io::Result<Child> {
+        let flags = CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP;
+        match command
+            .creation_flags(flags | CREATE_BREAKAWAY_FROM_JOB)
+            .spawn()
+        {
+            Ok(child) => Ok(child),
+            // ERROR_ACCESS_DENIED: the caller's job does not allow breaking away.
+            Err(e) if e.raw_os_error() == Some(5) => command.creation_flags(flags).spawn(),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! Holding the lock: look again, then run the command and settle its outcome (the
+//! result saved, the failure recorded), or serve what is there, or back off.
+
+use std::fs;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Result;
+
+use super::{Flight, Look};
+use crate::backend::{Held, OutputCap, Unsaved};
+use crate::decide::{self, NoRun, OnWon, Policy};
+use crate::entry::{self, Body, EntryWriter, Meta};
+use crate::exit::{self, Exit};
+use crate::reap;
+use crate::record::{self, Failure, RunRecord};
+use crate::run::{self, Outcome, RunSpec};
+use crate::values::{format_duration as human, format_size, millis};
+
+impl Flight {
+    /// Holding the lock: look again, then run, serve, or back off after a failure.
+    pub(super) fn won(&self, held: Held) -> Result<i32> {
+        match self.won_decision()? {
+            (OnWon::Run, look) => self.execute(look, held),
+            (OnWon::Serve(decision), look) => {
+                // Nothing to run: serving is no business of the lock (see `execute`).
+                drop(held);
+                self.serve_without_run(decision, look)
+            }
+        }
+    }
+
+    pub(super) fn won_decision(&self) -> Result<(OnWon, Look)> {
+        self.clean_up_after_crashes();
+        let look = self.look()?;
+        let failure = self.last_failure()?;
+        let failed_ago = failure.as_ref().map(|f| f.age(SystemTime::now()));
+        let policy = Policy {
+            retry_after: failure
+                .as_ref()
+                .map_or(self.opts.retry_after, |f| self.backoff(f)),
+            ..self.policy()
+        };
+        Ok((decide::on_won(look.cached, failed_ago, policy), look))
+    }
+
+    /// How long no run starts after this failure, by this call's options.
+    fn backoff(&self, failure: &Failure) -> Duration {
+        let (after, max) = (self.opts.retry_after, self.opts.retry_max);
+        decide::backoff(after, max, failure.consecutive, failure.jitter)
+    }
+
+    pub(super) fn serve_without_run(&self, decision: NoRun, look: Look) -> Result<i32> {
+        match decision {
+            NoRun::Fresh => {
+                self.say.decided(format_args!(
+                    "{} after taking the lock: served",
+                    self.describe(look.cached)
+                ));
+                self.serve(look)
+            }
+            NoRun::BackOff { serve } => {
+                let why = self.backing_off()?;
+                if serve {
+                    self.say.decided(format_args!(
+                        "{}; {why}; serving the last good result",
+                        self.describe(look.cached)
+                    ));
+                    self.serve(look)
+                } else {
+                    Err(Exit::new(
+                        exit::NOTHING_TO_SERVE,
+                        format!("{}: nothing cached; {why}", self.opts.name),
+                    )
+                    .into())
+                }
+            }
+        }
+    }
+
+    fn backing_off(&self) -> Result<String> {
+        Ok(match self.last_failure()? {
+            Some(failure) => {
+                let ago = failure.age(SystemTime::now());
+                let next = self.backoff(&failure).saturating_sub(ago);
+                format!(
+                    "the last run failed {} ago ({}); next try in {}",
+                    human(ago),
+                    failure.reason,
+                    human(next)
+                )
+            }
+            None => "the last run failed".to_owned(),
+        })
+    }
+
+    pub(super) fn last_failure(&self) -> Result<Option<Failure>> {
+        let failure = self.slot.place().read_failure()?;
+        Ok(failure.filter(|f| f.argv_digest == self.digest))
+    }
+
+    /// A winner kills what a killed run left behind and removes dead runs' temp files. The
+    /// run record is this machine's, whatever the backend: a run killed elsewhere is
+    /// that machine's to clean up.
+    fn clean_up_after_crashes(&self) {
+        if let Some(run) = record::load::<RunRecord>(&self.slot.paths().run) {
+            self.say.warn(format_args!(
+                "the previous run (pid {}) was killed with its singleflight; killing what is left of it",
+                run.pid
+            ));
+            reap::kill_remains(&run);
+        }
+        let _ = fs::remove_file(&self.slot.paths().run);
+        self.slot.store().remove_stale_temps();
+    }
+
+    /// Runs the command under the lock, then prints what the caller is served.
+    ///
+    /// Once the result is renamed into place (or the failure recorded) the run is
+    /// over: the lock is let go before printing, so that a slow reader of our stdout
+    /// (`| less`, a stalled pipe, a terminal paused with Ctrl-S) holds up no other
+    /// caller, refresher or `clear`.
+    fn execute(&self, last: Look, held: Held) -> Result<i32> {
+        let ran = self.run_and_store(last, &held);
+        drop(held);
+        let (status, body) = ran?;
+        self.print(body)?;
+        Ok(status)
+    }
+
+    /// Runs the command under the lock and stores its outcome; returns the exit
+    /// status and the stdout the caller is to print.
+    pub(super) fn run_and_store(&self, last: Look, held: &Held) -> Result<(i32, Body)> {
+        let now = SystemTime::now();
+        let mut run_record = RunRecord {
+            token: format!("{}-{}", std::process::id(), entry::now_ms(now)),
+            boot_id: reap::boot_id(),
+            owner_pid: std::process::id(),
+            started_at_ms: entry::now_ms(now),
+            ..RunRecord::default()
+        };
+        self.write_run_record(&run_record);
+        let writer = EntryWriter::create(self.slot.store(), &self.opts.name);
+        if let Some(e) = writer.error()
+            && self.slot.place().results_in_cache_dir()
+        {
+            self.say.warn(format_args!(
+                "cannot write to the cache dir ({e}); this run's result will not be saved"
+            ));
+        }
+        // The largest metadata the result can have bounds the room left for stdout.
+        let cap = self.slot.output_cap(
+            self.opts.max_output,
+            &self.meta(i32::MIN, u64::MAX, Duration::MAX),
+        );
+        let spec = RunSpec {
+            argv: &self.opts.command,
+            timeout: self.opts.timeout,
+            kill_after: self.opts.kill_after,
+            max_output: cap.bytes,
+            pass_stderr: true,
+            token: &run_record.token.clone(),
+            env: held.env(),
+            abort: held.abort(),
+        };
+        let finished = run::run(&spec, writer, |pid| {
+            run_record.pid = pid;
+            run_record.start_ticks = reap::start_ticks(pid);
+            self.write_run_record(&run_record);
+        });
+        let _ = fs::remove_file(&self.slot.paths().run);
+        let finished = finished?;
+        let outcome = finished.outcome;
+        let status = outcome.exit_status();
+        if outcome == Outcome::LeaseLost {
+            let why = held.abort().and_then(|abort| abort.reason());
+            let message = format!(
+                "{}: lost the etcd lock mid-run: {}; the command's process tree was killed \
+                 and nothing was stored",
+                self.opts.name,
+                why.as_deref().unwrap_or("lease lost")
+            );
+            return Err(Exit::new(status, message).into());
+        }
+        let what = self.describe_outcome(outcome, finished.duration, cap);
+        if let Outcome::Interrupted(signal) = outcome {
+            self.say.decided(format_args!(
+                "{}; ran the command: {what}; nothing cached",
+                self.describe(last.cached)
+            ));
+            // singleflight dies of the signal in `main`, once the temp file is removed
+            // and the lock released (an etcd lease revoked) on the way there.
+            return Err(Exit::killed_by(signal).into());
+        }
+        if outcome.succeeded() {
+            held.forget_failure();
+        } else {
+            self.write_failure(
+                held,
+                status,
+                &what,
+                finished.duration,
+                &finished.stderr_tail,
+            );
+        }
+        let cache_it =
+            outcome.succeeded() || (self.opts.cache_failures && outcome.is_own_failure());
+        if cache_it && self.newer_cached.get() {
+            self.unsaved.replace(Some(format!(
+                "{what}, but a newer singleflight's result is cached, which this one leaves alone"
+            )));
+            self.say.decided(format_args!(
+                "{}; ran the command: {what}; not cached (a newer version's result is kept)",
+                self.describe(last.cached)
+            ));
+            return Ok((status, finished.stdout.into_body()));
+        }
+        if cache_it {
+            let written_at_ms = entry::now_ms(SystemTime::now());
+            let meta = self.meta(status, written_at_ms, finished.duration);
+            let body = match held.save_result(finished.stdout, &meta) {
+                Ok(body) => {
+                    self.say.decided(format_args!(
+                        "{}; ran the command: {what}; cached",
+                        self.describe(last.cached)
+                    ));
+                    body
+                }
+                Err(Unsaved { reason, body }) => {
+                    let kept = match last.entry {
+                        Some(_) => "the previous result is kept",
+                        None => "nothing is cached",
+                    };
+                    let why = format!("{what}, but the result could not be saved ({reason})");
+                    self.say.warn(format_args!("{why}; {kept}"));
+                    self.unsaved.replace(Some(why));
+                    body
+                }
+            };
+            return Ok((status, body));
+        }
+        let body = match last.entry {
+            Some(entry) => {
+                self.say
+                    .warn(format_args!("{what}; serving the last good result"));
+                entry.body
+            }
+            None => {
+                self.say
+                    .warn(format_args!("{what}; nothing cached to serve instead"));
+                finished.stdout.into_body()
+            }
+        };
+        Ok((status, body))
+    }
+
+    /// The metadata of a result of this call's command.
+    fn meta(&self, exit_code: i32, written_at_ms: u64, took: Duration) -> Meta {
+        Meta {
+            argv_digest: self.digest.clone(),
+            command: entry::display_command(&self.opts.command),
+            written_at_ms,
+            ttl_ms: millis(self.opts.ttl),
+            exit_code,
+            duration_ms: millis(took),
+        }
+    }
+
+    fn describe_outcome(&self, outcome: Outcome, took: Duration, cap: OutputCap) -> String {
+        match outcome {
+            Outcome::Exited(code) => format!("exit status {code} after {}", human(took)),
+            Outcome::Signaled(signal) => format!("killed by signal {signal} after {}", human(took)),
+            Outcome::TimedOut => format!(
+                "timed out after {}; its process tree was killed",
+                human(self.opts.timeout)
+            ),
+            Outcome::OutputOverflow if cap.by_backend => format!(
+                "stdout went over {}, what fits in the etcd backend's limit of {} for a \
+                 result with its metadata; the run was killed",
+                format_size(cap.bytes),
+                format_size(self.slot.place().value_limit().unwrap_or(cap.bytes))
+            ),
+            Outcome::OutputOverflow => format!(
+                "stdout went over --max-output {}; the run was killed",
+                format_size(self.opts.max_output)
+            ),
+            Outcome::Interrupted(signal) => {
+                format!("singleflight got signal {signal}; the run was stopped")
+            }
+            Outcome::LeaseLost => "the etcd lock was lost; the run was stopped".to_owned(),
+        }
+    }
+
+    fn write_run_record(&self, run: &RunRecord) {
+        let _ = self.slot.store().write_atomically(
+            &self.opts.name,
+            &self.slot.paths().run,
+            &record::to_bytes(run),
+            false,
+        );
+    }
+
+    fn write_failure(
+        &self,
+        held: &Held,
+        exit_code: i32,
+        reason: &str,
+        took: Duration,
+        stderr_tail: &[u8],
+    ) {
+        let at_ms = entry::now_ms(SystemTime::now());
+        let previous = self.last_failure().ok().flatten();
+        let consecutive = previous.map_or(1, |f| f.consecutive.max(1).saturating_add(1));
+        let jitter = decide::jitter_from(at_ms ^ u64::from(std::process::id()) << 40);
+        let (after, max) = (self.opts.retry_after, self.opts.retry_max);
+        let backoff = decide::backoff(after, max, consecutive, jitter);
+        let failure = Failure {
+            at_ms,
+            consecutive,
+            jitter,
+            backoff_ms: Some(u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX)),
+            argv_digest: self.digest.clone(),
+            exit_code,
+            reason: reason.to_owned(),
+            stderr_tail: String::from_utf8_lossy(stderr_tail).into_owned(),
+            duration_ms: millis(took),
+        };
+        if let Err(e) = held.save_failure(&failure) {
+            self.say
+                .warn(format_args!("cannot record the failure: {e:#}"));
+        }
+    }
+
+    pub(super) fn record_failure_to_start(&self, error: &anyhow::Error, held: &Held) {
+        let reason = format!("{error:#}");
+        self.write_failure(held, exit::status_of(error), &reason, Duration::ZERO, &[]);
+    }
+}
