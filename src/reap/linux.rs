@@ -1,13 +1,86 @@
-//! The Linux side of a run's tree: `/proc` for descendants and identities, reaping
-//! as a child subreaper, and killing the remains of a killed run.
+//! The Linux side of a run's tree: the process group, plus `/proc` for descendants
+//! and identities, reaping as a child subreaper, a death signal for the command, and
+//! killing the remains of a killed run.
 
 use std::collections::HashMap;
 use std::fs;
+use std::io;
 use std::os::fd::OwnedFd;
+use std::process::{Child, Command};
 
 use rustix::process::{Pid, PidfdFlags, Signal, WaitOptions};
 
+use super::{Stop, group};
 use crate::record::RunRecord;
+
+/// The command's process group, and every descendant of singleflight (which includes
+/// the ones that left the group).
+pub struct Tree {
+    pid: u32,
+}
+
+impl Tree {
+    pub fn adopt(child: &mut Child) -> io::Result<Tree> {
+        Ok(Tree { pid: child.id() })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn signal(&self, stop: Stop) {
+        group::signal(self.pid, stop);
+        for pid in descendants(std::process::id()) {
+            kill(pid, group::signal_of(stop));
+        }
+    }
+
+    pub fn kill_leftovers(self) {
+        self.signal(Stop::Kill);
+        reap_descendants(self.pid);
+    }
+}
+
+pub fn become_subreaper() {
+    let me = rustix::process::getpid();
+    let _ = rustix::process::set_child_subreaper(Some(me));
+}
+
+/// Its own process group, and SIGKILL when singleflight dies.
+pub fn prepare(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    group::prepare(command);
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the child between fork and exec, where a
+    // multi-threaded parent's heap lock may be held by a thread that no longer exists:
+    // it makes two raw syscalls (prctl, getppid) and nothing else. No allocation: the
+    // errors are `from_raw_os_error` (an integer inside the `io::Error`), and rustix's
+    // `Errno` converts to one the same way.
+    unsafe {
+        command.pre_exec(move || {
+            use rustix::process::{getppid, set_parent_process_death_signal};
+            set_parent_process_death_signal(Some(Signal::KILL))
+                .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
+            // singleflight may have died before the death signal was armed: the child
+            // then fails to start with ESRCH ("no such process").
+            if getppid() != Some(parent) {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// In clock ticks since boot.
+pub fn start_ticks(pid: u32) -> u64 {
+    Stat::read(pid).map_or(0, |stat| stat.start_ticks)
+}
 
 /// The fields of `/proc/PID/stat` that identify a process and place it in a tree.
 #[derive(Clone, Copy)]
@@ -54,7 +127,7 @@ fn all_processes() -> Vec<Stat> {
 }
 
 /// Every process below `root` in the tree (not `root` itself), but the guard.
-pub fn descendants(root: u32) -> Vec<Stat> {
+fn descendants(root: u32) -> Vec<Stat> {
     let processes = all_processes();
     let guard = super::spared();
     let mut found = Vec::new();
@@ -73,7 +146,7 @@ pub fn descendants(root: u32) -> Vec<Stat> {
 
 /// Sends `signal`; false only if the process exists and may not be signalled
 /// (EPERM: a setuid program, say).
-pub fn kill(stat: Stat, signal: Signal) -> bool {
+fn kill(stat: Stat, signal: Signal) -> bool {
     Pid::from_raw(stat.pid as i32).is_none_or(|pid| {
         !matches!(rustix::process::kill_process(pid, signal), Err(e) if e == rustix::io::Errno::PERM)
     })
@@ -83,7 +156,7 @@ pub fn kill(stat: Stat, signal: Signal) -> bool {
 /// singleflight (a subreaper) as their parents die, so each pass finds the next
 /// generation; SIGKILLed processes cannot fork, so the passes end. A process that
 /// may not be killed is left (and not waited for), or this would never return.
-pub fn reap_descendants(command_pid: u32) {
+fn reap_descendants(command_pid: u32) {
     let me = std::process::id();
     let mut unkillable = std::collections::HashSet::new();
     loop {

@@ -1,11 +1,17 @@
-//! Job Objects and console control events, the Windows side of a run's tree.
+//! Job Objects and console control events, the Windows side of a run's tree: the
+//! command is created suspended in its own console process group, put in a Job
+//! Object that kills everything in it when closed (so the tree dies with
+//! singleflight, however singleflight dies), and only then let go.
 
 use std::ffi::c_void;
 use std::io;
 use std::os::windows::io::{AsRawHandle, FromRawHandle, OwnedHandle};
-use std::process::Child;
+use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::Stop;
+use crate::record::RunRecord;
 
 use windows_sys::Win32::Foundation::{FALSE, HANDLE, INVALID_HANDLE_VALUE, TRUE};
 use windows_sys::Win32::System::Console::{
@@ -103,6 +109,68 @@ impl Job {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
+}
+
+/// The command's Job Object.
+pub struct Tree {
+    pid: u32,
+    job: Job,
+}
+
+impl Tree {
+    pub fn adopt(child: &mut Child) -> io::Result<Tree> {
+        let adopted = Job::new().and_then(|job| {
+            job.assign(child)?;
+            resume(child.id())?;
+            Ok(job)
+        });
+        match adopted {
+            Ok(job) => Ok(Tree {
+                pid: child.id(),
+                job,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn signal(&self, stop: Stop) {
+        if stop == Stop::Kill || !ctrl_break(self.pid) {
+            self.job.terminate();
+        }
+    }
+
+    pub fn kill_leftovers(self) {
+        self.job.terminate();
+        self.job.wait_until_empty();
+    }
+}
+
+/// Nothing to become: the Job Object holds the tree.
+pub fn become_subreaper() {}
+
+pub fn prepare(command: &mut Command) {
+    std::os::windows::process::CommandExt::creation_flags(command, RUN_FLAGS);
+}
+
+/// Nothing remains: the Job Object died with singleflight and took the tree with it.
+pub fn kill_remains(_record: &RunRecord) {}
+
+/// No boot id to read.
+pub fn boot_id() -> String {
+    String::new()
+}
+
+/// Not known (records are only compared with themselves).
+pub fn start_ticks(_pid: u32) -> u64 {
+    0
 }
 
 /// Resumes the threads of a process created suspended (there is one: the main
