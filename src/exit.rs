@@ -3,31 +3,81 @@
 
 use std::fmt;
 
-/// A usage error: bad option, NAME, duration or size, or no command.
-pub const USAGE: i32 = 2;
-/// Nothing to serve: the in-flight run did not finish within `--wait`, or produced nothing.
-pub const NOTHING_TO_SERVE: i32 = 75;
-/// The command timed out and its process tree was killed.
-pub const TIMED_OUT: i32 = 124;
-/// singleflight itself failed (cache dir unusable, disk error, etcd unreachable: the
-/// command was not run), or stopped the run for exceeding `--max-output` (or the etcd
-/// backend's limit for a result), or because the etcd lock was lost mid-run.
-pub const INTERNAL: i32 = 125;
-/// The command exists but could not be executed.
-pub const CANNOT_EXECUTE: i32 = 126;
-/// The command was not found.
-pub const NOT_FOUND: i32 = 127;
+/// An exit status of singleflight. The README's and the man page's exit tables list
+/// [`Status::ALL`] (a test holds them to it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// The status of the run whose result is served (fresh, stale, or just produced),
+    /// or of the run that just failed.
+    Run(i32),
+    /// 1: `status` was asked about a NAME that has nothing (no result, no failure
+    /// record, no run in flight).
+    UnknownName,
+    /// 2: a usage error: bad option, NAME, duration or size, or no command.
+    Usage,
+    /// 75: nothing to serve: the in-flight run did not finish within `--wait`, or
+    /// produced nothing, or a failed run is being backed off with nothing cached.
+    NothingToServe,
+    /// 124: the command timed out and its process tree was killed.
+    TimedOut,
+    /// 125: singleflight itself failed (cache dir unusable, disk error, etcd
+    /// unreachable: the command was not run), or stopped the run for exceeding
+    /// `--max-output` (or the etcd backend's limit for a result), or because the etcd
+    /// lock was lost mid-run.
+    Internal,
+    /// 126: the command exists but could not be executed.
+    CannotExecute,
+    /// 127: the command was not found.
+    NotFound,
+    /// 128+N: the command, or singleflight, was killed by signal N.
+    Signaled(i32),
+}
 
-/// `128 + N`: the command, or singleflight, was killed by signal N.
-pub const fn signaled(signal: i32) -> i32 {
-    128 + signal
+impl Status {
+    /// Every kind of status, as the exit tables list them (a family once: `Run` and
+    /// `Signaled` stand for all their values).
+    pub const ALL: [Status; 9] = [
+        Status::Run(0),
+        Status::UnknownName,
+        Status::Usage,
+        Status::NothingToServe,
+        Status::TimedOut,
+        Status::Internal,
+        Status::CannotExecute,
+        Status::NotFound,
+        Status::Signaled(0),
+    ];
+
+    /// The number the process exits with.
+    pub const fn code(self) -> i32 {
+        match self {
+            Status::Run(code) => code,
+            Status::UnknownName => 1,
+            Status::Usage => 2,
+            Status::NothingToServe => 75,
+            Status::TimedOut => 124,
+            Status::Internal => 125,
+            Status::CannotExecute => 126,
+            Status::NotFound => 127,
+            Status::Signaled(signal) => 128 + signal,
+        }
+    }
+
+    /// How the exit tables write it: its number, or the rule of its family.
+    pub fn label(self) -> String {
+        match self {
+            Status::Run(_) => "the result's own".to_owned(),
+            Status::Signaled(_) => "128+N".to_owned(),
+            fixed => fixed.code().to_string(),
+        }
+    }
 }
 
 /// An error that ends the program with a chosen status. Anything else that reaches
-/// `main` is an internal failure ([`INTERNAL`]).
+/// `main` is an internal failure ([`Status::Internal`]).
 #[derive(Debug)]
 pub struct Exit {
-    pub status: i32,
+    pub status: Status,
     pub message: String,
     /// singleflight was stopped by this signal: once everything is cleaned up (locks
     /// released, temp files removed), it dies of it rather than exiting.
@@ -35,7 +85,7 @@ pub struct Exit {
 }
 
 impl Exit {
-    pub fn new(status: i32, message: impl Into<String>) -> Self {
+    pub fn new(status: Status, message: impl Into<String>) -> Self {
         Exit {
             status,
             message: message.into(),
@@ -46,7 +96,7 @@ impl Exit {
     /// Stopped by `signal` (exit status 128+N where it cannot die of it); says nothing.
     pub fn killed_by(signal: i32) -> Self {
         Exit {
-            status: signaled(signal),
+            status: Status::Signaled(signal),
             message: String::new(),
             signal: Some(signal),
         }
@@ -62,8 +112,8 @@ impl fmt::Display for Exit {
 impl std::error::Error for Exit {}
 
 /// The status for an error that reached `main`.
-pub fn status_of(error: &anyhow::Error) -> i32 {
+pub fn status_of(error: &anyhow::Error) -> Status {
     error
         .downcast_ref::<Exit>()
-        .map_or(INTERNAL, |exit| exit.status)
+        .map_or(Status::Internal, |exit| exit.status)
 }

@@ -19,7 +19,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
-use crate::exit::{self, Exit};
+use crate::exit::{Exit, Status};
 use crate::values::Name;
 
 /// The key flags of a run call, as given.
@@ -149,7 +149,7 @@ pub fn resolve(name: &Name, spec: &KeySpec) -> Result<Resolved> {
     let cwd = if needs_cwd {
         Some(std::env::current_dir().map_err(|e| {
             Exit::new(
-                exit::INTERNAL,
+                Status::Internal,
                 format!("{name}: cannot read the current directory for the key: {e}"),
             )
         })?)

@@ -28,7 +28,7 @@ fn parse_and_run() -> u8 {
         Err(error) => {
             // Not eprintln!, which panics when stderr is gone (a closed terminal).
             let _ = writeln!(std::io::stderr(), "singleflight: {error:#}");
-            exit::status_of(&error)
+            exit::status_of(&error).code()
         }
     };
     // Statuses outside 0..=255 (a Windows exit code, say) are reported as failure.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::abort::Abort;
 use crate::entry::EntryWriter;
-use crate::exit::{self, Exit};
+use crate::exit::{Exit, Status};
 use crate::reap::{self, Stop, Tree};
 use crate::values::deadline;
 
@@ -56,12 +56,12 @@ pub enum Outcome {
 
 impl Outcome {
     /// The status a caller exits with after this run.
-    pub fn exit_status(self) -> i32 {
+    pub fn exit_status(self) -> Status {
         match self {
-            Outcome::Exited(code) => code,
-            Outcome::Signaled(signal) | Outcome::Interrupted(signal) => exit::signaled(signal),
-            Outcome::TimedOut => exit::TIMED_OUT,
-            Outcome::OutputOverflow | Outcome::LeaseLost => exit::INTERNAL,
+            Outcome::Exited(code) => Status::Run(code),
+            Outcome::Signaled(signal) | Outcome::Interrupted(signal) => Status::Signaled(signal),
+            Outcome::TimedOut => Status::TimedOut,
+            Outcome::OutputOverflow | Outcome::LeaseLost => Status::Internal,
         }
     }
 
@@ -163,7 +163,7 @@ pub fn run(
     let mut child = spawned.map_err(|e| spawn_error(&spec.argv[0], &e))?;
     let tree = Tree::adopt(&mut child).map_err(|e| {
         Exit::new(
-            exit::INTERNAL,
+            Status::Internal,
             format!("cannot take charge of the command's process tree: {e}"),
         )
     })?;
@@ -343,8 +343,8 @@ fn terminate(
 fn spawn_error(program: &OsString, error: &io::Error) -> anyhow::Error {
     let program = program.to_string_lossy();
     let (status, what) = match error.kind() {
-        io::ErrorKind::NotFound => (exit::NOT_FOUND, "command not found"),
-        _ => (exit::CANNOT_EXECUTE, "cannot execute"),
+        io::ErrorKind::NotFound => (Status::NotFound, "command not found"),
+        _ => (Status::CannotExecute, "cannot execute"),
     };
     Exit::new(status, format!("{what}: {program}: {error}")).into()
 }
@@ -361,7 +361,7 @@ fn spawn_waiter(mut child: Child, events: Sender<Event>) {
 
 fn outcome_of(status: io::Result<ExitStatus>) -> Outcome {
     let Ok(status) = status else {
-        return Outcome::Exited(exit::INTERNAL);
+        return Outcome::Exited(Status::Internal.code());
     };
     if let Some(code) = status.code() {
         return Outcome::Exited(code);
@@ -370,7 +370,7 @@ fn outcome_of(status: io::Result<ExitStatus>) -> Outcome {
     if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
         return Outcome::Signaled(signal);
     }
-    Outcome::Exited(exit::INTERNAL)
+    Outcome::Exited(Status::Internal.code())
 }
 
 /// Reads `pipe` chunk by chunk into `take` until the end, an error, or `take` says
@@ -431,7 +431,7 @@ fn tee_stderr(err: ChildStderr, pass: bool) -> Vec<u8> {
 pub fn die_of(signal: i32) -> i32 {
     #[cfg(unix)]
     let _ = signal_hook::low_level::emulate_default_handler(signal);
-    exit::signaled(signal)
+    Status::Signaled(signal).code()
 }
 
 /// Whether `signal` is ignored now (inherited across exec as ignored).

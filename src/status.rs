@@ -9,14 +9,11 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::backend::{Backend, Cleared, Read};
-use crate::exit::Exit;
+use crate::exit::{Exit, Status};
 use crate::key::{KeyValue, SlotId};
 use crate::say::Say;
 use crate::store::Store;
 use crate::values::{Name, format_duration, format_size};
-
-/// `status` of a NAME that has nothing in the cache dir.
-pub const UNKNOWN_NAME: i32 = 1;
 
 /// The human table fits this many columns.
 const TABLE_WIDTH: usize = 100;
@@ -136,7 +133,7 @@ pub fn status(backend: &dyn Backend, store: &Store, names: Vec<Name>, json: bool
             backend.describe(store),
             unknown.join(", ")
         );
-        return Err(Exit::new(UNKNOWN_NAME, message).into());
+        return Err(Exit::new(Status::UnknownName, message).into());
     }
     Ok(0)
 }
@@ -369,7 +366,7 @@ pub fn clear(
     }
     if older_than.is_some() && !backend.is_cache_dir() {
         let message = "clear --older-than works on the cache dir only, not with --backend";
-        return Err(Exit::new(crate::exit::USAGE, message).into());
+        return Err(Exit::new(Status::Usage, message).into());
     }
     let slots = if all {
         backend.slots(store)?

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 
-use crate::exit::{Exit, INTERNAL};
+use crate::exit::{Exit, Status};
 use crate::key::SlotId;
 use crate::values::Name;
 
@@ -50,7 +50,7 @@ impl Store {
             None => dirs::cache_dir()
                 .ok_or_else(|| {
                     Exit::new(
-                        INTERNAL,
+                        Status::Internal,
                         "no cache dir: set HOME, SINGLEFLIGHT_CACHE_DIR or --cache-dir",
                     )
                 })?
@@ -126,7 +126,7 @@ impl Store {
 
     fn unusable(&self, reason: &str) -> anyhow::Error {
         Exit::new(
-            INTERNAL,
+            Status::Internal,
             format!("cache dir {} is unusable: {reason}", self.dir.display()),
         )
         .into()

@@ -25,7 +25,7 @@ use crate::etcd::{
     Client, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, EtcdError, FencingToken, Keys, Lease,
     LeaseId, LeaseKeeper, Prefix, Write, check_size, default_lead,
 };
-use crate::exit::{self, Exit};
+use crate::exit::{Exit, Status};
 use crate::key::SlotId;
 use crate::record::{self, Failure};
 use crate::say::Say;
@@ -94,7 +94,7 @@ impl Backend for Fleet {
         let keys = self
             .client
             .list(self.prefix.as_bytes())
-            .map_err(|e| Exit::new(exit::INTERNAL, format!("{self}: {e}")))?;
+            .map_err(|e| Exit::new(Status::Internal, format!("{self}: {e}")))?;
         Ok(self.prefix.slots(keys.iter().map(Vec::as_slice)))
     }
 
@@ -147,12 +147,12 @@ impl FleetSlot {
     /// An etcd failure before the command ran (a call's look, lock or wait).
     fn not_run(&self, error: EtcdError) -> anyhow::Error {
         let message = format!("{}: {error}; the command was not run", self.name);
-        Exit::new(exit::INTERNAL, message).into()
+        Exit::new(Status::Internal, message).into()
     }
 
     /// An etcd failure of `status` or `clear`.
     fn failed(&self, error: EtcdError) -> anyhow::Error {
-        Exit::new(exit::INTERNAL, format!("{}: {error}", self.name)).into()
+        Exit::new(Status::Internal, format!("{}: {error}", self.name)).into()
     }
 
     fn get_result(&self) -> Result<Read, EtcdError> {
@@ -222,7 +222,7 @@ impl FleetSlot {
             Ok(keeper) => held.keeper = Some(keeper),
             Err(e) => {
                 let message = format!("{}: cannot start the lease keeper: {e}", self.name);
-                return Err(Exit::new(exit::INTERNAL, message).into());
+                return Err(Exit::new(Status::Internal, message).into());
             }
         }
         Ok(Box::new(held))
@@ -245,7 +245,7 @@ impl FleetSlot {
                  the command was not run",
                 self.name
             );
-            return Err(Exit::new(exit::INTERNAL, message).into());
+            return Err(Exit::new(Status::Internal, message).into());
         }
         let lease = Lease {
             id,
@@ -399,7 +399,7 @@ impl Place for FleetSlot {
                 "{}: the etcd lock was lost while clearing (its lease expired); try again",
                 self.name
             );
-            return Err(Exit::new(exit::INTERNAL, message).into());
+            return Err(Exit::new(Status::Internal, message).into());
         }
         Ok(if removed.is_empty() {
             Cleared::Nothing
@@ -412,7 +412,7 @@ impl Place for FleetSlot {
         match handover {
             Refresher::Lease(lease) => self.adopt(lease).map(Some),
             Refresher::Fd(fd) => Err(Exit::new(
-                exit::INTERNAL,
+                Status::Internal,
                 format!("--refresher={fd} (internal): a lock file is handed over only with the cache dir backend"),
             )
             .into()),

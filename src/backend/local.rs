@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 
 use super::{Backend, Cleared, Files, Held, InFlight, Lock, Place, Read, Snapshot, Unsaved};
 use crate::entry::{self, Body, EntryWriter, Meta};
-use crate::exit::{self, Exit};
+use crate::exit::{Exit, Status};
 use crate::key::SlotId;
 use crate::lock::{self, LockGuard};
 use crate::reap;
@@ -69,7 +69,7 @@ impl LocalPlace {
 
     fn lock_error(&self, error: io::Error) -> anyhow::Error {
         let message = format!("cannot lock {}: {error}", self.paths().lock.display());
-        Exit::new(exit::INTERNAL, message).into()
+        Exit::new(Status::Internal, message).into()
     }
 
     fn hold(&self, guard: LockGuard) -> Held {
@@ -145,7 +145,7 @@ impl LocalPlace {
 
 /// A refused hand-over (internal arguments): status 125.
 fn refuse(arg: &str, why: &str) -> anyhow::Error {
-    Exit::new(exit::INTERNAL, format!("{arg} (internal): {why}")).into()
+    Exit::new(Status::Internal, format!("{arg} (internal): {why}")).into()
 }
 
 impl Place for LocalPlace {

@@ -197,7 +197,7 @@ pub trait Place {
     fn clear_older(&self, name: &Name, older_than: Duration, say: &Say) -> Result<Cleared> {
         let _ = (name, older_than, say);
         let message = "clear --older-than works on the cache dir only, not with --backend";
-        Err(crate::exit::Exit::new(crate::exit::USAGE, message).into())
+        Err(crate::exit::Exit::new(crate::exit::Status::Usage, message).into())
     }
 }
 

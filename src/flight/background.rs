@@ -12,7 +12,7 @@ use super::{Flight, Look};
 use crate::backend::Held;
 use crate::decide::{self, OnLost, OnWon};
 use crate::entry::Body;
-use crate::exit::{self, Exit};
+use crate::exit::{Exit, Status};
 use crate::values::Refresher;
 
 /// The head of a handed-back result: its status and the length of its reason.
@@ -38,7 +38,7 @@ impl Flight {
                             self.say.warn(format_args!("{e:#}; serving stale"));
                             "no refresh started".to_owned()
                         }
-                        Err(e) => return Err(Exit::new(exit::INTERNAL, format!("{e:#}")).into()),
+                        Err(e) => return Err(Exit::new(Status::Internal, format!("{e:#}")).into()),
                     }
                 }
                 (OnWon::Serve(decision), look) => {

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use super::{Flight, Look};
 use crate::decide::{self, AfterWait, OnLost};
-use crate::exit::{self, Exit};
+use crate::exit::{Exit, Status};
 use crate::values::{format_duration as human, later};
 
 /// At most this many trips back to the lock after waits that ended with nothing to
@@ -85,13 +85,13 @@ impl Flight {
                     "{name}: the lock holders let go {MAX_RETRIES} times with nothing to serve; \
                      giving up"
                 );
-                Err(Exit::new(exit::NOTHING_TO_SERVE, message).into())
+                Err(Exit::new(Status::NothingToServe, message).into())
             }
             AfterWait::GiveUp => {
                 let message = format!(
                     "{name}: the run in flight produced nothing to serve (see `singleflight status {name}`)"
                 );
-                Err(Exit::new(exit::NOTHING_TO_SERVE, message).into())
+                Err(Exit::new(Status::NothingToServe, message).into())
             }
         }
     }
@@ -140,7 +140,7 @@ impl Flight {
         let (name, wait) = (&self.opts.name, human(self.opts.wait));
         let message =
             format!("{name}: a run is in flight and --wait {wait} ran out; nothing to serve");
-        Exit::new(exit::NOTHING_TO_SERVE, message).into()
+        Exit::new(Status::NothingToServe, message).into()
     }
 
     fn again(&self) -> Result<i32> {

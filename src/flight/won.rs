@@ -10,7 +10,7 @@ use super::{Flight, Look};
 use crate::backend::{Held, OutputCap, Unsaved};
 use crate::decide::{self, NoRun, OnWon, Policy};
 use crate::entry::{self, Body, EntryWriter, Meta};
-use crate::exit::{self, Exit};
+use crate::exit::{Exit, Status};
 use crate::reap;
 use crate::record::{self, Failure, RunRecord};
 use crate::run::{self, Outcome, RunSpec};
@@ -68,7 +68,7 @@ impl Flight {
                     self.serve(look)
                 } else {
                     Err(Exit::new(
-                        exit::NOTHING_TO_SERVE,
+                        Status::NothingToServe,
                         format!("{}: nothing cached; {why}", self.opts.name),
                     )
                     .into())
@@ -170,7 +170,7 @@ impl Flight {
         let _ = fs::remove_file(&self.slot.paths().run);
         let finished = finished?;
         let outcome = finished.outcome;
-        let status = outcome.exit_status();
+        let status = outcome.exit_status().code();
         if outcome == Outcome::LeaseLost {
             let why = held.abort().and_then(|abort| abort.reason());
             let message = format!(
@@ -179,7 +179,7 @@ impl Flight {
                 self.opts.name,
                 why.as_deref().unwrap_or("lease lost")
             );
-            return Err(Exit::new(status, message).into());
+            return Err(Exit::new(outcome.exit_status(), message).into());
         }
         let what = self.describe_outcome(outcome, finished.duration, cap);
         if let Outcome::Interrupted(signal) = outcome {
@@ -332,6 +332,12 @@ impl Flight {
 
     pub(super) fn record_failure_to_start(&self, error: &anyhow::Error, held: &Held) {
         let reason = format!("{error:#}");
-        self.write_failure(held, exit::status_of(error), &reason, Duration::ZERO, &[]);
+        self.write_failure(
+            held,
+            crate::exit::status_of(error).code(),
+            &reason,
+            Duration::ZERO,
+            &[],
+        );
     }
 }
