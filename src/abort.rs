@@ -1,5 +1,5 @@
 //! A trip wire for a run, pulled from another thread: how a lock that can be lost while
-//! held (an etcd lease) stops the run it guards. `backend` trips it, `run` arms it.
+//! held (an etcd lease) stops the run it guards. `backend` trips it, `command` arms it.
 
 use std::sync::Mutex;
 

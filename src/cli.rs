@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend;
-use crate::etcd::{Endpoints, Prefix};
+use crate::etcd::{Endpoints, Prefix, parse_backend};
 use crate::key::KeySpec;
-use crate::values::{LeaseHandover, Name, Refresher, parse_backend, parse_duration, parse_size};
+use crate::values::{LeaseHandover, Name, Refresher, parse_duration, parse_size};
 
 /// The examples of `--help` and of the man page: what each does, then the command line.
 pub const EXAMPLES: &[(&str, &str)] = &[

@@ -10,10 +10,11 @@
 //! them, and so is one that cleared its environment (`setsid env -i …`). Elsewhere it
 //! knows the command's process group: its leader's pid and start time.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use crate::reap::Known;
 
 /// The hidden first argument that makes singleflight a guard (not a valid NAME, so no
 /// user's command line means it).
@@ -106,18 +107,6 @@ impl Drop for Guard {
         let _ = self.child.wait();
         crate::reap::spare(0);
     }
-}
-
-/// What the guard knows of the run.
-#[derive(Default)]
-pub struct Known {
-    /// Processes seen in the run's tree: pid and start time.
-    pub seen: HashMap<u32, u64>,
-    /// The command (its process group's leader): pid and start time.
-    pub command: Option<(u32, u64)>,
-    /// The run's token (`SINGLEFLIGHT_RUN_ID`); read from `/proc` on Linux only.
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-    pub token: String,
 }
 
 /// The guard's life (`singleflight __guard OWNER_PID TOKEN`, stdin the pipe); returns

@@ -3,9 +3,9 @@
 //!
 //! `main` parses the command line (`cli`) and calls [`run`]. The decision of every
 //! call is in `decide`, carried out by `flight` with the cache (`store`, `entry`), the
-//! lock (`lock`) and the process tree (`run`, `reap`). With `--backend etcd://…` the
-//! lock and the result live in etcd instead (`etcd`): `backend` is the one place
-//! where the two part ways.
+//! lock (`lock`) and the process tree (`command`, `reap`). With `--backend etcd://…` the
+//! lock and the result live in etcd instead (`etcd`): `backend` is the one interface
+//! with an implementation for each (`backend/local.rs`, `backend/fleet.rs`).
 //!
 //! The modules are private: the crate is an executable first, and its library is
 //! what `main`, the tests and the example need, listed below, nothing else.
@@ -13,6 +13,7 @@
 mod abort;
 mod backend;
 mod cli;
+mod command;
 mod decide;
 mod entry;
 mod etcd;
@@ -24,7 +25,6 @@ mod key;
 mod lock;
 mod reap;
 mod record;
-mod run;
 mod say;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod start;
@@ -34,9 +34,9 @@ mod values;
 
 // For `main`.
 pub use crate::cli::Cli;
+pub use crate::command::die_of;
 #[cfg(unix)]
 pub use crate::guard::{ARG as GUARD_ARG, main as guard_main};
-pub use crate::run::die_of;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub use crate::start::prepare;
 

@@ -151,20 +151,6 @@ pub fn format_size(bytes: u64) -> String {
     format!("{value:.1}{}", UNITS[unit])
 }
 
-/// `--backend` as given: an etcd URL. A singleflight built without the feature `etcd`
-/// refuses every value, so the command line is the same in both builds.
-pub fn parse_backend(value: &str) -> Result<crate::etcd::Endpoints, String> {
-    if cfg!(feature = "etcd") {
-        crate::etcd::Endpoints::parse(value)
-    } else {
-        Err(
-            "this singleflight was built without the etcd backend: build it with the \
-             cargo feature etcd, which is on unless --no-default-features"
-                .to_owned(),
-        )
-    }
-}
-
 /// `--refresher-lease=LEASE:TOKEN` (internal): the etcd lock a `--background` caller
 /// hands to its refresher: the lease id in hex (as etcd prints it) and the token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

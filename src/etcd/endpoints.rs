@@ -116,6 +116,20 @@ fn parse_member(member: &str) -> Result<String, String> {
     Ok(format!("{host}:{port}"))
 }
 
+/// `--backend` as given: an etcd URL. A singleflight built without the feature `etcd`
+/// refuses every value, so the command line is the same in both builds.
+pub fn parse_backend(value: &str) -> Result<crate::etcd::Endpoints, String> {
+    if cfg!(feature = "etcd") {
+        Endpoints::parse(value)
+    } else {
+        Err(
+            "this singleflight was built without the etcd backend: build it with the \
+             cargo feature etcd, which is on unless --no-default-features"
+                .to_owned(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ mod transport;
 #[cfg(feature = "etcd")]
 mod wire;
 
-pub use endpoints::Endpoints;
+pub use endpoints::{Endpoints, parse_backend};
 #[cfg(feature = "etcd")]
 pub use keys::Keys;
 pub use keys::Prefix;

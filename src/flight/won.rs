@@ -8,12 +8,12 @@ use anyhow::Result;
 
 use super::{Flight, Look};
 use crate::backend::{Held, OutputCap, Unsaved};
+use crate::command::{self, Outcome, RunSpec};
 use crate::decide::{self, NoRun, OnWon, Policy};
 use crate::entry::{self, Body, EntryWriter, Meta};
 use crate::exit::{Exit, Status};
 use crate::reap;
 use crate::record::{self, Failure, RunRecord};
-use crate::run::{self, Outcome, RunSpec};
 use crate::values::{format_duration as human, format_size, millis};
 
 impl Flight {
@@ -162,7 +162,7 @@ impl Flight {
             env: held.env(),
             abort: held.abort(),
         };
-        let finished = run::run(&spec, writer, |pid| {
+        let finished = command::run(&spec, writer, |pid| {
             run_record.pid = pid;
             run_record.start_ticks = reap::start_ticks(pid);
             self.write_run_record(&run_record);

@@ -280,7 +280,7 @@ fn hold(pid: u32, start: u64) -> Option<OwnedFd> {
 /// (SIGSTOP), generation by generation, so that none can fork a child away while the
 /// tree is walked; then all are killed. Every signal goes through a pidfd held on a
 /// process whose start time was checked.
-pub fn kill_run(known: &crate::guard::Known) {
+pub fn kill_run(known: &super::Known) {
     let mut held: HashMap<u32, OwnedFd> = HashMap::new();
     let mut next: Vec<(u32, u64)> = known.seen.iter().map(|(p, s)| (*p, *s)).collect();
     if let Some((command, start)) = known.command {

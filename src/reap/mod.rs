@@ -8,6 +8,8 @@
 //! the BSDs) has the process group alone; `windows.rs` has a Job Object that kills the
 //! tree when it is closed. A new platform is one more file with the functions below.
 
+#[cfg(unix)]
+use std::collections::HashMap;
 use std::io;
 use std::process::{Child, Command};
 
@@ -106,15 +108,28 @@ pub fn kill_remains(record: &RunRecord) {
 /// `owner` (but the guard) to `seen`, by pid and start time. Elsewhere than Linux
 /// there is no cheap way to walk the tree, and the guard relies on the group.
 #[cfg(unix)]
-pub fn note_tree(owner: u32, seen: &mut std::collections::HashMap<u32, u64>) {
+pub fn note_tree(owner: u32, seen: &mut HashMap<u32, u64>) {
     sys::note_tree(owner, seen);
 }
 
 /// The guard's work when singleflight died: kills the run's tree, never a process
 /// that is not provably of the run (pid and start time checked before each signal).
 #[cfg(unix)]
-pub fn kill_run(known: &crate::guard::Known) {
+pub fn kill_run(known: &Known) {
     sys::kill_run(known);
+}
+
+/// What the guard ([`crate::guard`]) knows of the run it watches.
+#[cfg(unix)]
+#[derive(Default)]
+pub struct Known {
+    /// Processes seen in the run's tree: pid and start time.
+    pub seen: HashMap<u32, u64>,
+    /// The command (its process group's leader): pid and start time.
+    pub command: Option<(u32, u64)>,
+    /// The run's token (`SINGLEFLIGHT_RUN_ID`); read from `/proc` on Linux only.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    pub token: String,
 }
 
 /// The kernel's boot id, to tell records of an earlier boot apart ("" where there is

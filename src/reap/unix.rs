@@ -48,7 +48,7 @@ pub fn note_tree(_owner: u32, _seen: &mut std::collections::HashMap<u32, u64>) {
 
 /// No death signal here: the command outlived singleflight, so its group's leader is
 /// still there to prove the group is the run's.
-pub fn kill_run(known: &crate::guard::Known) {
+pub fn kill_run(known: &super::Known) {
     if let Some((pid, start)) = known.command {
         kill_group_of(pid, start);
     }
