@@ -6,7 +6,6 @@
 //! by that token, so a holder that lost its lease writes nothing. An etcd that does
 //! not answer within `--backend-timeout` ends the call with status 125.
 
-use std::ffi::OsString;
 use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -15,15 +14,12 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Backend, Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Lock, Place, Read, Snapshot,
-    Unsaved,
-};
+use super::{Backend, Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Place, Read, Snapshot};
 use crate::abort::Abort;
-use crate::entry::{self, Body, EntryWriter, Meta};
+use crate::entry::{self, Meta};
 use crate::etcd::{
     Client, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, EtcdError, FencingToken, Keys, Lease,
-    LeaseId, LeaseKeeper, Prefix, Write, check_size, default_lead,
+    LeaseId, LeaseKeeper, Prefix, Write, default_lead,
 };
 use crate::exit::{Exit, Status};
 use crate::key::SlotId;
@@ -31,6 +27,10 @@ use crate::record::{self, Failure};
 use crate::say::Say;
 use crate::store::Store;
 use crate::values::{LeaseHandover, Name, Refresher};
+
+mod held;
+
+use held::FleetHeld;
 
 /// How far in the future a result written by another machine may be dated and still
 /// count as just written. Clocks kept by NTP agree far better than this; a reader
@@ -434,147 +434,6 @@ impl Place for FleetSlot {
 
     fn results_in_cache_dir(&self) -> bool {
         false
-    }
-}
-
-impl Lock for FleetHeld {
-    /// Stores the result and releases the lock in one transaction, if the lock is
-    /// still ours: waiters see the lock gone and the new result at the same revision.
-    /// The output is read back from the local temp file (at most the value limit, see
-    /// `Slot::output_cap`).
-    fn save_result(&self, stdout: EntryWriter, meta: &Meta) -> Result<Body, Unsaved> {
-        // A write error of the temp file left the rest in memory: all of it is here.
-        let body = stdout.into_body();
-        let mut bytes = Vec::with_capacity(body.len() as usize);
-        if let Err(e) = body.print(&mut bytes) {
-            return Err(Unsaved {
-                reason: format!("cannot read the run's output back: {e}"),
-                body: memory(bytes),
-            });
-        }
-        let value = entry::to_bytes(&bytes, meta);
-        let out = memory(bytes);
-        if let Err(too_large) = check_size(value.len() as u64, self.slot.fleet.max_value) {
-            return Err(Unsaved {
-                reason: too_large.to_string(),
-                body: out,
-            });
-        }
-        let writes = [
-            Write::Put {
-                key: &self.slot.keys.result,
-                value: &value,
-            },
-            Write::Delete {
-                key: &self.slot.keys.lock,
-            },
-        ];
-        match self
-            .slot
-            .client()
-            .write_if_holder(&self.slot.keys.lock, self.token, &writes)
-        {
-            Ok(true) => Ok(out),
-            Ok(false) => Err(Unsaved {
-                reason: "the etcd lock was lost before the result could be stored (its lease \
-                         expired or was revoked); nothing was stored"
-                    .to_owned(),
-                body: out,
-            }),
-            Err(e) => Err(Unsaved {
-                reason: format!("{e}; nothing was stored"),
-                body: out,
-            }),
-        }
-    }
-
-    fn save_failure(&self, failure: &Failure) -> Result<()> {
-        let bytes = crate::record::to_bytes(failure);
-        let stored = self.slot.client().put_if_holder(
-            &self.slot.keys.failure,
-            &bytes,
-            &self.slot.keys.lock,
-            self.token,
-        )?;
-        if !stored {
-            anyhow::bail!("the etcd lock was lost (its lease expired or was revoked)");
-        }
-        Ok(())
-    }
-
-    fn forget_failure(&self) {
-        let _ = self.slot.client().delete_if_holder(
-            &self.slot.keys.failure,
-            &self.slot.keys.lock,
-            self.token,
-        );
-    }
-
-    /// Records the key values of a keyed slot (best effort: they are for `status`).
-    fn save_key_values(&self, bytes: &[u8]) {
-        let _ = self.slot.client().put_if_holder(
-            &self.slot.keys.key,
-            bytes,
-            &self.slot.keys.lock,
-            self.token,
-        );
-    }
-
-    fn env(&self) -> &[(OsString, OsString)] {
-        &self.env
-    }
-
-    fn abort(&self) -> Option<&Abort> {
-        Some(&self.abort)
-    }
-
-    fn refresher_arg(&self) -> OsString {
-        let handover = LeaseHandover {
-            lease: self.lease.0,
-            token: self.token.0,
-        };
-        format!("--refresher-lease={handover}").into()
-    }
-
-    /// Stops renewing without revoking: the refresher renews the lease from now on.
-    fn hand_over(mut self: Box<Self>, _: std::process::Child) {
-        if let Some(keeper) = self.keeper.take() {
-            keeper.stop();
-        }
-        self.handed_over = true;
-    }
-}
-
-/// A held etcd lock: a lease renewed by a keeper, and the fencing token. Dropping it
-/// stops the keeper and revokes the lease, which deletes the lock key if it is still
-/// there.
-struct FleetHeld {
-    slot: FleetSlot,
-    lease: LeaseId,
-    token: FencingToken,
-    keeper: Option<LeaseKeeper>,
-    abort: Arc<Abort>,
-    env: [(OsString, OsString); 1],
-    handed_over: bool,
-}
-
-impl Drop for FleetHeld {
-    fn drop(&mut self) {
-        if let Some(keeper) = self.keeper.take() {
-            keeper.stop();
-        }
-        // A lease reported lost is gone, or etcd cannot be reached to revoke it.
-        if !self.handed_over && self.abort.reason().is_none() {
-            let _ = self.slot.client().revoke(self.lease);
-        }
-    }
-}
-
-fn memory(bytes: Vec<u8>) -> Body {
-    Body::Memory {
-        end: bytes.len(),
-        bytes,
-        start: 0,
     }
 }
 

@@ -7,7 +7,6 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,11 @@ use crate::entry::EntryWriter;
 use crate::exit::{Exit, Status};
 use crate::reap::{self, Stop, Tree};
 use crate::values::deadline;
+
+mod signals;
+
+use signals::SignalForwarder;
+pub use signals::die_of;
 
 /// How much of a failed run's stderr is kept for `status`.
 const STDERR_TAIL: usize = 2048;
@@ -422,91 +426,4 @@ fn tee_stderr(err: ChildStderr, pass: bool) -> Vec<u8> {
         tail.drain(..tail.len() - STDERR_TAIL);
     }
     tail
-}
-
-/// Ends singleflight by `signal` as if it had no handler for it, so that its parent
-/// sees it killed by the signal: a shell shows 128+N, and a shell loop stops on Ctrl-C
-/// (bash goes on with a loop whose child merely *exits* 130). Call it with nothing
-/// left to clean up. Returns 128+N where the signal cannot be raised.
-pub fn die_of(signal: i32) -> i32 {
-    #[cfg(unix)]
-    let _ = signal_hook::low_level::emulate_default_handler(signal);
-    Status::Signaled(signal).code()
-}
-
-/// Whether `signal` is ignored now (inherited across exec as ignored).
-#[cfg(unix)]
-fn ignored(signal: i32) -> bool {
-    // SAFETY: sigaction with a null new action only reads the current one into `old`.
-    unsafe {
-        let mut old: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
-            && old.sa_sigaction == libc::SIG_IGN
-    }
-}
-
-/// Turns SIGINT, SIGTERM and SIGHUP (on Windows: Ctrl+C and Ctrl+Break) into events
-/// while a run is in flight. Once the run is over such a signal ends singleflight at
-/// once by its default action: a caller that is saving or printing a result obeys it. (Closing signal-hook's iterator
-/// instead would leave the signals ignored: unregistering does not restore the
-/// default action.)
-struct SignalForwarder {
-    /// Taken when the run is over; the lock orders each signal before or after that.
-    events: Arc<Mutex<Option<Sender<Event>>>>,
-}
-
-impl SignalForwarder {
-    fn start(events: Sender<Event>) -> SignalForwarder {
-        let events = Arc::new(Mutex::new(Some(events)));
-        #[cfg(unix)]
-        {
-            use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-            // Without handlers the signals keep their default action: singleflight
-            // dies, and the death signal and the next winner stop the tree.
-            // A signal ignored when we started stays ignored (`nohup singleflight …`, a
-            // background job of a script): the classic `if (signal(…) != SIG_IGN)`.
-            let wanted = [SIGINT, SIGTERM, SIGHUP]
-                .into_iter()
-                .filter(|&s| !ignored(s));
-            if let Ok(mut signals) = signal_hook::iterator::Signals::new(wanted) {
-                let events = Arc::clone(&events);
-                thread::spawn(move || {
-                    for signal in signals.forever() {
-                        let slot = events.lock().unwrap_or_else(|e| e.into_inner());
-                        let sent = slot
-                            .as_ref()
-                            .is_some_and(|events| events.send(Event::Signal(signal)).is_ok());
-                        if !sent {
-                            die_of(signal);
-                        }
-                    }
-                });
-            }
-        }
-        #[cfg(windows)]
-        {
-            let events = Arc::clone(&events);
-            reap::windows::on_ctrl(Some(Box::new(move |signal| {
-                let slot = events.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(events) = slot.as_ref() {
-                    let _ = events.send(Event::Signal(signal));
-                }
-            })));
-        }
-        SignalForwarder { events }
-    }
-
-    /// Ends forwarding; returns the signals that came before and are still queued.
-    fn stop(self, receiver: &Receiver<Event>) -> Vec<i32> {
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).take();
-        #[cfg(windows)]
-        reap::windows::on_ctrl(None);
-        receiver
-            .try_iter()
-            .filter_map(|event| match event {
-                Event::Signal(signal) => Some(signal),
-                _ => None,
-            })
-            .collect()
-    }
 }

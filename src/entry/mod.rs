@@ -12,16 +12,18 @@
 //! add up is no result at all: it is never printed.
 
 use std::ffi::OsString;
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
 
-use crate::store::{Opened, Store};
-use crate::values::Name;
+use crate::store::Opened;
+
+mod writer;
+
+pub use writer::{Body, EntryWriter};
 
 const MAGIC: &[u8; 7] = b"SFLIGHT";
 const VERSION: u8 = 1;
@@ -244,193 +246,6 @@ impl Header {
     }
 }
 
-/// The stdout of a result or of a run, ready to print.
-pub enum Body {
-    Memory {
-        bytes: Vec<u8>,
-        start: usize,
-        end: usize,
-    },
-    /// `len` bytes of `file` from `offset`, then `tail` (what did not fit on disk).
-    File {
-        file: File,
-        offset: u64,
-        len: u64,
-        tail: Vec<u8>,
-    },
-}
-
-impl Body {
-    /// How many bytes `print` writes.
-    pub fn len(&self) -> u64 {
-        match self {
-            Body::Memory { start, end, .. } => (end - start) as u64,
-            Body::File { len, tail, .. } => len + tail.len() as u64,
-        }
-    }
-
-    pub fn print(self, out: &mut impl Write) -> io::Result<()> {
-        match self {
-            Body::Memory { bytes, start, end } => out.write_all(&bytes[start..end])?,
-            Body::File {
-                mut file,
-                offset,
-                len,
-                tail,
-            } => {
-                file.seek(SeekFrom::Start(offset))?;
-                let copied = io::copy(&mut (&mut file).take(len), out)?;
-                if copied != len {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "result shrank",
-                    ));
-                }
-                out.write_all(&tail)?;
-            }
-        }
-        out.flush()
-    }
-}
-
-/// Streams a run's stdout into a temp file in the cache dir. If the disk refuses a
-/// write, the rest is kept in memory (bounded by `--max-output`) so that the caller
-/// still gets the run's output, and the result is not saved.
-pub struct EntryWriter {
-    temp: Option<tempfile::NamedTempFile>,
-    tail: Vec<u8>,
-    hasher: Xxh3,
-    written: u64,
-    error: Option<io::Error>,
-}
-
-impl EntryWriter {
-    pub fn create(store: &Store, name: &Name) -> EntryWriter {
-        let mut writer = EntryWriter {
-            temp: None,
-            tail: Vec::new(),
-            hasher: Xxh3::new(),
-            written: 0,
-            error: None,
-        };
-        let temp = store.temp_file(name).and_then(|mut temp| {
-            temp.write_all(&[0; HEADER_LEN as usize])?;
-            Ok(temp)
-        });
-        match temp {
-            Ok(temp) => writer.temp = Some(temp),
-            Err(e) => writer.error = Some(e),
-        }
-        writer
-    }
-
-    /// Appends a chunk of stdout.
-    pub fn write(&mut self, chunk: &[u8]) {
-        self.hasher.update(chunk);
-        if let (None, Some(temp)) = (&self.error, &mut self.temp) {
-            match temp.write_all(chunk) {
-                Ok(()) => {
-                    self.written += chunk.len() as u64;
-                    return;
-                }
-                // A partial write leaves the file length unknown: keep what is
-                // certainly there and the whole chunk in memory.
-                Err(e) => {
-                    let _ = temp.as_file().set_len(HEADER_LEN + self.written);
-                    let _ = temp.seek(SeekFrom::End(0));
-                    self.error = Some(e);
-                }
-            }
-        }
-        self.tail.extend_from_slice(chunk);
-    }
-
-    pub fn len(&self) -> u64 {
-        self.written + self.tail.len() as u64
-    }
-
-    /// Why the output cannot be saved, if a write failed.
-    pub fn error(&self) -> Option<&io::Error> {
-        self.error.as_ref()
-    }
-
-    /// Completes the file and renames it over `path`. On error the output is handed
-    /// back for printing, and whatever was at `path` is untouched.
-    pub fn save(
-        mut self,
-        meta: &Meta,
-        path: &Path,
-        store: &Store,
-    ) -> Result<Body, (io::Error, Body)> {
-        if let Some(error) = self.error.take() {
-            return Err((error, self.into_body()));
-        }
-        let Some(mut temp) = self.temp.take() else {
-            let error = io::Error::other("no temp file");
-            return Err((error, self.into_body()));
-        };
-        let meta_bytes = serde_json::to_vec(meta).expect("Meta serializes");
-        self.hasher.update(&meta_bytes);
-        let header = Header {
-            body_len: self.written,
-            meta_len: meta_bytes.len() as u64,
-            checksum: self.hasher.digest(),
-        };
-        let finished = (|| {
-            temp.write_all(&meta_bytes)?;
-            temp.seek(SeekFrom::Start(0))?;
-            temp.write_all(&header.to_bytes())?;
-            temp.as_file().sync_all()
-        })();
-        if let Err(e) = finished {
-            self.temp = Some(temp);
-            return Err((e, self.into_body()));
-        }
-        match crate::store::persist(temp, path) {
-            Ok(file) => {
-                store.sync_dir();
-                Ok(Body::File {
-                    file,
-                    offset: HEADER_LEN,
-                    len: self.written,
-                    tail: Vec::new(),
-                })
-            }
-            Err(e) => {
-                self.temp = Some(e.file);
-                Err((e.error, self.into_body()))
-            }
-        }
-    }
-
-    /// The output for printing without saving it. The temp file is unlinked at once;
-    /// its open handle stays readable, so the output survives even when its path is
-    /// gone (a cache dir deleted during the run).
-    pub fn into_body(mut self) -> Body {
-        let tail = std::mem::take(&mut self.tail);
-        match self.temp.take() {
-            Some(temp) => {
-                let (file, path) = temp.into_parts();
-                drop(path);
-                Body::File {
-                    file,
-                    offset: HEADER_LEN,
-                    len: self.written,
-                    tail,
-                }
-            }
-            None => {
-                let end = tail.len();
-                Body::Memory {
-                    bytes: tail,
-                    start: 0,
-                    end,
-                }
-            }
-        }
-    }
-}
-
 /// A whole result as bytes in the same format as a result file (header, body,
 /// metadata), for a backend that stores values rather than files (etcd), so that a
 /// value is checked exactly as a file is.
@@ -487,6 +302,8 @@ pub fn from_bytes(bytes: Vec<u8>) -> Result<Entry, Invalid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
+    use crate::values::Name;
 
     fn meta() -> Meta {
         Meta {

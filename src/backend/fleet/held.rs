@@ -1,0 +1,156 @@
+//! A held etcd lock: what only its holder writes (the result, the failure record, the
+//! key values), each guarded by its fencing token, and the lease that keeps it.
+
+use std::ffi::OsString;
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use super::FleetSlot;
+use crate::abort::Abort;
+use crate::backend::{Lock, Unsaved};
+use crate::entry::{self, Body, EntryWriter, Meta};
+use crate::etcd::{FencingToken, LeaseId, LeaseKeeper, Write, check_size};
+use crate::record::Failure;
+use crate::values::LeaseHandover;
+
+/// A held etcd lock: a lease renewed by a keeper, and the fencing token. Dropping it
+/// stops the keeper and revokes the lease, which deletes the lock key if it is still
+/// there.
+pub(super) struct FleetHeld {
+    pub(super) slot: FleetSlot,
+    pub(super) lease: LeaseId,
+    pub(super) token: FencingToken,
+    pub(super) keeper: Option<LeaseKeeper>,
+    pub(super) abort: Arc<Abort>,
+    pub(super) env: [(OsString, OsString); 1],
+    pub(super) handed_over: bool,
+}
+
+impl Lock for FleetHeld {
+    /// Stores the result and releases the lock in one transaction, if the lock is
+    /// still ours: waiters see the lock gone and the new result at the same revision.
+    /// The output is read back from the local temp file (at most the value limit, see
+    /// `Slot::output_cap`).
+    fn save_result(&self, stdout: EntryWriter, meta: &Meta) -> Result<Body, Unsaved> {
+        // A write error of the temp file left the rest in memory: all of it is here.
+        let body = stdout.into_body();
+        let mut bytes = Vec::with_capacity(body.len() as usize);
+        if let Err(e) = body.print(&mut bytes) {
+            return Err(Unsaved {
+                reason: format!("cannot read the run's output back: {e}"),
+                body: memory(bytes),
+            });
+        }
+        let value = entry::to_bytes(&bytes, meta);
+        let out = memory(bytes);
+        if let Err(too_large) = check_size(value.len() as u64, self.slot.fleet.max_value) {
+            return Err(Unsaved {
+                reason: too_large.to_string(),
+                body: out,
+            });
+        }
+        let writes = [
+            Write::Put {
+                key: &self.slot.keys.result,
+                value: &value,
+            },
+            Write::Delete {
+                key: &self.slot.keys.lock,
+            },
+        ];
+        match self
+            .slot
+            .client()
+            .write_if_holder(&self.slot.keys.lock, self.token, &writes)
+        {
+            Ok(true) => Ok(out),
+            Ok(false) => Err(Unsaved {
+                reason: "the etcd lock was lost before the result could be stored (its lease \
+                         expired or was revoked); nothing was stored"
+                    .to_owned(),
+                body: out,
+            }),
+            Err(e) => Err(Unsaved {
+                reason: format!("{e}; nothing was stored"),
+                body: out,
+            }),
+        }
+    }
+
+    fn save_failure(&self, failure: &Failure) -> Result<()> {
+        let bytes = crate::record::to_bytes(failure);
+        let stored = self.slot.client().put_if_holder(
+            &self.slot.keys.failure,
+            &bytes,
+            &self.slot.keys.lock,
+            self.token,
+        )?;
+        if !stored {
+            anyhow::bail!("the etcd lock was lost (its lease expired or was revoked)");
+        }
+        Ok(())
+    }
+
+    fn forget_failure(&self) {
+        let _ = self.slot.client().delete_if_holder(
+            &self.slot.keys.failure,
+            &self.slot.keys.lock,
+            self.token,
+        );
+    }
+
+    /// Records the key values of a keyed slot (best effort: they are for `status`).
+    fn save_key_values(&self, bytes: &[u8]) {
+        let _ = self.slot.client().put_if_holder(
+            &self.slot.keys.key,
+            bytes,
+            &self.slot.keys.lock,
+            self.token,
+        );
+    }
+
+    fn env(&self) -> &[(OsString, OsString)] {
+        &self.env
+    }
+
+    fn abort(&self) -> Option<&Abort> {
+        Some(&self.abort)
+    }
+
+    fn refresher_arg(&self) -> OsString {
+        let handover = LeaseHandover {
+            lease: self.lease.0,
+            token: self.token.0,
+        };
+        format!("--refresher-lease={handover}").into()
+    }
+
+    /// Stops renewing without revoking: the refresher renews the lease from now on.
+    fn hand_over(mut self: Box<Self>, _: std::process::Child) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.stop();
+        }
+        self.handed_over = true;
+    }
+}
+
+impl Drop for FleetHeld {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.stop();
+        }
+        // A lease reported lost is gone, or etcd cannot be reached to revoke it.
+        if !self.handed_over && self.abort.reason().is_none() {
+            let _ = self.slot.client().revoke(self.lease);
+        }
+    }
+}
+
+fn memory(bytes: Vec<u8>) -> Body {
+    Body::Memory {
+        end: bytes.len(),
+        bytes,
+        start: 0,
+    }
+}
