@@ -30,6 +30,7 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--retry-max', '--retry-max', [CompletionResultType]::ParameterName, 'Back-off that grows: each failed run in a row doubles the wait before the next run, from --retry-after up to this, with ±10% jitter; a good run resets it')
             [CompletionResult]::new('--key-env', '--key-env', [CompletionResultType]::ParameterName, 'The result belongs to this variable''s value (set and unset differ); repeatable')
             [CompletionResult]::new('--key-file', '--key-file', [CompletionResultType]::ParameterName, 'The result belongs to this file''s state: a change (write, rename over it, deletion) makes the next call a miss; repeatable')
+            [CompletionResult]::new('--ready', '--ready', [CompletionResultType]::ParameterName, 'With --service: a shell command that succeeds once the instance is ready (e.g. `curl -sf localhost:8080/health`); callers return once it does, or exit 75 when --wait runs out')
             [CompletionResult]::new('--max-output', '--max-output', [CompletionResultType]::ParameterName, 'Cap on captured stdout; past it the run is killed and fails')
             [CompletionResult]::new('--cache-dir', '--cache-dir', [CompletionResultType]::ParameterName, 'Where locks and results live [default: the platform cache dir + /singleflight]')
             [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]')
@@ -37,6 +38,8 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--backend-timeout', '--backend-timeout', [CompletionResultType]::ParameterName, 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]')
             [CompletionResult]::new('--key-cwd', '--key-cwd', [CompletionResultType]::ParameterName, 'The result belongs to the current directory: each directory has its own')
             [CompletionResult]::new('--background', '--background', [CompletionResultType]::ParameterName, 'Serve a stale result at once and refresh it in one detached process')
+            [CompletionResult]::new('--exclusive', '--exclusive', [CompletionResultType]::ParameterName, 'Every caller runs its own command, one at a time per NAME, waiting up to --wait for its turn; nothing is cached (flock(1) with a timeout and a tree kill)')
+            [CompletionResult]::new('--service', '--service', [CompletionResultType]::ParameterName, 'Keep one long-lived instance of the command per NAME, started detached by the caller that finds none and supervised while it lives; output goes to NAME.log in the cache dir (capped by --max-output). --timeout bounds each --ready check')
             [CompletionResult]::new('--cache-failures', '--cache-failures', [CompletionResultType]::ParameterName, 'A run that exits non-zero replaces the last good result')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
@@ -47,6 +50,7 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('status', 'status', [CompletionResultType]::ParameterValue, 'Show each NAME''s result, age, last run and whether a run is in flight')
+            [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Stop the run in flight of each NAME (a --service instance, say): TERM to the singleflight that runs it, which stops the command''s tree (TERM, then KILL after its --kill-after)')
             [CompletionResult]::new('clear', 'clear', [CompletionResultType]::ParameterValue, 'Remove results, waiting for any run in flight')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -57,6 +61,20 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--etcd-prefix', '--etcd-prefix', [CompletionResultType]::ParameterName, 'The etcd key prefix of singleflight''s keys [default: /singleflight/]')
             [CompletionResult]::new('--backend-timeout', '--backend-timeout', [CompletionResultType]::ParameterName, 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'One JSON array with stable snake_case keys')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
+            [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
+            [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'singleflight;stop' {
+            [CompletionResult]::new('--kill-after', '--kill-after', [CompletionResultType]::ParameterName, 'How long to wait for it to let go before it is killed (its guard then kills the tree)')
+            [CompletionResult]::new('--cache-dir', '--cache-dir', [CompletionResultType]::ParameterName, 'Where locks and results live [default: the platform cache dir + /singleflight]')
+            [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]')
+            [CompletionResult]::new('--etcd-prefix', '--etcd-prefix', [CompletionResultType]::ParameterName, 'The etcd key prefix of singleflight''s keys [default: /singleflight/]')
+            [CompletionResult]::new('--backend-timeout', '--backend-timeout', [CompletionResultType]::ParameterName, 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
             [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
@@ -82,11 +100,15 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
         }
         'singleflight;help' {
             [CompletionResult]::new('status', 'status', [CompletionResultType]::ParameterValue, 'Show each NAME''s result, age, last run and whether a run is in flight')
+            [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Stop the run in flight of each NAME (a --service instance, say): TERM to the singleflight that runs it, which stops the command''s tree (TERM, then KILL after its --kill-after)')
             [CompletionResult]::new('clear', 'clear', [CompletionResultType]::ParameterValue, 'Remove results, waiting for any run in flight')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
         'singleflight;help;status' {
+            break
+        }
+        'singleflight;help;stop' {
             break
         }
         'singleflight;help;clear' {

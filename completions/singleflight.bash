@@ -25,6 +25,9 @@ _singleflight() {
             singleflight,status)
                 cmd="singleflight__subcmd__status"
                 ;;
+            singleflight,stop)
+                cmd="singleflight__subcmd__stop"
+                ;;
             singleflight__subcmd__help,clear)
                 cmd="singleflight__subcmd__help__subcmd__clear"
                 ;;
@@ -34,6 +37,9 @@ _singleflight() {
             singleflight__subcmd__help,status)
                 cmd="singleflight__subcmd__help__subcmd__status"
                 ;;
+            singleflight__subcmd__help,stop)
+                cmd="singleflight__subcmd__help__subcmd__stop"
+                ;;
             *)
                 ;;
         esac
@@ -41,7 +47,7 @@ _singleflight() {
 
     case "${cmd}" in
         singleflight)
-            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --background --cache-failures --max-output --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help --version status clear help"
+            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --background --exclusive --service --ready --cache-failures --max-output --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help --version status stop clear help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -80,6 +86,10 @@ _singleflight() {
                     return 0
                     ;;
                 --key-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ready)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -145,7 +155,7 @@ _singleflight() {
             return 0
             ;;
         singleflight__subcmd__help)
-            opts="status clear help"
+            opts="status stop clear help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -200,6 +210,20 @@ _singleflight() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        singleflight__subcmd__help__subcmd__stop)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         singleflight__subcmd__status)
             opts="-v -q -h --json --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -207,6 +231,40 @@ _singleflight() {
                 return 0
             fi
             case "${prev}" in
+                --cache-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        singleflight__subcmd__stop)
+            opts="-v -q -h --kill-after --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --kill-after)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --cache-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -27,6 +27,7 @@ set edit:completion:arg-completer[singleflight] = {|@words|
             cand --retry-max 'Back-off that grows: each failed run in a row doubles the wait before the next run, from --retry-after up to this, with ±10% jitter; a good run resets it'
             cand --key-env 'The result belongs to this variable''s value (set and unset differ); repeatable'
             cand --key-file 'The result belongs to this file''s state: a change (write, rename over it, deletion) makes the next call a miss; repeatable'
+            cand --ready 'With --service: a shell command that succeeds once the instance is ready (e.g. `curl -sf localhost:8080/health`); callers return once it does, or exit 75 when --wait runs out'
             cand --max-output 'Cap on captured stdout; past it the run is killed and fails'
             cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
             cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'
@@ -34,6 +35,8 @@ set edit:completion:arg-completer[singleflight] = {|@words|
             cand --backend-timeout 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]'
             cand --key-cwd 'The result belongs to the current directory: each directory has its own'
             cand --background 'Serve a stale result at once and refresh it in one detached process'
+            cand --exclusive 'Every caller runs its own command, one at a time per NAME, waiting up to --wait for its turn; nothing is cached (flock(1) with a timeout and a tree kill)'
+            cand --service 'Keep one long-lived instance of the command per NAME, started detached by the caller that finds none and supervised while it lives; output goes to NAME.log in the cache dir (capped by --max-output). --timeout bounds each --ready check'
             cand --cache-failures 'A run that exits non-zero replaces the last good result'
             cand -v 'Say on stderr what was decided and why'
             cand --verbose 'Say on stderr what was decided and why'
@@ -44,6 +47,7 @@ set edit:completion:arg-completer[singleflight] = {|@words|
             cand -V 'Print version'
             cand --version 'Print version'
             cand status 'Show each NAME''s result, age, last run and whether a run is in flight'
+            cand stop 'Stop the run in flight of each NAME (a --service instance, say): TERM to the singleflight that runs it, which stops the command''s tree (TERM, then KILL after its --kill-after)'
             cand clear 'Remove results, waiting for any run in flight'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -53,6 +57,19 @@ set edit:completion:arg-completer[singleflight] = {|@words|
             cand --etcd-prefix 'The etcd key prefix of singleflight''s keys [default: /singleflight/]'
             cand --backend-timeout 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]'
             cand --json 'One JSON array with stable snake_case keys'
+            cand -v 'Say on stderr what was decided and why'
+            cand --verbose 'Say on stderr what was decided and why'
+            cand -q 'No warnings on stderr (errors still print)'
+            cand --quiet 'No warnings on stderr (errors still print)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'singleflight;stop'= {
+            cand --kill-after 'How long to wait for it to let go before it is killed (its guard then kills the tree)'
+            cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
+            cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'
+            cand --etcd-prefix 'The etcd key prefix of singleflight''s keys [default: /singleflight/]'
+            cand --backend-timeout 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]'
             cand -v 'Say on stderr what was decided and why'
             cand --verbose 'Say on stderr what was decided and why'
             cand -q 'No warnings on stderr (errors still print)'
@@ -76,10 +93,13 @@ set edit:completion:arg-completer[singleflight] = {|@words|
         }
         &'singleflight;help'= {
             cand status 'Show each NAME''s result, age, last run and whether a run is in flight'
+            cand stop 'Stop the run in flight of each NAME (a --service instance, say): TERM to the singleflight that runs it, which stops the command''s tree (TERM, then KILL after its --kill-after)'
             cand clear 'Remove results, waiting for any run in flight'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'singleflight;help;status'= {
+        }
+        &'singleflight;help;stop'= {
         }
         &'singleflight;help;clear'= {
         }

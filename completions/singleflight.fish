@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_singleflight_global_optspecs
-    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= background cache-failures max-output= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= h/help V/version
+    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= background exclusive service ready= cache-failures max-output= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= h/help V/version
 end
 
 function __fish_singleflight_needs_command
@@ -33,6 +33,7 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-after -
 complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-max -d 'Back-off that grows: each failed run in a row doubles the wait before the next run, from --retry-after up to this, with ±10% jitter; a good run resets it' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-env -d 'The result belongs to this variable\'s value (set and unset differ); repeatable' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-file -d 'The result belongs to this file\'s state: a change (write, rename over it, deletion) makes the next call a miss; repeatable' -r -F
+complete -c singleflight -n "__fish_singleflight_needs_command" -l ready -d 'With --service: a shell command that succeeds once the instance is ready (e.g. `curl -sf localhost:8080/health`); callers return once it does, or exit 75 when --wait runs out' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l max-output -d 'Cap on captured stdout; past it the run is killed and fails' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
 complete -c singleflight -n "__fish_singleflight_needs_command" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
@@ -40,12 +41,15 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-prefix -
 complete -c singleflight -n "__fish_singleflight_needs_command" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-cwd -d 'The result belongs to the current directory: each directory has its own'
 complete -c singleflight -n "__fish_singleflight_needs_command" -l background -d 'Serve a stale result at once and refresh it in one detached process'
+complete -c singleflight -n "__fish_singleflight_needs_command" -l exclusive -d 'Every caller runs its own command, one at a time per NAME, waiting up to --wait for its turn; nothing is cached (flock(1) with a timeout and a tree kill)'
+complete -c singleflight -n "__fish_singleflight_needs_command" -l service -d 'Keep one long-lived instance of the command per NAME, started detached by the caller that finds none and supervised while it lives; output goes to NAME.log in the cache dir (capped by --max-output). --timeout bounds each --ready check'
 complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-failures -d 'A run that exits non-zero replaces the last good result'
 complete -c singleflight -n "__fish_singleflight_needs_command" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_needs_command" -s q -l quiet -d 'No warnings on stderr (errors still print)'
 complete -c singleflight -n "__fish_singleflight_needs_command" -s h -l help -d 'Print help'
 complete -c singleflight -n "__fish_singleflight_needs_command" -s V -l version -d 'Print version'
 complete -c singleflight -n "__fish_singleflight_needs_command" -a "status" -d 'Show each NAME\'s result, age, last run and whether a run is in flight'
+complete -c singleflight -n "__fish_singleflight_needs_command" -a "stop" -d 'Stop the run in flight of each NAME (a --service instance, say): TERM to the singleflight that runs it, which stops the command\'s tree (TERM, then KILL after its --kill-after)'
 complete -c singleflight -n "__fish_singleflight_needs_command" -a "clear" -d 'Remove results, waiting for any run in flight'
 complete -c singleflight -n "__fish_singleflight_needs_command" -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
@@ -56,6 +60,14 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l jso
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s q -l quiet -d 'No warnings on stderr (errors still print)'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s h -l help -d 'Print help'
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l kill-after -d 'How long to wait for it to let go before it is killed (its guard then kills the tree)' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s v -l verbose -d 'Say on stderr what was decided and why'
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s q -l quiet -d 'No warnings on stderr (errors still print)'
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s h -l help -d 'Print help'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l older-than -d 'Only NAMEs not written for this long (of every NAME, unless NAMEs are given): their results, failure records and lock files go; a NAME with a run in flight is left alone' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
@@ -65,6 +77,7 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l all 
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s q -l quiet -d 'No warnings on stderr (errors still print)'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s h -l help -d 'Print help'
-complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status clear help" -f -a "status" -d 'Show each NAME\'s result, age, last run and whether a run is in flight'
-complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status clear help" -f -a "clear" -d 'Remove results, waiting for any run in flight'
-complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status clear help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status stop clear help" -f -a "status" -d 'Show each NAME\'s result, age, last run and whether a run is in flight'
+complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status stop clear help" -f -a "stop" -d 'Stop the run in flight of each NAME (a --service instance, say): TERM to the singleflight that runs it, which stops the command\'s tree (TERM, then KILL after its --kill-after)'
+complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status stop clear help" -f -a "clear" -d 'Remove results, waiting for any run in flight'
+complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status stop clear help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -51,7 +51,10 @@ fn examples_help() -> String {
     after_help = examples_help(),
     subcommand_negates_reqs = true,
     override_usage = "singleflight [OPTIONS] <NAME> -- <COMMAND> [ARG]...\n       \
+                      singleflight --exclusive <NAME> -- <COMMAND> [ARG]...\n       \
+                      singleflight --service <NAME> [--ready CHECK] -- <COMMAND> [ARG]...\n       \
                       singleflight status [NAME]... [--json]\n       \
+                      singleflight stop <NAME>...\n       \
                       singleflight clear (<NAME>... | --all) [--older-than D]",
     subcommand_value_name = "VERB",
     subcommand_help_heading = "Verbs",
@@ -174,6 +177,23 @@ pub struct RunArgs {
     #[arg(long)]
     pub background: bool,
 
+    /// Every caller runs its own command, one at a time per NAME, waiting up to --wait
+    /// for its turn; nothing is cached (flock(1) with a timeout and a tree kill)
+    #[arg(long, conflicts_with_all = ["background", "cache_failures", "max_stale", "service"])]
+    pub exclusive: bool,
+
+    /// Keep one long-lived instance of the command per NAME, started detached by the
+    /// caller that finds none and supervised while it lives; output goes to NAME.log
+    /// in the cache dir (capped by --max-output). --timeout bounds each --ready check
+    #[arg(long, conflicts_with_all = ["background", "cache_failures", "max_stale"])]
+    pub service: bool,
+
+    /// With --service: a shell command that succeeds once the instance is ready (e.g.
+    /// `curl -sf localhost:8080/health`); callers return once it does, or exit 75
+    /// when --wait runs out
+    #[arg(long, value_name = "CHECK", requires = "service")]
+    pub ready: Option<OsString>,
+
     /// A run that exits non-zero replaces the last good result
     #[arg(long)]
     pub cache_failures: bool,
@@ -218,6 +238,18 @@ pub enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Stop the run in flight of each NAME (a --service instance, say): TERM to the
+    /// singleflight that runs it, which stops the command's tree (TERM, then KILL
+    /// after its --kill-after)
+    Stop {
+        /// The NAMEs to stop
+        #[arg(value_parser = Name::parse, required = true)]
+        names: Vec<Name>,
+        /// How long to wait for it to let go before it is killed (its guard then kills
+        /// the tree)
+        #[arg(long, value_name = "D", default_value = "10s", value_parser = parse_duration)]
+        kill_after: Duration,
+    },
     /// Remove results, waiting for any run in flight
     Clear {
         /// The NAMEs to clear
@@ -243,6 +275,7 @@ impl Cli {
         if let (Some(verb), Some(name)) = (&cli.verb, &cli.run.name) {
             let verb = match verb {
                 Verb::Status { .. } => "status",
+                Verb::Stop { .. } => "stop",
                 Verb::Clear { .. } => "clear",
             };
             let message = format!(
@@ -257,11 +290,23 @@ impl Cli {
     }
 }
 
+/// What a run call is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One run for many callers; its result is cached and served.
+    Cached,
+    /// Each caller's own run, one at a time (`--exclusive`).
+    Exclusive,
+    /// One long-lived instance (`--service`), ready when `ready` succeeds.
+    Service { ready: Option<OsString> },
+}
+
 /// The options of one run call, with every default resolved.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub name: Name,
     pub command: Vec<OsString>,
+    pub mode: Mode,
     pub ttl: Duration,
     pub timeout: Duration,
     pub kill_after: Duration,
@@ -307,6 +352,13 @@ impl RunArgs {
                 files: self.key_file,
             },
             command: self.command,
+            mode: if self.exclusive {
+                Mode::Exclusive
+            } else if self.service {
+                Mode::Service { ready: self.ready }
+            } else {
+                Mode::Cached
+            },
             ttl: self.ttl,
             timeout: self.timeout,
             kill_after: self.kill_after,

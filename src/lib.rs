@@ -29,6 +29,7 @@ mod say;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod start;
 mod status;
+mod stop;
 mod store;
 mod values;
 
@@ -72,6 +73,10 @@ pub fn run(cli: Cli) -> Result<i32> {
     let store = Store::locate(global.cache_dir)?;
     match cli.verb {
         Some(Verb::Status { names, json }) => status::status(&*backend, &store, names, json),
+        Some(Verb::Stop { names, kill_after }) => {
+            let say = Say::new(None, global.verbose, global.quiet);
+            stop::stop(&*backend, &store, names, kill_after, &say)
+        }
         Some(Verb::Clear {
             names,
             all,

@@ -45,6 +45,24 @@ impl Failure {
     }
 }
 
+/// What a `--service` NAME's supervisors recorded of its instances, for `status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    /// How many instances were started, the running one included.
+    pub starts: u64,
+    /// The last instance that ended, if one did.
+    pub last_exit: Option<ServiceExit>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceExit {
+    pub at_ms: u64,
+    pub exit_code: i32,
+    /// In words: `exit status 1 after 2.0s`, `killed by signal 9 after 1h`.
+    pub reason: String,
+    pub uptime_ms: u64,
+}
+
 /// The identity of a run in flight, written by its winner before the command starts
 /// and removed once the whole tree is gone.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -55,6 +73,10 @@ pub struct RunRecord {
     pub boot_id: String,
     /// singleflight's own pid.
     pub owner_pid: u32,
+    /// singleflight's start time (as `start_ticks`), so that `stop` signals it only
+    /// while it provably is the run's; 0 if unknown (records written before it).
+    #[serde(default)]
+    pub owner_start_ticks: u64,
     /// The command's pid, which is also its process group id; 0 until it started.
     pub pid: u32,
     /// The command's start time in clock ticks since boot (`/proc/PID/stat` field 22).

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::backend::{Backend, Cleared, Read};
 use crate::exit::{Exit, Status};
 use crate::key::{KeyValue, SlotId};
+use crate::record::ServiceExit;
 use crate::say::Say;
 use crate::store::Store;
 use crate::values::{Name, format_duration, format_size};
@@ -73,6 +74,21 @@ pub struct NameStatus {
     pub command: Option<String>,
     /// The last failed run since the last good one, if any.
     pub last_failure: Option<FailureStatus>,
+    /// A `--service` NAME's instances, as recorded on this machine; `null` for other
+    /// NAMEs. While one runs, `in_flight` is true, `pid` is its supervisor,
+    /// `command_pid` the instance and `run_started_at_ms` when it started.
+    pub service: Option<ServiceStatus>,
+}
+
+/// A `--service` NAME (key `service` of [`NameStatus`]).
+#[derive(Debug, Serialize)]
+pub struct ServiceStatus {
+    /// How many instances were started, the running one included.
+    pub starts: u64,
+    /// How long the running instance has been up; `null` when none runs.
+    pub uptime_ms: Option<u64>,
+    /// The last instance that ended: `{"at_ms", "exit_code", "reason", "uptime_ms"}`.
+    pub last_exit: Option<ServiceExit>,
 }
 
 /// The last failed run of a NAME (key `last_failure` of [`NameStatus`]).
@@ -166,6 +182,7 @@ fn look(
         run_started_at_ms: None,
         command: None,
         last_failure: None,
+        service: None,
     };
     match snapshot.result {
         Read::Found(found) => {
@@ -206,7 +223,21 @@ fn look(
                 .map(|backoff| failure.at_ms.saturating_add(backoff)),
         });
     }
-    let exists = status.state != "none" || status.in_flight || status.last_failure.is_some();
+    if let Some(service) = snapshot.service {
+        let now_ms = crate::entry::now_ms(now);
+        status.service = Some(ServiceStatus {
+            starts: service.starts,
+            uptime_ms: status
+                .run_started_at_ms
+                .filter(|_| status.in_flight)
+                .map(|at| now_ms.saturating_sub(at)),
+            last_exit: service.last_exit,
+        });
+    }
+    let exists = status.state != "none"
+        || status.in_flight
+        || status.last_failure.is_some()
+        || status.service.is_some();
     Ok(exists.then_some(status))
 }
 
@@ -262,6 +293,19 @@ fn write_table(out: &mut impl Write, statuses: &[NameStatus]) -> io::Result<()> 
                 None => vec!["(not recorded)".to_owned()],
             };
             let text = format!("  keys: {} (slot {})", values.join(", "), status.slot);
+            writeln!(out, "{}", truncate(&text, TABLE_WIDTH))?;
+        }
+        if let Some(service) = &status.service {
+            let mut text = format!("  service: {} started", service.starts);
+            if let Some(up) = service.uptime_ms {
+                text.push_str(&format!(
+                    ", up {}",
+                    format_duration(Duration::from_millis(up))
+                ));
+            }
+            if let Some(last) = &service.last_exit {
+                text.push_str(&format!("; last exit: {}", last.reason));
+            }
             writeln!(out, "{}", truncate(&text, TABLE_WIDTH))?;
         }
         if let Some(failure) = &status.last_failure {

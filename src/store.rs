@@ -238,8 +238,11 @@ impl Store {
             .filter_map(|entry| {
                 let file = entry.file_name();
                 let (stem, extension) = file.to_str()?.rsplit_once('.')?;
-                matches!(extension, "result" | "lock" | "failure" | "run" | "key")
-                    .then(|| SlotId::parse(stem))?
+                matches!(
+                    extension,
+                    "result" | "lock" | "failure" | "run" | "key" | "service"
+                )
+                .then(|| SlotId::parse(stem))?
             })
             .collect();
         names.sort();

@@ -222,6 +222,7 @@ impl Place for LocalPlace {
             in_flight: self.run_in_flight(),
             failure: record::load::<Failure>(&self.paths().failure),
             key_values: record::load(&self.paths().key),
+            service: record::load(&self.paths().result.with_extension("service")),
         })
     }
 
@@ -244,10 +245,13 @@ impl Place for LocalPlace {
                 lock::exclusive(&paths.lock).with_context(context)?
             }
         };
+        let (service, log) = service_files(paths);
         remove_all(&[
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
             (&paths.key, "key values"),
+            (&service, "service record"),
+            (&log, "log"),
         ])
     }
 
@@ -294,12 +298,15 @@ impl Place for LocalPlace {
         if let Some(run) = record::load::<RunRecord>(&paths.run) {
             reap::kill_remains(&run);
         }
+        let (service, log) = service_files(paths);
         #[cfg_attr(windows, allow(unused_mut))]
         let mut files = vec![
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
             (&paths.run, "run record"),
             (&paths.key, "key values"),
+            (&service, "service record"),
+            (&log, "log"),
         ];
         #[cfg(unix)]
         if lock::still_named(guard.file(), &paths.lock) {
@@ -309,6 +316,14 @@ impl Place for LocalPlace {
         drop(guard);
         removed
     }
+}
+
+/// A `--service` NAME's record and log (`NAME.service`, `NAME.log`).
+fn service_files(paths: &Paths) -> (PathBuf, PathBuf) {
+    (
+        paths.result.with_extension("service"),
+        paths.result.with_extension("log"),
+    )
 }
 
 /// Removes these files; what was there, by name.

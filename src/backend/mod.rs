@@ -23,7 +23,7 @@ use crate::abort::Abort;
 use crate::entry::{self, Body, Entry, EntryWriter, Invalid, Meta};
 use crate::etcd::{Endpoints, Prefix};
 use crate::key::{KeyValue, Resolved, SlotId};
-use crate::record::{self, Failure};
+use crate::record::{self, Failure, ServiceRecord};
 use crate::say::Say;
 use crate::store::{Paths, Store};
 use crate::values::{Name, Refresher, later};
@@ -277,6 +277,8 @@ pub struct Snapshot {
     pub failure: Option<Failure>,
     /// The key values of a keyed slot, as its first winner recorded them.
     pub key_values: Option<Vec<KeyValue>>,
+    /// What the supervisors of a `--service` NAME recorded (on this machine).
+    pub service: Option<ServiceRecord>,
 }
 
 /// What `clear` removed of a NAME.

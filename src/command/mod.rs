@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
+use std::path::PathBuf;
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
@@ -16,6 +17,7 @@ use crate::exit::{Exit, Status};
 use crate::reap::{self, Stop, Tree};
 use crate::values::deadline;
 
+mod log;
 mod signals;
 
 use signals::SignalForwarder;
@@ -25,8 +27,21 @@ pub use signals::die_of;
 const STDERR_TAIL: usize = 2048;
 const CHUNK: usize = 64 * 1024;
 
+/// Where the command's stdin, stdout and stderr go.
+pub enum Io {
+    /// stdin from nothing, stdout captured into the result's writer (capped at
+    /// `max_output`), stderr passed through (with `pass_stderr`) and its tail kept.
+    Capture,
+    /// singleflight's own stdin, stdout and stderr (`--exclusive`: nothing is cached).
+    Inherit,
+    /// stdin from nothing, stdout and stderr appended to this log, which is rotated to
+    /// `.1` once past `max_output` (`--service`); its tail is kept as stderr's.
+    Log(PathBuf),
+}
+
 pub struct RunSpec<'a> {
     pub argv: &'a [OsString],
+    pub io: Io,
     pub timeout: Duration,
     pub kill_after: Duration,
     pub max_output: u64,
@@ -140,11 +155,33 @@ pub fn run(
     };
 
     let mut command = Command::new(&spec.argv[0]);
-    command
-        .args(&spec.argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.args(&spec.argv[1..]);
+    let log_pipe = match &spec.io {
+        Io::Capture => {
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            None
+        }
+        Io::Inherit => None,
+        Io::Log(_) => {
+            let (reader, writer) = io::pipe().map_err(|e| {
+                Exit::new(
+                    Status::Internal,
+                    format!("cannot make a pipe for the log: {e}"),
+                )
+            })?;
+            let second = writer.try_clone().map_err(|e| {
+                Exit::new(
+                    Status::Internal,
+                    format!("cannot make a pipe for the log: {e}"),
+                )
+            })?;
+            command.stdin(Stdio::null()).stdout(writer).stderr(second);
+            Some(reader)
+        }
+    };
     reap::prepare(&mut command, spec.token);
     // The caller that runs the command in the foreground of a terminal hands it the
     // terminal for the run; a refresher or a caller in the background never does.
@@ -160,6 +197,8 @@ pub fn run(
     command.envs(spec.env.iter().map(|(key, value)| (key, value)));
     let start = Instant::now();
     let spawned = command.spawn();
+    // Our copies of the log pipe's write ends go now: it ends when the tree does.
+    drop(command);
     // Joined on every way out, a failed spawn included: a guard still between fork
     // and exec holds copies of singleflight's fds, the NAME's lock among them.
     #[cfg(unix)]
@@ -181,18 +220,33 @@ pub fn run(
     }
     started(tree.pid());
 
-    let out = child.stdout.take().expect("stdout is piped");
+    let mut streams = Streams::default();
     let max = spec.max_output;
-    let sender = events.clone();
-    thread::spawn(move || stream_stdout(out, stdout, max, sender));
-    let err = child.stderr.take().expect("stderr is piped");
-    let (sender, pass) = (events.clone(), spec.pass_stderr);
-    thread::spawn(move || {
-        let _ = sender.send(Event::Stderr(tee_stderr(err, pass)));
-    });
+    match (&spec.io, log_pipe) {
+        (Io::Log(path), Some(pipe)) => {
+            streams.stdout = Some(stdout);
+            let (sender, path) = (events.clone(), path.clone());
+            thread::spawn(move || {
+                let _ = sender.send(Event::Stderr(log::append(pipe, &path, max)));
+            });
+        }
+        (Io::Capture, _) => {
+            let out = child.stdout.take().expect("stdout is piped");
+            let sender = events.clone();
+            thread::spawn(move || stream_stdout(out, stdout, max, sender));
+            let err = child.stderr.take().expect("stderr is piped");
+            let (sender, pass) = (events.clone(), spec.pass_stderr);
+            thread::spawn(move || {
+                let _ = sender.send(Event::Stderr(tee_stderr(err, pass)));
+            });
+        }
+        _ => {
+            streams.stdout = Some(stdout);
+            streams.stderr_tail = Some(Vec::new());
+        }
+    }
     spawn_waiter(child, events);
 
-    let mut streams = Streams::default();
     // Time the user holds the run stopped (Ctrl-Z) does not count against --timeout.
     #[cfg_attr(not(unix), allow(unused_mut))]
     let mut timeout_at = deadline(start, spec.timeout);
@@ -410,20 +464,34 @@ fn stream_stdout(out: ChildStdout, mut writer: EntryWriter, max: u64, events: Se
 
 /// Passes stderr through as it comes (with `pass`) and keeps its tail.
 fn tee_stderr(err: ChildStderr, pass: bool) -> Vec<u8> {
-    let mut tail = Vec::new();
+    let mut tail = Tail::default();
     let mut stderr = io::stderr();
     read_chunks(err, |chunk| {
         if pass {
             let _ = stderr.write_all(chunk);
         }
-        tail.extend_from_slice(chunk);
-        if tail.len() > 2 * STDERR_TAIL {
-            tail.drain(..tail.len() - STDERR_TAIL);
-        }
+        tail.keep(chunk);
         true
     });
-    if tail.len() > STDERR_TAIL {
-        tail.drain(..tail.len() - STDERR_TAIL);
+    tail.into_bytes()
+}
+
+/// The last [`STDERR_TAIL`] bytes of a stream.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    fn keep(&mut self, chunk: &[u8]) {
+        self.0.extend_from_slice(chunk);
+        if self.0.len() > 2 * STDERR_TAIL {
+            self.0.drain(..self.0.len() - STDERR_TAIL);
+        }
     }
-    tail
+
+    fn into_bytes(mut self) -> Vec<u8> {
+        if self.0.len() > STDERR_TAIL {
+            self.0.drain(..self.0.len() - STDERR_TAIL);
+        }
+        self.0
+    }
 }

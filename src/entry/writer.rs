@@ -92,6 +92,18 @@ impl EntryWriter {
         writer
     }
 
+    /// A writer for a run whose stdout is not captured (`--exclusive`, `--service`):
+    /// no temp file, nothing to save.
+    pub fn discard() -> EntryWriter {
+        EntryWriter {
+            temp: None,
+            tail: Vec::new(),
+            hasher: Xxh3::new(),
+            written: 0,
+            error: None,
+        }
+    }
+
     /// Appends a chunk of stdout.
     pub fn write(&mut self, chunk: &[u8]) {
         self.hasher.update(chunk);

@@ -67,7 +67,7 @@ impl Flight {
     /// write end of a pipe (`--hand-back=FD`): a run whose result cannot be saved (a
     /// full disk) comes back through it, so the waiter is served what a foreground
     /// winner would print.
-    fn start_refresher(&self, held: Held, wait: bool) -> Result<u32> {
+    pub(super) fn start_refresher(&self, held: Held, wait: bool) -> Result<u32> {
         use std::process::Stdio;
         let mut command = refresher_command()?;
         command

@@ -4,9 +4,13 @@
 //!
 //! One file per phase of a call: this one arrives, looks and serves; `won` runs the
 //! command holding the lock and settles its outcome; `wait` waits for another
-//! caller's run; `background` starts a detached refresher and is one.
+//! caller's run; `background` starts a detached refresher and is one; `exclusive`
+//! and `service` are the other two modes (each caller's own run in turn; one
+//! long-lived instance).
 
 mod background;
+mod exclusive;
+mod service;
 mod wait;
 mod won;
 
@@ -17,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 
 use crate::backend::{Read, Slot};
-use crate::cli::RunOptions;
+use crate::cli::{Mode, RunOptions};
 use crate::decide::{self, Cached, OnArrival, Policy};
 use crate::entry::{self, Body, Entry, Invalid};
 use crate::say::Say;
@@ -75,8 +79,12 @@ impl Flight {
 
     /// Runs the whole decision of one call; returns the exit status.
     pub fn fly(self) -> Result<i32> {
-        if let Some(handover) = self.opts.refresher {
-            return self.refresh(handover);
+        match (&self.opts.mode, self.opts.refresher) {
+            (Mode::Cached, Some(handover)) => return self.refresh(handover),
+            (Mode::Cached, None) => {}
+            (Mode::Exclusive, _) => return self.exclusive(),
+            (Mode::Service { .. }, Some(handover)) => return self.supervise(handover),
+            (Mode::Service { ready }, None) => return self.service(ready.as_deref()),
         }
         let look = if self.slot.place().exists()? {
             self.look()?

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use super::{Flight, Look};
 use crate::backend::{Held, OutputCap, Unsaved};
-use crate::command::{self, Outcome, RunSpec};
+use crate::command::{self, Finished, Io, Outcome, RunSpec};
 use crate::decide::{self, NoRun, OnWon, Policy};
 use crate::entry::{self, Body, EntryWriter, Meta};
 use crate::exit::{Exit, Status};
@@ -44,7 +44,7 @@ impl Flight {
     }
 
     /// How long no run starts after this failure, by this call's options.
-    fn backoff(&self, failure: &Failure) -> Duration {
+    pub(super) fn backoff(&self, failure: &Failure) -> Duration {
         let (after, max) = (self.opts.retry_after, self.opts.retry_max);
         decide::backoff(after, max, failure.consecutive, failure.jitter)
     }
@@ -101,7 +101,7 @@ impl Flight {
     /// A winner kills what a killed run left behind and removes dead runs' temp files. The
     /// run record is this machine's, whatever the backend: a run killed elsewhere is
     /// that machine's to clean up.
-    fn clean_up_after_crashes(&self) {
+    pub(super) fn clean_up_after_crashes(&self) {
         if let Some(run) = record::load::<RunRecord>(&self.slot.paths().run) {
             self.say.warn(format_args!(
                 "the previous run (pid {}) was killed with its singleflight; killing what is left of it",
@@ -130,15 +130,6 @@ impl Flight {
     /// Runs the command under the lock and stores its outcome; returns the exit
     /// status and the stdout the caller is to print.
     pub(super) fn run_and_store(&self, last: Look, held: &Held) -> Result<(i32, Body)> {
-        let now = SystemTime::now();
-        let mut run_record = RunRecord {
-            token: format!("{}-{}", std::process::id(), entry::now_ms(now)),
-            boot_id: reap::boot_id(),
-            owner_pid: std::process::id(),
-            started_at_ms: entry::now_ms(now),
-            ..RunRecord::default()
-        };
-        self.write_run_record(&run_record);
         let writer = EntryWriter::create(self.slot.store(), &self.opts.name);
         if let Some(e) = writer.error()
             && self.slot.place().results_in_cache_dir()
@@ -152,35 +143,10 @@ impl Flight {
             self.opts.max_output,
             &self.meta(i32::MIN, u64::MAX, Duration::MAX),
         );
-        let spec = RunSpec {
-            argv: &self.opts.command,
-            timeout: self.opts.timeout,
-            kill_after: self.opts.kill_after,
-            max_output: cap.bytes,
-            pass_stderr: true,
-            token: &run_record.token.clone(),
-            env: held.env(),
-            abort: held.abort(),
-        };
-        let finished = command::run(&spec, writer, |pid| {
-            run_record.pid = pid;
-            run_record.start_ticks = reap::start_ticks(pid);
-            self.write_run_record(&run_record);
-        });
-        let _ = fs::remove_file(&self.slot.paths().run);
-        let finished = finished?;
+        let finished =
+            self.run_under_lock(held, Io::Capture, self.opts.timeout, cap.bytes, writer)?;
         let outcome = finished.outcome;
         let status = outcome.exit_status().code();
-        if outcome == Outcome::LeaseLost {
-            let why = held.abort().and_then(|abort| abort.reason());
-            let message = format!(
-                "{}: lost the etcd lock mid-run: {}; the command's process tree was killed \
-                 and nothing was stored",
-                self.opts.name,
-                why.as_deref().unwrap_or("lease lost")
-            );
-            return Err(Exit::new(outcome.exit_status(), message).into());
-        }
         let what = self.describe_outcome(outcome, finished.duration, cap);
         if let Outcome::Interrupted(signal) = outcome {
             self.say.decided(format_args!(
@@ -253,6 +219,58 @@ impl Flight {
         Ok((status, body))
     }
 
+    /// Runs the command holding `held`, with a run record for the run's lifetime (so
+    /// that `status` shows it and a later winner can clean up after a crash). A lock
+    /// lost mid-run is an error: nothing of the run may be written then.
+    pub(super) fn run_under_lock(
+        &self,
+        held: &Held,
+        io: Io,
+        timeout: Duration,
+        max_output: u64,
+        writer: EntryWriter,
+    ) -> Result<Finished> {
+        let now = SystemTime::now();
+        let mut run_record = RunRecord {
+            token: format!("{}-{}", std::process::id(), entry::now_ms(now)),
+            boot_id: reap::boot_id(),
+            owner_pid: std::process::id(),
+            owner_start_ticks: reap::start_ticks(std::process::id()),
+            started_at_ms: entry::now_ms(now),
+            ..RunRecord::default()
+        };
+        self.write_run_record(&run_record);
+        let spec = RunSpec {
+            argv: &self.opts.command,
+            pass_stderr: !matches!(io, Io::Log(_)),
+            io,
+            timeout,
+            kill_after: self.opts.kill_after,
+            max_output,
+            token: &run_record.token.clone(),
+            env: held.env(),
+            abort: held.abort(),
+        };
+        let finished = command::run(&spec, writer, |pid| {
+            run_record.pid = pid;
+            run_record.start_ticks = reap::start_ticks(pid);
+            self.write_run_record(&run_record);
+        });
+        let _ = fs::remove_file(&self.slot.paths().run);
+        let finished = finished?;
+        if finished.outcome == Outcome::LeaseLost {
+            let why = held.abort().and_then(|abort| abort.reason());
+            let message = format!(
+                "{}: lost the etcd lock mid-run: {}; the command's process tree was killed \
+                 and nothing was stored",
+                self.opts.name,
+                why.as_deref().unwrap_or("lease lost")
+            );
+            return Err(Exit::new(finished.outcome.exit_status(), message).into());
+        }
+        Ok(finished)
+    }
+
     /// The metadata of a result of this call's command.
     fn meta(&self, exit_code: i32, written_at_ms: u64, took: Duration) -> Meta {
         Meta {
@@ -265,7 +283,12 @@ impl Flight {
         }
     }
 
-    fn describe_outcome(&self, outcome: Outcome, took: Duration, cap: OutputCap) -> String {
+    pub(super) fn describe_outcome(
+        &self,
+        outcome: Outcome,
+        took: Duration,
+        cap: OutputCap,
+    ) -> String {
         match outcome {
             Outcome::Exited(code) => format!("exit status {code} after {}", human(took)),
             Outcome::Signaled(signal) => format!("killed by signal {signal} after {}", human(took)),
@@ -299,7 +322,7 @@ impl Flight {
         );
     }
 
-    fn write_failure(
+    pub(super) fn write_failure(
         &self,
         held: &Held,
         exit_code: i32,

@@ -71,6 +71,20 @@ pub fn prepare(command: &mut Command) {
     }
 }
 
+/// Signals `pid` through a pidfd, if it is still the process that started at `start`.
+pub fn signal_process(pid: u32, start: u64, stop: Stop) -> bool {
+    let Some(fd) = Pid::from_raw(pid as i32)
+        .and_then(|pid| rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok())
+    else {
+        return false;
+    };
+    // Read after the pidfd is open: a pid reused in between shows another start time.
+    if Stat::read(pid).is_none_or(|stat| stat.start_ticks != start || !stat.alive()) {
+        return false;
+    }
+    rustix::process::pidfd_send_signal(&fd, group::signal_of(stop)).is_ok()
+}
+
 pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|id| id.trim().to_owned())

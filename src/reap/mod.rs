@@ -132,6 +132,13 @@ pub struct Known {
     pub token: String,
 }
 
+/// Sends `stop` to the one process `pid`, if it provably still is the process that
+/// started at `start` (a run's singleflight, for `stop`); whether it was sent. Never
+/// sent where the start time is unknown (0), which is every pid on Windows for now.
+pub fn signal_process(pid: u32, start: u64, stop: Stop) -> bool {
+    start != 0 && sys::signal_process(pid, start, stop)
+}
+
 /// The kernel's boot id, to tell records of an earlier boot apart ("" where there is
 /// none to read).
 pub fn boot_id() -> String {

@@ -61,6 +61,18 @@ fn kill_group_of(leader: u32, start: u64) {
     }
 }
 
+/// Signals `pid` if it is alive with this start time (checked just before: a pid
+/// reused in that moment is the one gap, which Linux closes with a pidfd).
+pub fn signal_process(pid: u32, start: u64, stop: Stop) -> bool {
+    if start == 0 || start_ticks(pid) != start {
+        return false;
+    }
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+        return false;
+    };
+    rustix::process::kill_process(pid, group::signal_of(stop)).is_ok()
+}
+
 /// No boot id to read.
 pub fn boot_id() -> String {
     String::new()

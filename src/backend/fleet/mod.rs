@@ -337,6 +337,7 @@ impl Place for FleetSlot {
             in_flight,
             failure,
             key_values,
+            service: None,
         })
     }
 

@@ -1,0 +1,61 @@
+//! `--exclusive`: every caller runs its own command, one at a time per NAME, with the
+//! run's timeout, tree kill and crash clean-up; nothing is cached. The lock is the
+//! NAME's one lock, so an exclusive run and a plain run of a NAME never overlap.
+
+use anyhow::Result;
+
+use super::Flight;
+use crate::backend::OutputCap;
+use crate::command::{Io, Outcome};
+use crate::entry::EntryWriter;
+use crate::exit::{Exit, Status};
+use crate::values::format_duration as human;
+
+impl Flight {
+    /// Waits up to `--wait` for the NAME's lock (queued for it: see
+    /// `Place::lock_within`), then runs the command with singleflight's own stdin,
+    /// stdout and stderr and exits with its status.
+    pub(super) fn exclusive(&self) -> Result<i32> {
+        self.slot.store().ensure()?;
+        let held = match self.slot.try_lock()? {
+            Some(held) => held,
+            None => {
+                self.say.decided(format_args!(
+                    "a run of {} is in flight: waiting for its turn",
+                    self.opts.name
+                ));
+                self.slot.lock_within(self.opts.wait)?.ok_or_else(|| {
+                    let message = format!(
+                        "{}: still another run's turn after --wait {}; the command was not run",
+                        self.opts.name,
+                        human(self.opts.wait)
+                    );
+                    Exit::new(Status::NothingToServe, message)
+                })?
+            }
+        };
+        self.clean_up_after_crashes();
+        let unused = EntryWriter::discard();
+        let finished =
+            self.run_under_lock(&held, Io::Inherit, self.opts.timeout, u64::MAX, unused)?;
+        drop(held);
+        let outcome = finished.outcome;
+        if let Outcome::Interrupted(signal) = outcome {
+            return Err(Exit::killed_by(signal).into());
+        }
+        if !outcome.succeeded() {
+            let cap = OutputCap {
+                bytes: u64::MAX,
+                by_backend: false,
+            };
+            let what = self.describe_outcome(outcome, finished.duration, cap);
+            self.say.warn(format_args!("{what}"));
+        } else {
+            self.say.decided(format_args!(
+                "ran the command in its turn after {}",
+                human(finished.duration)
+            ));
+        }
+        Ok(outcome.exit_status().code())
+    }
+}
