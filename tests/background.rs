@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use common::{
-    TestEnv, alive, assert_status, blocked_on_a_lock, finish, marker, status, stderr, stdout,
-    wait_until,
+    TestEnv, alive, assert_status, blocked_on_a_lock, call_args, finish, marker, status, stderr,
+    stdout, wait_until,
 };
 use serde_json::Value;
 
@@ -78,16 +78,9 @@ impl Drop for Gated {
     }
 }
 
-fn args(name: &str, options: &[&str], command: &str) -> Vec<String> {
-    let mut args: Vec<String> = options.iter().map(|s| s.to_string()).collect();
-    args.push(name.to_owned());
-    args.extend(["--".to_owned(), command.to_owned()]);
-    args
-}
-
 fn status_of(env: &TestEnv, name: &str) -> Value {
     let out = env.run(["status", "--json", name]);
-    assert_eq!(status(&out), 0, "status {name}: {}", stderr(&out));
+    assert_status(&out, 0);
     let all: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
     all[0].clone()
 }
@@ -96,7 +89,7 @@ fn status_of(env: &TestEnv, name: &str) -> Value {
 /// result is stale.
 fn seed_stale(env: &TestEnv, gated: &Gated, names: &[&str]) {
     for name in names {
-        let out = env.run(args(name, &["--ttl", "1s"], &gated.command()));
+        let out = env.run(call_args(name, &["--ttl", "1s"], &[gated.command()]));
         assert_eq!(stdout(&out), "old\n", "seeding {name}: {}", stderr(&out));
     }
     for name in names {
@@ -147,10 +140,10 @@ fn a_hundred_background_callers_get_the_old_output_at_once_and_start_one_run() {
     seed_stale(&env, &gated, &["sl"]);
     gated.arm();
 
-    let call = args(
+    let call = call_args(
         "sl",
         &["-v", "--background", "--ttl", "1s"],
-        &gated.command(),
+        &[gated.command()],
     );
     let callers: Vec<Child> = (0..100).map(|_| env.spawn(&call)).collect();
     let outputs: Vec<Output> = callers.into_iter().map(finish).collect();
@@ -201,10 +194,10 @@ fn a_hundred_background_callers_get_the_old_output_at_once_and_start_one_run() {
         refreshers(&gated.command()).is_empty()
     });
     assert_eq!(status_of(&env, "sl")["in_flight"], false);
-    let after = env.run(args(
+    let after = env.run(call_args(
         "sl",
         &["--background", "--ttl", "1s"],
-        &gated.command(),
+        &[gated.command()],
     ));
     assert_eq!(stdout(&after), "new\n", "the refresh was cached");
     assert_eq!(env.runs(), 2, "the seed and one refresh, for 100 callers");
@@ -367,10 +360,10 @@ fn with_nothing_cached_the_caller_waits_for_the_refresher_and_serves_what_it_mad
     gated.arm();
 
     // --wait runs out while the run is held: 75, and the refresh goes on.
-    let short = env.run(args(
+    let short = env.run(call_args(
         "cold",
         &["--background", "--wait", "100ms"],
-        &gated.command(),
+        &[gated.command()],
     ));
     assert_status(&short, 75);
     assert!(
@@ -381,7 +374,11 @@ fn with_nothing_cached_the_caller_waits_for_the_refresher_and_serves_what_it_mad
     assert_eq!(stdout(&short), "");
 
     // A second caller finds the refresher in flight and waits for it.
-    let mut waiting = env.spawn(args("cold", &["-v", "--background"], &gated.command()));
+    let mut waiting = env.spawn(call_args(
+        "cold",
+        &["-v", "--background"],
+        &[gated.command()],
+    ));
     wait_until("the refresher's run starts", || env.runs() == 1);
     // Not only started: waiting on the lock, or on a loaded machine it may arrive
     // after the run and be served a fresh result.
@@ -410,7 +407,11 @@ fn the_caller_that_starts_the_refresher_waits_for_it_when_nothing_is_cached() {
     let env = TestEnv::new();
     let gated = Gated::new(&env);
     gated.arm();
-    let mut caller = env.spawn(args("first", &["-v", "--background"], &gated.command()));
+    let mut caller = env.spawn(call_args(
+        "first",
+        &["-v", "--background"],
+        &[gated.command()],
+    ));
     wait_until("the refresher's run starts", || env.runs() == 1);
     assert!(caller.try_wait().unwrap().is_none(), "the caller waits");
     gated.open();
@@ -447,7 +448,7 @@ fn switchable(env: &TestEnv, misbehave: &str) -> (String, PathBuf) {
 }
 
 fn seed_good_then_stale(env: &TestEnv, name: &str, command: &str) {
-    let out = env.run(args(name, &["--ttl", "1s"], command));
+    let out = env.run(call_args(name, &["--ttl", "1s"], &[&command]));
     assert_eq!(stdout(&out), "good\n", "{}", stderr(&out));
     wait_until("the result goes stale", || {
         status_of(env, name)["state"] == "stale"
@@ -470,10 +471,10 @@ fn a_failing_refresher_keeps_the_last_good_result_records_why_and_backs_off() {
     let (command, switch) = switchable(&env, "echo boom >&2; exit 3");
     seed_good_then_stale(&env, "flaky", &command);
     fs::write(&switch, "").unwrap();
-    let call = args(
+    let call = call_args(
         "flaky",
         &["-v", "--background", "--ttl", "1s", "--retry-after", "1h"],
-        &command,
+        &[&command],
     );
 
     let first = env.run(&call);
@@ -515,7 +516,7 @@ fn the_refresher_obeys_timeout_and_kills_the_tree() {
     let (command, switch) = switchable(&env, &format!("sleep {sleeper} & sleep {sleeper}; wait"));
     seed_good_then_stale(&env, "slow", &command);
     fs::write(&switch, "").unwrap();
-    let call = args(
+    let call = call_args(
         "slow",
         &[
             "--background",
@@ -526,7 +527,7 @@ fn the_refresher_obeys_timeout_and_kills_the_tree() {
             "--kill-after",
             "100ms",
         ],
-        &command,
+        &[&command],
     );
     let out = env.run(&call);
     assert_eq!(stdout(&out), "good\n", "{}", stderr(&out));
@@ -545,10 +546,10 @@ fn the_refresher_obeys_max_output() {
     let (command, switch) = switchable(&env, "head -c 100000 /dev/zero; exit 0");
     seed_good_then_stale(&env, "big", &command);
     fs::write(&switch, "").unwrap();
-    let call = args(
+    let call = call_args(
         "big",
         &["--background", "--ttl", "1s", "--max-output", "1KiB"],
-        &command,
+        &[&command],
     );
     let out = env.run(&call);
     assert_eq!(stdout(&out), "good\n", "{}", stderr(&out));
@@ -563,10 +564,10 @@ fn the_refresher_obeys_max_output() {
 fn a_refresher_whose_command_cannot_start_records_it() {
     let env = TestEnv::new();
     let missing = env.path("no-such-command");
-    let call = args(
+    let call = call_args(
         "gone",
         &["--background", "--wait", "1m"],
-        &missing.display().to_string(),
+        &[missing.display().to_string()],
     );
     let out = env.run(&call);
     assert_status(&out, 75);
@@ -585,13 +586,13 @@ fn a_refresher_whose_command_cannot_start_records_it() {
 fn a_fresh_result_is_served_without_a_refresher() {
     let env = TestEnv::new();
     let gated = Gated::new(&env);
-    let out = env.run(args("hit", &["--ttl", "1h"], &gated.command()));
+    let out = env.run(call_args("hit", &["--ttl", "1h"], &[gated.command()]));
     assert_eq!(stdout(&out), "old\n");
     gated.arm();
-    let out = env.run(args(
+    let out = env.run(call_args(
         "hit",
         &["-v", "--background", "--ttl", "1h"],
-        &gated.command(),
+        &[gated.command()],
     ));
     assert_eq!(stdout(&out), "old\n");
     assert_eq!(

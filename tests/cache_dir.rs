@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{TestEnv, status, stdout};
+use common::{TestEnv, assert_status, call_args, stdout};
 
 /// `singleflight t -- echo hi` with exactly these cache-related variables set.
 fn run_with(env: &TestEnv, vars: &[(&str, &Path)], args: &[&str]) -> std::process::Output {
@@ -18,11 +18,10 @@ fn run_with(env: &TestEnv, vars: &[(&str, &Path)], args: &[&str]) -> std::proces
         command.env(var, value);
     }
     let output = command
-        .args(args)
-        .args(["t", "--", "echo", "hi"])
+        .args(call_args("t", args, &["echo", "hi"]))
         .output()
         .expect("singleflight runs");
-    assert_eq!(status(&output), 0, "{output:?}");
+    assert_status(&output, 0);
     assert_eq!(stdout(&output), "hi\n");
     output
 }
@@ -96,6 +95,6 @@ fn the_option_beats_the_environment_variable() {
         .args(["status", "--json", "--cache-dir", option])
         .output()
         .expect("status runs");
-    assert_eq!(status(&listed), 0, "{listed:?}");
+    assert_status(&listed, 0);
     assert!(stdout(&listed).contains("\"name\": \"t\""), "{listed:?}");
 }

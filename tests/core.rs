@@ -150,7 +150,7 @@ fn with_nothing_servable_a_loser_waits_for_the_run_and_gives_up_after_wait() {
     let winner = env.spawn(args("60s"));
     wait_until("the run started", || started.exists());
     let impatient = env.run(args("100ms"));
-    assert_eq!(status(&impatient), 75);
+    assert_status(&impatient, 75);
     assert!(
         stderr(&impatient).contains("--wait 100ms ran out"),
         "{}",
@@ -265,7 +265,7 @@ fn a_failing_command_with_nothing_cached_prints_its_own_output_then_backs_off() 
     let first = env.run(["nf", "--", "sh", "-c", &script]);
     assert_eq!((status(&first), stdout(&first).as_str()), (5, "own\n"));
     let second = env.run(["nf", "--", "sh", "-c", &script]);
-    assert_eq!(status(&second), 75);
+    assert_status(&second, 75);
     assert!(
         stderr(&second).contains("last run failed"),
         "{}",
@@ -350,7 +350,7 @@ fn large_output_streams_through_the_cache_in_bounded_memory() {
     let env = TestEnv::new();
     let script = "head -c 104857600 /dev/zero";
     let out = env.run(["big", "--max-output", "200MiB", "--", "sh", "-c", script]);
-    assert_eq!(status(&out), 0);
+    assert_status(&out, 0);
     assert_eq!(out.stdout.len(), 104_857_600);
     assert!(out.stdout.iter().all(|b| *b == 0));
     let hit = env.run(["big", "--max-output", "200MiB", "--", "sh", "-c", script]);

@@ -17,8 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    TestEnv, alive, assert_status, blocked_on_a_lock, finish, marker, status, stderr, stdout,
-    wait_until,
+    TestEnv, alive, assert_status, blocked_on_a_lock, call_args, finish, marker, status, stderr,
+    stdout, wait_until,
 };
 use rustix::process::{Pid, Signal};
 
@@ -940,18 +940,11 @@ fn flaky(env: &TestEnv) -> (String, PathBuf) {
 
 /// `r --ttl 0 --retry-after RETRY -- sh -c SCRIPT`: every call wants a run.
 fn flaky_args(script: &str, retry: &str) -> Vec<String> {
-    let args = [
+    call_args(
         "r",
-        "--ttl",
-        "0",
-        "--retry-after",
-        retry,
-        "--",
-        "sh",
-        "-c",
-        script,
-    ];
-    args.map(String::from).to_vec()
+        &["--ttl", "0", "--retry-after", retry],
+        &["sh", "-c", script],
+    )
 }
 
 /// Waits until the NAME's failure record is older than `age`.
@@ -1015,7 +1008,7 @@ fn within_retry_after_callers_get_the_last_good_result() {
     assert_eq!((status(&good), stdout(&good)), (0, "good\n".into()));
     fs::write(&fail, "").expect("write fail");
     let failed = env.run(args("1h"));
-    assert_eq!(status(&failed), 3, "the failed run's own status");
+    assert_status(&failed, 3);
     assert_eq!(stdout(&failed), "good\n", "the last good result is printed");
     assert_eq!(env.runs(), 2);
     for _ in 0..5 {
@@ -1026,7 +1019,7 @@ fn within_retry_after_callers_get_the_last_good_result() {
 
     wait_failure_older_than(&env, "r", Duration::from_secs(1));
     let output = env.run(args("1s"));
-    assert_eq!(status(&output), 3, "the rerun fails again");
+    assert_status(&output, 3);
     assert_eq!(env.runs(), 3, "no rerun after --retry-after");
 }
 

@@ -25,7 +25,7 @@ fn huge_durations_are_usage_errors_that_name_the_limit() {
         "--backend-timeout",
     ] {
         let out = env.run([option, huge, "huge", "--", "echo", "ran"]);
-        assert_eq!(status(&out), 2, "{option}: {}", stderr(&out));
+        assert_status(&out, 2);
         assert!(
             stderr(&out).contains("36500d"),
             "{option}: the error names the limit: {}",
@@ -58,11 +58,11 @@ fn durations_at_the_limit_run_store_and_serve() {
     ];
     for _ in 0..2 {
         let out = env.run(args);
-        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_status(&out, 0);
         assert_eq!(stdout(&out), "hi\n");
     }
     let out = env.run(["status", "limit", "--json"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(json[0]["ttl_ms"], 36_500u64 * 86_400_000);
     assert_eq!(json[0]["state"], "fresh");
@@ -94,7 +94,7 @@ fn durations_at_the_limit_run_store_and_serve() {
     fs::write(&gate, "go\n").expect("open the gate");
     for child in [winner, loser] {
         let out = finish(child);
-        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_status(&out, 0);
         assert_eq!(stdout(&out), "slow\n");
     }
 }
@@ -131,7 +131,7 @@ fn a_fifo_in_place_of_a_side_file_blocks_nothing() {
     for file in ["result", "run", "failure"] {
         let env = TestEnv::new();
         let out = env.run(["--ttl", "0", "sidefile", "--", "echo", "first"]);
-        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_status(&out, 0);
         let path = env.cache.join(format!("sidefile.{file}"));
         let _ = fs::remove_file(&path);
         let made = std::process::Command::new("mkfifo")
@@ -143,19 +143,19 @@ fn a_fifo_in_place_of_a_side_file_blocks_nothing() {
             env.spawn(["--ttl", "0", "sidefile", "--", "echo", "second"]),
             &format!("a call with a FIFO as sidefile.{file}"),
         );
-        assert_eq!(status(&out), 0, "{file}: {}", stderr(&out));
+        assert_status(&out, 0);
         assert_eq!(stdout(&out), "second\n", "{file}");
         let out = finish_or_kill(
             env.spawn(["status", "--json"]),
             &format!("status with a FIFO as sidefile.{file}"),
         );
-        assert_eq!(status(&out), 0, "{file}: {}", stderr(&out));
+        assert_status(&out, 0);
     }
     // A FIFO as the result, freshly made: a hit must not block either, and the
     // result counts as invalid in `status`.
     let env = TestEnv::new();
     let out = env.run(["fresh", "--", "echo", "x"]);
-    assert_eq!(status(&out), 0);
+    assert_status(&out, 0);
     let result = env.result_file("fresh");
     fs::remove_file(&result).expect("rm result");
     let made = std::process::Command::new("mkfifo")
@@ -180,13 +180,13 @@ fn a_fifo_in_place_of_a_side_file_blocks_nothing() {
 fn a_symlinked_result_is_not_followed() {
     let env = TestEnv::new();
     let out = env.run(["--ttl", "0", "linked", "--", "echo", "x"]);
-    assert_eq!(status(&out), 0);
+    assert_status(&out, 0);
     let elsewhere = env.path("elsewhere");
     fs::copy(env.result_file("linked"), &elsewhere).expect("copy the result");
     fs::remove_file(env.result_file("linked")).expect("rm");
     std::os::unix::fs::symlink(&elsewhere, env.result_file("linked")).expect("symlink");
     let out = env.run(["linked", "--", "echo", "x"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     assert!(
         stderr(&out).contains("not a regular file"),
         "the link counts as damaged, not as a result: {}",
@@ -231,18 +231,18 @@ fn a_stalled_reader_of_the_winner_holds_up_nobody() {
             "no caller ran while the winner's reader stalled: the lock was held"
         );
         let out = env.run(args);
-        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_status(&out, 0);
         assert_eq!(out.stdout.len(), 1_000_000);
     }
     let out = finish_or_kill(env.spawn(["clear", "stall"]), "clear");
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     // Now read the winner's output: all of it arrives.
     let mut stdout = winner.stdout.take().expect("piped");
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut stdout, &mut bytes).expect("read");
     assert_eq!(bytes.len(), 1_000_000);
     let out = finish(winner);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
 }
 
 // ---- 1. A quiet run keeps its temp file ---------------------------------------------
@@ -299,7 +299,7 @@ fn a_quiet_run_keeps_its_temp_file_and_a_dead_one_goes() {
     backdate(&dead_temp);
     // The winner of another NAME sweeps.
     let out = env.run(["other", "--", "echo", "other"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     assert_eq!(
         env.temps(),
         quiet_temp,
@@ -307,7 +307,7 @@ fn a_quiet_run_keeps_its_temp_file_and_a_dead_one_goes() {
     );
     fs::write(&gate, "go\n").expect("open the gate");
     let out = finish(run);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     assert_eq!(stdout(&out), "finally\n");
     assert!(
         !stderr(&out).contains("could not be saved"),
@@ -332,7 +332,7 @@ fn a_caller_that_meets_a_clear_does_not_exit_75() {
     use std::sync::Arc;
     let env = Arc::new(TestEnv::new());
     let out = env.run(["seed", "--", "echo", "seed"]);
-    assert_eq!(status(&out), 0);
+    assert_status(&out, 0);
     let (clears, failures) = calls_during_clears(
         &env,
         &["clear", "--all"],
@@ -367,7 +367,7 @@ fn a_symlinked_cache_dir_keeps_files_singleflight_never_wrote() {
     backdate(&notes);
     std::os::unix::fs::symlink(&victim, &env.cache).expect("symlink");
     let out = env.run(["linkdir", "--", "echo", "hi"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     assert_eq!(stdout(&out), "hi\n");
     assert!(
         victim.join("linkdir.result").exists(),
@@ -387,7 +387,7 @@ fn a_symlinked_cache_dir_keeps_files_singleflight_never_wrote() {
 fn a_result_of_a_newer_format_version_is_left_alone() {
     let env = TestEnv::new();
     let out = env.run(["--ttl", "0", "newer", "--", "echo", "old"]);
-    assert_eq!(status(&out), 0);
+    assert_status(&out, 0);
     let path = env.result_file("newer");
     let mut bytes = fs::read(&path).expect("a result");
     assert_eq!(&bytes[..7], b"SFLIGHT");
@@ -395,7 +395,7 @@ fn a_result_of_a_newer_format_version_is_left_alone() {
     fs::write(&path, &bytes).expect("write the newer result");
     for _ in 0..2 {
         let out = env.run(["--ttl", "0", "newer", "--", "echo", "mine"]);
-        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_status(&out, 0);
         assert_eq!(stdout(&out), "mine\n");
         let err = stderr(&out);
         let warnings: Vec<&str> = err.lines().filter(|line| line.contains("newer")).collect();
@@ -414,7 +414,7 @@ fn huge_side_files_are_not_read_whole() {
     for file in ["run", "failure"] {
         let env = TestEnv::new();
         let out = env.run(["--ttl", "0", "hugeside", "--", "echo", "first"]);
-        assert_eq!(status(&out), 0);
+        assert_status(&out, 0);
         let path = env.cache.join(format!("hugeside.{file}"));
         let sized = std::process::Command::new("truncate")
             .args(["-s", "1G"])
@@ -430,14 +430,14 @@ fn huge_side_files_are_not_read_whole() {
             "--",
             script.to_str().expect("utf-8"),
         ]);
-        assert_eq!(status(&out), 0, "{file}: {}", stderr(&out));
+        assert_status(&out, 0);
         let read: u64 = stdout(&out).trim().parse().expect("rchar");
         assert!(
             read < 64 << 20,
             "{file}: singleflight read {read} bytes before the command started"
         );
         let out = env.run(["status", "hugeside", "--json"]);
-        assert_eq!(status(&out), 0, "{file}: {}", stderr(&out));
+        assert_status(&out, 0);
     }
 }
 
@@ -465,7 +465,7 @@ fn a_first_background_call_on_a_full_disk_still_gets_the_output() {
             .arg(env!("CARGO_BIN_EXE_singleflight"))
             .args(args),
     ));
-    assert_eq!(status(&output), 0, "{}", stderr(&output));
+    assert_status(&output, 0);
     assert_eq!(output.stdout.len(), 65536, "{}", stderr(&output));
     assert!(output.stdout.chunks(4).all(|c| c == &b"new\n"[..c.len()]));
     assert!(
@@ -497,16 +497,16 @@ fn clear_older_than_removes_old_names_with_their_locks() {
     let env = TestEnv::new();
     for name in ["old", "fresh"] {
         let out = env.run([name, "--", "echo", name]);
-        assert_eq!(status(&out), 0);
+        assert_status(&out, 0);
     }
     let out = env.run(["failed", "--", "sh", "-c", "exit 3"]);
-    assert_eq!(status(&out), 3);
+    assert_status(&out, 3);
     assert_eq!(files_of(&env, "failed"), ["failure", "lock"]);
     let gate = env.fifo("gate");
     let slow = env.script("slow", &format!("read x < {}; echo late", gate.display()));
     let slow = slow.to_str().expect("utf-8").to_owned();
     let out = env.run(["busy", "--", "echo", "seed"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     let busy = env.spawn(["--ttl", "0", "busy", "--", &slow]);
     wait_until("the busy run", || env.cache.join("busy.run").exists());
     let mut old_files = Vec::new();
@@ -520,7 +520,7 @@ fn clear_older_than_removes_old_names_with_their_locks() {
     }
     backdate(&old_files);
     let out = env.run(["clear", "--older-than", "1h"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     assert_eq!(files_of(&env, "old"), Vec::<String>::new());
     assert_eq!(files_of(&env, "failed"), Vec::<String>::new());
     assert_eq!(files_of(&env, "fresh"), ["lock", "result"]);
@@ -540,7 +540,7 @@ fn clear_older_than_removes_old_names_with_their_locks() {
     // Named NAMEs only, with --older-than: the others stay.
     backdate(&[env.result_file("fresh"), env.cache.join("fresh.lock")]);
     let out = env.run(["clear", "--older-than", "1h", "busy"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     assert_eq!(files_of(&env, "fresh"), ["lock", "result"]);
 }
 
@@ -564,7 +564,7 @@ fn removing_lock_files_never_lets_two_runs_overlap() {
     );
     let script = script.to_str().expect("utf-8").to_owned();
     let out = env.run(["--ttl", "0", "pruned", "--", &script]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     let (clears, failures) = calls_during_clears(
         &env,
         &["clear", "--older-than", "0s"],
@@ -599,7 +599,7 @@ fn inode(path: &std::path::Path) -> Option<u64> {
 fn a_caller_that_locks_a_removed_lock_file_opens_it_again() {
     let env = TestEnv::new();
     let out = env.run(["racy", "--", "echo", "x"]);
-    assert_eq!(status(&out), 0);
+    assert_status(&out, 0);
     let lock = env.cache.join("racy.lock");
     let old = fs::File::open(&lock).expect("open the lock");
     old.lock().expect("lock it");
@@ -630,7 +630,7 @@ fn a_caller_that_locks_a_removed_lock_file_opens_it_again() {
     );
     drop(new);
     let out = finish(clear);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     assert!(!env.result_file("racy").exists());
 }
 
@@ -654,7 +654,7 @@ fn calls_during_clears(
             let mut clears = 0;
             while !stop.load(Ordering::Relaxed) {
                 let out = env.run(&clear_args);
-                assert_eq!(status(&out), 0, "{}", stderr(&out));
+                assert_status(&out, 0);
                 clears += 1;
             }
             clears

@@ -24,7 +24,7 @@ use common::etcd::Etcd;
 #[cfg(feature = "etcd")]
 use common::stdout;
 #[cfg(feature = "etcd")]
-use common::{PATIENCE, alive, marker, status, wait_until};
+use common::{PATIENCE, alive, call_args, marker, status, wait_until};
 use common::{TestEnv, assert_status, finish, stderr};
 #[cfg(feature = "etcd")]
 use serde_json::Value;
@@ -131,7 +131,7 @@ fn with_etcd_down_a_caller_exits_125_at_once_and_never_runs_the_command() {
     ] {
         // `finish` fails the test if it does not return within PATIENCE.
         let out = machine.run(&args);
-        assert_eq!(status(&out), 125, "{args:?}: {}", stderr(&out));
+        assert_status(&out, 125);
         let said = stderr(&out);
         assert!(said.contains("etcd unreachable"), "{args:?}: {said}");
         assert!(
@@ -299,13 +299,13 @@ fn fencing_tokens_strictly_increase_across_runs_on_any_machine() {
     let print = ["sh", "-c", "echo \"${SINGLEFLIGHT_FENCING_TOKEN-unset}\""];
     let mut tokens = Vec::new();
     for i in 0..6 {
-        let mut args = vec!["fence", "--ttl", "0"];
-        if i == 3 {
-            // A refresh in the background gets one too (read back from the result).
-            args.push("--background");
-        }
-        args.push("--");
-        args.extend(print);
+        // A refresh in the background gets one too (read back from the result).
+        let options: &[&str] = if i == 3 {
+            &["--ttl", "0", "--background"]
+        } else {
+            &["--ttl", "0"]
+        };
+        let args = call_args("fence", options, &print);
         let machine = &machines[i % 2];
         let written = |machine: &Machine| {
             machine
@@ -425,7 +425,7 @@ fn status_and_clear_see_the_fleet_from_any_machine() {
     let (a, b) = (Machine::new(&etcd.url()), Machine::new(&etcd.url()));
     assert_eq!(stdout(&a.run(["ok", "--", "echo", "hi"])), "hi\n");
     let failing = a.run(["failing", "--", "sh", "-c", "echo oops >&2; exit 3"]);
-    assert_eq!(status(&failing), 3);
+    assert_status(&failing, 3);
     let gate = shared.path("gate");
     let held = format!(
         "while [ ! -e '{}' ]; do sleep 0.01; done; echo done",

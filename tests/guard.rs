@@ -10,7 +10,7 @@ use std::fs;
 use std::process::{Child, Command};
 use std::time::Instant;
 
-use common::{PATIENCE, TestEnv, finish, is_root, marker, status, stderr, wait_until};
+use common::{PATIENCE, TestEnv, assert_status, finish, is_root, marker, stderr, wait_until};
 use rustix::process::{Pid, Signal};
 
 fn send(pid: u32, signal: Signal) {
@@ -163,7 +163,7 @@ fn the_guard_exits_with_the_run_and_is_never_left_behind() {
     let guard_start = start_of(guard).expect("alive");
     fs::write(&gate, "go\n").expect("open the gate");
     let output = finish(sf);
-    assert_eq!(status(&output), 0, "{}", stderr(&output));
+    assert_status(&output, 0);
     // singleflight waits for its guard before it exits: gone already, not in a while.
     assert_ne!(
         start_of(guard),
@@ -270,7 +270,7 @@ fn the_next_winner_spares_a_strangers_group_on_the_recorded_pid() {
     }
 
     let output = env.run(args.map(|a| if a == m { "0" } else { a }));
-    assert_eq!(status(&output), 0, "{}", stderr(&output));
+    assert_status(&output, 0);
     assert!(
         stderr(&output).contains("killing what is left"),
         "the record was not read: {}",
@@ -304,7 +304,7 @@ fn a_background_refresher_started_inside_a_run_finishes_its_refresh() {
         sf = env!("CARGO_BIN_EXE_singleflight"),
     );
     let output = env.run(["outer", "--", "sh", "-c", &outer]);
-    assert_eq!(status(&output), 0, "{}", stderr(&output));
+    assert_status(&output, 0);
     assert_eq!(common::stdout(&output), "outer\n");
     // The enclosing run is over, its tree reaped; only now may the refresh finish.
     fs::write(&go, "").expect("write go");

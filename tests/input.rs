@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use common::{TestEnv, assert_status, is_root, status, stderr, stdout};
+use common::{TestEnv, assert_status, is_root, stderr, stdout};
 
 /// A cache with one good result in it, and the command that made it.
 fn primed() -> (TestEnv, Vec<String>, Vec<u8>) {
@@ -52,19 +52,19 @@ fn bad_values_are_usage_errors_that_quote_the_value_and_lose_nothing() {
             .chain(command.clone())
             .collect();
         let out = env.run(&full);
-        assert_eq!(status(&out), 2, "{args:?}: {}", stderr(&out));
+        assert_status(&out, 2);
         assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
         assert!(out.stdout.is_empty());
     }
     let no_command = env.run(["keep"]);
-    assert_eq!(status(&no_command), 2);
+    assert_status(&no_command, 2);
     assert!(
         stderr(&no_command).contains("COMMAND"),
         "{}",
         stderr(&no_command)
     );
     let empty_command = env.run(["keep", "--"]);
-    assert_eq!(status(&empty_command), 2);
+    assert_status(&empty_command, 2);
     assert_eq!(fs::read(env.result_file("keep")).unwrap(), before);
     assert_eq!(env.runs(), 1);
 }
@@ -84,13 +84,13 @@ fn a_name_error_says_what_a_valid_name_looks_like() {
 fn a_missing_or_unexecutable_command_is_127_or_126_and_keeps_the_cache() {
     let (env, _, before) = primed();
     let out = env.run(["keep", "--ttl", "0", "--", "no-such-command-here"]);
-    assert_eq!(status(&out), 127);
+    assert_status(&out, 127);
     assert_one_line(&stderr(&out), "no-such-command-here");
     let file = env.path("not-executable");
     fs::write(&file, "echo hi").unwrap();
     fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
     let out = env.run(["keep", "--ttl", "0", "--", file.to_str().unwrap()]);
-    assert_eq!(status(&out), 126);
+    assert_status(&out, 126);
     assert_one_line(&stderr(&out), "not-executable");
     assert_eq!(fs::read(env.result_file("keep")).unwrap(), before);
 }
@@ -186,7 +186,7 @@ fn durations_in_every_documented_form_are_accepted() {
         // A result written with this ttl carries it, in milliseconds.
         let _ = fs::remove_file(env.result_file("d"));
         let out = env.run(["d", "--ttl", ttl, "--", "true"]);
-        assert_eq!(status(&out), 0, "--ttl {ttl}: {}", stderr(&out));
+        assert_status(&out, 0);
         let shown = env.run(["status", "--json", "d"]);
         let json: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("JSON");
         assert_eq!(json[0]["ttl_ms"], ms, "--ttl {ttl}: {}", stdout(&shown));
@@ -204,7 +204,7 @@ fn global_options_may_come_before_a_verb_but_a_name_may_not() {
     let with_dir = env.run(["--cache-dir", dir, "status", "seen"]);
     assert_status(&with_dir, 0);
     let confused = env.run(["seen", "status", "--", "echo", "x"]);
-    assert_eq!(status(&confused), 2);
+    assert_status(&confused, 2);
     assert!(
         stderr(&confused).contains("cannot be followed by the verb 'status'"),
         "{}",

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use common::{PATIENCE, TestEnv, finish, start, status, stderr, stdout, wait_until};
+use common::{PATIENCE, TestEnv, assert_status, finish, start, status, stderr, stdout, wait_until};
 use serde_json::Value;
 
 /// A script that counts its runs and prints `tag` and what it was keyed by.
@@ -33,7 +33,7 @@ fn run_in(env: &TestEnv, dir: &Path, vars: &[(&str, Option<&str>)], args: &[&str
 
 fn status_json(env: &TestEnv, args: &[&str]) -> Vec<Value> {
     let out = env.run([&["status", "--json"], args].concat());
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     let value: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     value.as_array().expect("an array").clone()
 }
@@ -56,7 +56,7 @@ fn two_directories_each_keep_their_own_result_with_key_cwd() {
     for i in 0..20 {
         let dir = &dirs[i % 2];
         let out = run_in(&env, dir, &[], &args);
-        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_status(&out, 0);
         let printed = stdout(&out);
         assert_eq!(
             Path::new(printed.trim()).file_name(),
@@ -128,9 +128,9 @@ fn two_environments_each_keep_their_own_result_and_unset_is_a_value() {
     }
     // clear NAME clears every slot of it.
     let out = env.run(["clear", "envk"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     let out = env.run(["status", "envk"]);
-    assert_eq!(status(&out), 1, "every slot is gone: {}", stdout(&out));
+    assert_status(&out, 1);
     let out = run_in(&env, &root, &[("A", Some("one"))], &args);
     assert_eq!(stdout(&out), "A=one\n");
     assert_eq!(env.runs(), 5, "a cleared slot runs again");
@@ -147,7 +147,7 @@ fn a_file_edit_a_rename_over_it_and_its_deletion_each_cause_exactly_one_rerun() 
     let args = ["deps", "--key-file", "Cargo.lock", "--ttl", "1h", "--", job];
     let call = |expected: &str| {
         let out = env.run(args);
-        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_status(&out, 0);
         assert_eq!(stdout(&out), expected);
     };
     call("v1\n");
@@ -250,7 +250,7 @@ fn a_background_refresher_runs_in_its_callers_slot() {
     // handed to be its slot's, and waits for its result.
     for value in ["one", "two", "one", "two"] {
         let out = run_in(&env, &root, &[("A", Some(value))], &args);
-        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        assert_status(&out, 0);
         assert_eq!(stdout(&out), format!("A={value}\n"));
     }
     assert_eq!(env.runs(), 2);
@@ -438,7 +438,7 @@ fn with_etcd_the_same_key_values_share_a_slot_across_machines() {
     values.sort();
     assert_eq!(values, ["one", "two"], "{all:?}");
     let out = call(&machines[0], "", &["clear", "envk"]);
-    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_status(&out, 0);
     let out = call(&machines[1], "", &["status", "envk"]);
-    assert_eq!(status(&out), 1, "every slot is gone: {}", stdout(&out));
+    assert_status(&out, 1);
 }

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 
-use common::{TestEnv, finish, status, stderr, stdout};
+use common::{TestEnv, assert_status, finish, status, stderr, stdout};
 
 /// `singleflight ARGS...` started by `sh` with its stdout closed.
 fn with_stdout_closed(env: &TestEnv, args: &[&str]) -> std::process::Output {
@@ -33,7 +33,7 @@ fn a_hit_with_stdout_closed_does_not_write_into_the_cache() {
     // Were fd 1 left closed, the result file would be opened as fd 1 and "printed"
     // into: a failed write at best.
     let output = with_stdout_closed(&env, &args);
-    assert_eq!(status(&output), 0, "stderr: {}", stderr(&output));
+    assert_status(&output, 0);
     assert_eq!(stderr(&output), "");
     let after = env.run(args);
     assert_eq!((status(&after), stdout(&after).as_str()), (0, "hello\n"));
@@ -45,7 +45,7 @@ fn a_reader_that_goes_away_is_not_a_crash() {
     // More than a pipe holds, so that the hit is still writing when the reader leaves.
     let args = ["big", "--", "head", "-c", "1048576", "/dev/zero"];
     let primed = env.run(args);
-    assert_eq!(status(&primed), 0, "stderr: {}", stderr(&primed));
+    assert_status(&primed, 0);
 
     let mut child = env.spawn(args);
     let mut first = [0; 1];
@@ -59,7 +59,7 @@ fn a_reader_that_goes_away_is_not_a_crash() {
         "killed by a signal; stderr: {}",
         stderr(&output)
     );
-    assert_eq!(status(&output), 0, "stderr: {}", stderr(&output));
+    assert_status(&output, 0);
     assert_eq!(stderr(&output), "");
 }
 
@@ -68,7 +68,7 @@ fn a_reader_that_goes_away_is_not_a_crash() {
 fn the_command_runs_with_sigpipe_at_its_default() {
     let env = TestEnv::new();
     let output = env.run(["sigpipe", "--", "grep", "^SigIgn:", "/proc/self/status"]);
-    assert_eq!(status(&output), 0, "stderr: {}", stderr(&output));
+    assert_status(&output, 0);
     let line = stdout(&output);
     let mask = line
         .trim()

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use common::{TestEnv, assert_status, finish, status, stderr, stdout, wait_until};
 use serde_json::{Map, Value};
 
-const KEYS: [&str; 17] = [
+const KEYS: [&str; 18] = [
     "name",
     "slot",
     "keys",
@@ -30,6 +30,7 @@ const KEYS: [&str; 17] = [
     "run_started_at_ms",
     "command",
     "last_failure",
+    "service",
 ];
 const FAILURE_KEYS: [&str; 9] = [
     "consecutive_failures",
@@ -127,7 +128,7 @@ fn status_json_gives_every_key_of_fresh_stale_in_flight_and_failed_names() {
         "echo partial; echo first >&2; echo boom >&2; exit 3",
     ];
     let out = env.call("failed", &[], &failing);
-    assert_eq!(status(&out), 3);
+    assert_status(&out, 3);
     let (held, gate) = gated(&env);
     let _gate = Gate(gate.clone());
     let mut running = env.spawn(["running", "--", &held]);
@@ -266,11 +267,11 @@ fn the_status_table_fits_100_columns_and_shows_failures() {
     let long_name = "n".repeat(128);
     let long_arg = "x".repeat(300);
     let out = env.call(&long_name, &["--ttl", "1h"], &["echo", &long_arg]);
-    assert_eq!(status(&out), 0);
+    assert_status(&out, 0);
     let escape = "echo hidden >&2; echo plain >&2; printf '\\033[31mred\\033[0m\\n' >&2; \
                   echo long $(seq 1 60) >&2; exit 4";
     let out = env.call("broken", &[], &["sh", "-c", escape]);
-    assert_eq!(status(&out), 4);
+    assert_status(&out, 4);
 
     let out = env.run(["status"]);
     assert_status(&out, 0);
@@ -342,10 +343,10 @@ fn status_with_nothing_cached_is_an_empty_table_or_array() {
 fn status_of_a_name_that_does_not_exist_exits_1_and_says_so() {
     let env = TestEnv::new();
     let out = env.call("known", &[], &["echo", "hi"]);
-    assert_eq!(status(&out), 0);
+    assert_status(&out, 0);
 
     let out = env.run(["status", "nope"]);
-    assert_eq!(status(&out), 1);
+    assert_status(&out, 1);
     assert_eq!(stdout(&out), "");
     let message = stderr(&out);
     assert!(
@@ -355,7 +356,7 @@ fn status_of_a_name_that_does_not_exist_exits_1_and_says_so() {
 
     // The ones that exist are shown, and the status still says one did not.
     let out = env.run(["status", "--json", "known", "nope", "other"]);
-    assert_eq!(status(&out), 1);
+    assert_status(&out, 1);
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown.as_array().unwrap().len(), 1);
     assert_eq!(shown[0]["name"], "known");
@@ -408,7 +409,7 @@ fn clear_waits_for_the_run_in_flight_and_then_removes_its_result() {
     );
     assert!(env.cache.join("slow.lock").exists(), "the lock file stays");
     let out = env.run(["status", "slow"]);
-    assert_eq!(status(&out), 1, "a cleared NAME is gone: {}", stdout(&out));
+    assert_status(&out, 1);
 }
 
 #[test]
@@ -420,8 +421,8 @@ fn clear_all_removes_every_result_and_failure_record_and_keeps_the_locks() {
         status(&env.call("one", &["--ttl", "1h"], &["sh", "-c", &counting])),
         0
     );
-    assert_eq!(status(&env.call("two", &[], &["echo", "two"])), 0);
-    assert_eq!(status(&env.call("bad", &[], &["sh", "-c", "exit 5"])), 5);
+    assert_status(&env.call("two", &[], &["echo", "two"]), 0);
+    assert_status(&env.call("bad", &[], &["sh", "-c", "exit 5"]), 5);
     assert_eq!(status_json(&env, &[]).len(), 3);
 
     let out = env.run(["clear", "--all"]);
@@ -447,8 +448,8 @@ fn clear_all_removes_every_result_and_failure_record_and_keeps_the_locks() {
 #[test]
 fn clear_of_names_says_what_it_removed_and_an_unknown_name_is_no_error() {
     let env = TestEnv::new();
-    assert_eq!(status(&env.call("kept", &[], &["echo", "kept"])), 0);
-    assert_eq!(status(&env.call("gone", &[], &["echo", "gone"])), 0);
+    assert_status(&env.call("kept", &[], &["echo", "kept"]), 0);
+    assert_status(&env.call("gone", &[], &["echo", "gone"]), 0);
     let out = env.run(["clear", "-v", "gone", "nope"]);
     assert_status(&out, 0);
     assert_eq!(
