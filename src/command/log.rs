@@ -5,7 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{PipeReader, Write};
 use std::path::Path;
 
-use super::{Tail, read_chunks};
+use super::streams::{Tail, read_chunks};
 
 /// Appends everything read from `pipe` to the log at `path` until the pipe ends (the
 /// tree is gone); returns the tail, for the failure record. A log that cannot be

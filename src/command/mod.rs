@@ -4,9 +4,9 @@
 //! and never returning while a process it started is alive.
 
 use std::ffi::OsString;
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::PathBuf;
-use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,9 +19,11 @@ use crate::values::deadline;
 
 mod log;
 mod signals;
+mod streams;
 
 use signals::SignalForwarder;
 pub use signals::die_of;
+use streams::{stream_stdout, tee_stderr};
 
 /// How much of a failed run's stderr is kept for `status`.
 const STDERR_TAIL: usize = 2048;
@@ -429,69 +431,4 @@ fn outcome_of(status: io::Result<ExitStatus>) -> Outcome {
         return Outcome::Signaled(signal);
     }
     Outcome::Exited(Status::Internal.code())
-}
-
-/// Reads `pipe` chunk by chunk into `take` until the end, an error, or `take` says
-/// stop (returns false).
-fn read_chunks(mut pipe: impl Read, mut take: impl FnMut(&[u8]) -> bool) {
-    let mut buffer = vec![0; CHUNK];
-    loop {
-        match pipe.read(&mut buffer) {
-            Ok(0) => return,
-            Ok(n) if !take(&buffer[..n]) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    }
-}
-
-/// Copies stdout into the writer, never past `max` bytes: at the cap it reports the
-/// overflow and stops reading (the run is then killed).
-fn stream_stdout(out: ChildStdout, mut writer: EntryWriter, max: u64, events: Sender<Event>) {
-    read_chunks(out, |chunk| {
-        let room = max.saturating_sub(writer.len());
-        if chunk.len() as u64 > room {
-            writer.write(&chunk[..room as usize]);
-            let _ = events.send(Event::Overflow);
-            return false;
-        }
-        writer.write(chunk);
-        true
-    });
-    let _ = events.send(Event::Stdout(Box::new(writer)));
-}
-
-/// Passes stderr through as it comes (with `pass`) and keeps its tail.
-fn tee_stderr(err: ChildStderr, pass: bool) -> Vec<u8> {
-    let mut tail = Tail::default();
-    let mut stderr = io::stderr();
-    read_chunks(err, |chunk| {
-        if pass {
-            let _ = stderr.write_all(chunk);
-        }
-        tail.keep(chunk);
-        true
-    });
-    tail.into_bytes()
-}
-
-/// The last [`STDERR_TAIL`] bytes of a stream.
-#[derive(Default)]
-struct Tail(Vec<u8>);
-
-impl Tail {
-    fn keep(&mut self, chunk: &[u8]) {
-        self.0.extend_from_slice(chunk);
-        if self.0.len() > 2 * STDERR_TAIL {
-            self.0.drain(..self.0.len() - STDERR_TAIL);
-        }
-    }
-
-    fn into_bytes(mut self) -> Vec<u8> {
-        if self.0.len() > STDERR_TAIL {
-            self.0.drain(..self.0.len() - STDERR_TAIL);
-        }
-        self.0
-    }
 }
