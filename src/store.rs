@@ -36,6 +36,19 @@ pub struct Paths {
     pub key: PathBuf,
 }
 
+impl Paths {
+    /// A `--service` NAME's record of its instances (`NAME.service`). Formed when
+    /// asked, not with the others: a hit never needs it.
+    pub fn service(&self) -> PathBuf {
+        self.result.with_extension("service")
+    }
+
+    /// A `--service` NAME's log, its instance's stdout and stderr (`NAME.log`).
+    pub fn log(&self) -> PathBuf {
+        self.result.with_extension("log")
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     dir: PathBuf,

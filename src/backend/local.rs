@@ -222,7 +222,7 @@ impl Place for LocalPlace {
             in_flight: self.run_in_flight(),
             failure: record::load::<Failure>(&self.paths().failure),
             key_values: record::load(&self.paths().key),
-            service: record::load(&self.paths().result.with_extension("service")),
+            service: record::load(&self.paths().service()),
         })
     }
 
@@ -245,7 +245,7 @@ impl Place for LocalPlace {
                 lock::exclusive(&paths.lock).with_context(context)?
             }
         };
-        let (service, log) = service_files(paths);
+        let (service, log) = (paths.service(), paths.log());
         remove_all(&[
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
@@ -298,7 +298,7 @@ impl Place for LocalPlace {
         if let Some(run) = record::load::<RunRecord>(&paths.run) {
             reap::kill_remains(&run);
         }
-        let (service, log) = service_files(paths);
+        let (service, log) = (paths.service(), paths.log());
         #[cfg_attr(windows, allow(unused_mut))]
         let mut files = vec![
             (&paths.result, "result"),
@@ -316,14 +316,6 @@ impl Place for LocalPlace {
         drop(guard);
         removed
     }
-}
-
-/// A `--service` NAME's record and log (`NAME.service`, `NAME.log`).
-fn service_files(paths: &Paths) -> (PathBuf, PathBuf) {
-    (
-        paths.result.with_extension("service"),
-        paths.result.with_extension("log"),
-    )
 }
 
 /// Removes these files; what was there, by name.

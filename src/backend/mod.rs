@@ -295,6 +295,14 @@ pub struct OutputCap {
     pub by_backend: bool,
 }
 
+impl OutputCap {
+    /// No cap: a run whose stdout is not captured (`--exclusive`, `--service`).
+    pub const NONE: OutputCap = OutputCap {
+        bytes: u64::MAX,
+        by_backend: false,
+    };
+}
+
 /// One NAME as a run call or `status` uses it: its place in the backend, and the key
 /// values of the run call (not of `status`).
 pub struct Slot {

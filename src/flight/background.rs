@@ -139,14 +139,9 @@ impl Flight {
         };
         match self.won_decision()? {
             (OnWon::Run, look) => {
-                let ran = self.run_and_store(look, &held).inspect_err(|e| {
-                    // A refresher stopped by a signal did not fail.
-                    if e.downcast_ref::<Exit>()
-                        .is_none_or(|exit| exit.signal.is_none())
-                    {
-                        self.record_failure_to_start(e, &held);
-                    }
-                });
+                let ran = self
+                    .run_and_store(look, &held)
+                    .inspect_err(|e| self.record_failure_to_start(e, &held));
                 drop(held);
                 let (status, body) = ran?;
                 match hand_back {

@@ -44,11 +44,7 @@ impl Flight {
             return Err(Exit::killed_by(signal).into());
         }
         if !outcome.succeeded() {
-            let cap = OutputCap {
-                bytes: u64::MAX,
-                by_backend: false,
-            };
-            let what = self.describe_outcome(outcome, finished.duration, cap);
+            let what = self.describe_outcome(outcome, finished.duration, OutputCap::NONE);
             self.say.warn(format_args!("{what}"));
         } else {
             self.say.decided(format_args!(

@@ -7,7 +7,6 @@
 //! run does (`--retry-after`, `--retry-max`).
 
 use std::ffi::OsStr;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -16,7 +15,7 @@ use anyhow::Result;
 
 use super::Flight;
 use crate::backend::{Held, OutputCap};
-use crate::command::Io;
+use crate::command::{Io, Outcome};
 use crate::entry::{self, EntryWriter};
 use crate::exit::{Exit, Status};
 use crate::record::{self, ServiceExit, ServiceRecord};
@@ -61,7 +60,7 @@ impl Flight {
                     "{}: the instance was not ready within --wait {} (its log: {})",
                     self.opts.name,
                     human(self.opts.wait),
-                    self.log_path().display()
+                    self.slot.paths().log().display()
                 );
                 return Err(Exit::new(Status::NothingToServe, message).into());
             }
@@ -108,7 +107,7 @@ impl Flight {
             "{}: the instance started (supervisor pid {supervisor}) ended before it was \
              ready: {why} (its log: {})",
             self.opts.name,
-            self.log_path().display()
+            self.slot.paths().log().display()
         );
         Exit::new(Status::NothingToServe, message).into()
     }
@@ -153,10 +152,11 @@ impl Flight {
         let Some(held) = (unsafe { self.slot.place().take_handed(handover)? }) else {
             return Ok(0);
         };
-        let mut service = record::load::<ServiceRecord>(&self.service_path()).unwrap_or_default();
+        let mut service =
+            record::load::<ServiceRecord>(&self.slot.paths().service()).unwrap_or_default();
         service.starts += 1;
         self.write_service(&service);
-        let log = Io::Log(self.log_path());
+        let log = Io::Log(self.slot.paths().log());
         let ran = self.run_under_lock(
             &held,
             log,
@@ -164,23 +164,9 @@ impl Flight {
             self.opts.max_output,
             EntryWriter::discard(),
         );
-        let finished = match ran {
-            Ok(finished) => finished,
-            Err(e) => {
-                if e.downcast_ref::<Exit>()
-                    .is_none_or(|exit| exit.signal.is_none())
-                {
-                    self.record_failure_to_start(&e, &held);
-                }
-                return Err(e);
-            }
-        };
+        let finished = ran.inspect_err(|e| self.record_failure_to_start(e, &held))?;
         let outcome = finished.outcome;
-        let cap = OutputCap {
-            bytes: u64::MAX,
-            by_backend: false,
-        };
-        let what = self.describe_outcome(outcome, finished.duration, cap);
+        let what = self.describe_outcome(outcome, finished.duration, OutputCap::NONE);
         let status = outcome.exit_status().code();
         service.last_exit = Some(ServiceExit {
             at_ms: entry::now_ms(SystemTime::now()),
@@ -191,29 +177,21 @@ impl Flight {
         self.write_service(&service);
         if outcome.succeeded() {
             held.forget_failure();
-        } else if !matches!(outcome, crate::command::Outcome::Interrupted(_)) {
+        } else if !matches!(outcome, Outcome::Interrupted(_)) {
             let tail = &finished.stderr_tail;
             self.write_failure(&held, status, &what, finished.duration, tail);
         }
         drop(held);
         match outcome {
-            crate::command::Outcome::Interrupted(signal) => Err(Exit::killed_by(signal).into()),
+            Outcome::Interrupted(signal) => Err(Exit::killed_by(signal).into()),
             _ => Ok(status),
         }
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.slot.paths().result.with_extension("log")
-    }
-
-    fn service_path(&self) -> PathBuf {
-        self.slot.paths().result.with_extension("service")
     }
 
     fn write_service(&self, service: &ServiceRecord) {
         let _ = self.slot.store().write_atomically(
             &self.opts.name,
-            &self.service_path(),
+            &self.slot.paths().service(),
             &record::to_bytes(service),
             false,
         );

@@ -353,7 +353,15 @@ impl Flight {
         }
     }
 
+    /// Records why a detached run (a refresher, a supervisor) did not get to run, for
+    /// `status` and the back-off; one stopped by a signal did not fail.
     pub(super) fn record_failure_to_start(&self, error: &anyhow::Error, held: &Held) {
+        if error
+            .downcast_ref::<Exit>()
+            .is_some_and(|exit| exit.signal.is_some())
+        {
+            return;
+        }
         let reason = format!("{error:#}");
         self.write_failure(
             held,
