@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend;
-use crate::etcd::{Endpoints, Prefix, parse_backend};
+use crate::etcd::{Endpoints, Prefix, parse_backend, parse_lease_ttl};
 use crate::key::KeySpec;
 use crate::values::{LeaseHandover, Name, Refresher, parse_duration, parse_size};
 
@@ -119,9 +119,61 @@ pub struct GlobalArgs {
     #[arg(long, value_name = "D", value_parser = parse_duration, global = true)]
     pub backend_timeout: Option<Duration>,
 
-    /// Internal: the TTL of the etcd lease that holds a NAME's lock [default: 10s]
-    #[arg(long, hide = true, value_name = "D", value_parser = parse_duration, global = true)]
+    /// How long the etcd lock outlives a singleflight that can no longer renew it
+    /// (killed, cut off from etcd); renewed every third of it, the run killed when
+    /// renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]
+    #[arg(long, value_name = "D", value_parser = parse_lease_ttl, global = true)]
     pub lease_ttl: Option<Duration>,
+
+    /// Trust the etcd+https:// server certificates this CA (PEM) signed, and only
+    /// those [default: Mozilla's root certificates]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SINGLEFLIGHT_ETCD_CACERT",
+        global = true
+    )]
+    pub etcd_cacert: Option<PathBuf>,
+
+    /// Show etcd this client certificate (PEM), for its --client-cert-auth
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SINGLEFLIGHT_ETCD_CERT",
+        requires = "etcd_key",
+        global = true
+    )]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --etcd-cert
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SINGLEFLIGHT_ETCD_KEY",
+        requires = "etcd_cert",
+        global = true
+    )]
+    pub etcd_key: Option<PathBuf>,
+
+    /// Log in to etcd as this user; the password comes from the environment variable
+    /// SINGLEFLIGHT_ETCD_PASSWORD or --etcd-password-file, never from the command line
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "SINGLEFLIGHT_ETCD_USER",
+        global = true
+    )]
+    pub etcd_user: Option<String>,
+
+    /// The --etcd-user's password: the first line of this file
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SINGLEFLIGHT_ETCD_PASSWORD_FILE",
+        requires = "etcd_user",
+        global = true
+    )]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -331,6 +383,11 @@ impl GlobalArgs {
             prefix: self.etcd_prefix.clone(),
             timeout: self.backend_timeout,
             lease_ttl: self.lease_ttl,
+            cacert: self.etcd_cacert.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+            password_file: self.etcd_password_file.clone(),
         }
     }
 }

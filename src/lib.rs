@@ -54,8 +54,9 @@ pub use crate::reap::RUN_ID_ENV;
 pub mod etcd_client {
     pub use crate::entry::{Meta, argv_digest, encoded_len, from_bytes, now_ms, to_bytes};
     pub use crate::etcd::{
-        Client, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, EtcdError, FencingToken, LeaseId,
-        LeaseKeeper, LeaseLost, Prefix, Write, check_size, default_lead,
+        Client, Credentials, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, EtcdError,
+        FencingToken, LeaseId, LeaseKeeper, LeaseLost, Prefix, Security, TlsFiles, Write,
+        check_size, default_lead,
     };
     pub use crate::values::Name;
 }
@@ -69,7 +70,7 @@ use crate::store::Store;
 /// Carries out a parsed command line; returns the exit status.
 pub fn run(cli: Cli) -> Result<i32> {
     let global = cli.global;
-    let backend = backend::open(global.backend_config());
+    let backend = backend::open(global.backend_config())?;
     let store = Store::locate(global.cache_dir)?;
     match cli.verb {
         Some(Verb::Status { names, json }) => status::status(&*backend, &store, names, json),

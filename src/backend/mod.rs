@@ -15,6 +15,7 @@ mod local;
 
 use std::ffi::OsString;
 use std::io;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -40,26 +41,29 @@ pub struct Config {
     pub prefix: Option<Prefix>,
     /// `--backend-timeout`.
     pub timeout: Option<Duration>,
-    /// `--lease-ttl` (internal).
+    /// `--lease-ttl`.
     pub lease_ttl: Option<Duration>,
+    /// `--etcd-cacert`, `--etcd-cert`, `--etcd-key`: TLS files.
+    pub cacert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// `--etcd-user` and `--etcd-password-file`.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
 }
 
 /// The backend the options name: the cache dir unless `--backend` names an etcd.
-/// Nothing is sent to etcd yet. (A build without the etcd backend refuses
-/// `--backend` when it parses it.)
-pub fn open(config: Config) -> Box<dyn Backend> {
+/// Nothing is sent to etcd yet; the etcd options' files (TLS, password) are read now,
+/// and only with `--backend`. (A build without the etcd backend refuses `--backend`
+/// when it parses it.)
+pub fn open(config: Config) -> Result<Box<dyn Backend>> {
     #[cfg(feature = "etcd")]
-    if let Some(endpoints) = config.endpoints {
-        return Box::new(fleet::Fleet::new(
-            endpoints,
-            config.prefix.unwrap_or_default(),
-            config.timeout,
-            config.lease_ttl,
-        ));
+    if config.endpoints.is_some() {
+        return Ok(Box::new(fleet::Fleet::open(config)?));
     }
     #[cfg(not(feature = "etcd"))]
     let _ = config;
-    Box::new(local::Local)
+    Ok(Box::new(local::Local))
 }
 
 /// Where every NAME's lock and result live.

@@ -3,97 +3,22 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use super::auth::{Auth, Credentials};
 use super::endpoints::Endpoints;
+use super::error::EtcdError;
+use super::tls::{self, TlsFiles};
 use super::transport::{Transport, parse};
 use super::wire::{self, b64, prefix_end};
-use crate::values::format_size;
 
 /// `--backend-timeout` default: the longest one request to one member may take.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest value singleflight stores in etcd, by default. etcd refuses requests
 /// over 1.5 MiB (`--max-request-bytes`); this leaves room for the request around it.
 pub const DEFAULT_MAX_VALUE: u64 = 1 << 20;
-/// How often a caller waiting for a run in flight looks whether the lock is free.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Why an etcd operation did not happen.
-#[derive(Debug)]
-pub enum EtcdError {
-    /// No member answered in time: each member asked and why it did not answer.
-    Unreachable { tried: Vec<(String, String)> },
-    /// A member answered with an error (gRPC status `code`).
-    Refused {
-        member: String,
-        code: i32,
-        message: String,
-    },
-    /// An answer that is not what the gateway sends.
-    Garbled { detail: String },
-}
-
-impl fmt::Display for EtcdError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            EtcdError::Unreachable { tried } => {
-                f.write_str("etcd unreachable")?;
-                for (i, (member, why)) in tried.iter().enumerate() {
-                    let sep = if i == 0 { ": " } else { "; " };
-                    write!(f, "{sep}{member}: {why}")?;
-                }
-                Ok(())
-            }
-            EtcdError::Refused {
-                member,
-                code,
-                message,
-            } => write!(
-                f,
-                "etcd at {member} refused the request: {message} (code {code})"
-            ),
-            EtcdError::Garbled { detail } => write!(f, "unexpected answer from etcd: {detail}"),
-        }
-    }
-}
-
-impl std::error::Error for EtcdError {}
-
-/// A value too large to store in etcd; the caller refuses it rather than truncate.
-#[derive(Debug, PartialEq, Eq)]
-pub struct TooLarge {
-    pub len: u64,
-    pub limit: u64,
-}
-
-impl fmt::Display for TooLarge {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the result is {} ({} bytes), over the etcd backend's limit of {} ({} bytes); \
-             it was not stored",
-            format_size(self.len),
-            self.len,
-            format_size(self.limit),
-            self.limit
-        )
-    }
-}
-
-impl std::error::Error for TooLarge {}
-
-/// Checks that a value of `len` bytes (a whole encoded entry: header, body and
-/// metadata) may be stored.
-pub fn check_size(len: u64, limit: u64) -> Result<(), TooLarge> {
-    if len <= limit {
-        Ok(())
-    } else {
-        Err(TooLarge { len, limit })
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LeaseId(pub i64);
@@ -161,19 +86,49 @@ pub enum Write<'a> {
     },
 }
 
-/// A blocking etcd client; cheap to clone (the lease keeper holds one).
+/// How a client proves who it is, and whom it trusts: TLS files (for
+/// `etcd+https://`) and a login.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    pub tls: TlsFiles,
+    pub credentials: Option<Credentials>,
+}
+
+/// A blocking etcd client; cheap to clone (the lease keeper holds one, and shares its
+/// login).
 #[derive(Clone)]
 pub struct Client {
-    transport: Arc<Transport>,
+    pub(super) transport: Arc<Transport>,
+    pub(super) auth: Option<Arc<Auth>>,
 }
 
 impl Client {
-    /// A client of these members, each request to one member bounded by `timeout`.
-    /// Nothing is sent until the first operation.
+    /// A client of these members over plain HTTP or TLS with the default roots, each
+    /// request to one member bounded by `timeout`. Nothing is sent until the first
+    /// operation.
     pub fn new(endpoints: Endpoints, timeout: Duration) -> Client {
         Client {
-            transport: Arc::new(Transport::new(endpoints, timeout)),
+            transport: Arc::new(Transport::new(endpoints, timeout, None)),
+            auth: None,
         }
+    }
+
+    /// A client with TLS files and a login. The files are read now; the error names
+    /// the one that cannot be used. Nothing is sent until the first operation.
+    pub fn with_security(
+        endpoints: Endpoints,
+        timeout: Duration,
+        security: &Security,
+    ) -> Result<Client, String> {
+        let tls = if security.tls.any() {
+            Some(tls::config(&security.tls)?)
+        } else {
+            None
+        };
+        Ok(Client {
+            transport: Arc::new(Transport::new(endpoints, timeout, tls)),
+            auth: security.credentials.clone().map(|c| Arc::new(Auth::new(c))),
+        })
     }
 
     pub fn endpoints(&self) -> &Endpoints {
@@ -185,7 +140,29 @@ impl Client {
     }
 
     fn call(&self, path: &str, body: serde_json::Value) -> Result<Vec<u8>, EtcdError> {
-        Ok(self.transport.post(path, &body, None)?.bytes)
+        self.authed(None, |token| {
+            Ok(self.transport.post(path, &body, None, token)?.bytes)
+        })
+    }
+
+    /// Runs `op` with the login's token (none without a login). When etcd refuses
+    /// the token (expired), logs in again and runs `op` once more.
+    pub(super) fn authed<T>(
+        &self,
+        deadline: Option<Instant>,
+        op: impl Fn(Option<&str>) -> Result<T, EtcdError>,
+    ) -> Result<T, EtcdError> {
+        let Some(auth) = &self.auth else {
+            return op(None);
+        };
+        let token = auth.token(&self.transport, deadline)?;
+        match op(Some(&token)) {
+            Err(e) if e.is_stale_token() => {
+                let token = auth.renew(&self.transport, &token, deadline)?;
+                op(Some(&token))
+            }
+            other => other,
+        }
     }
 
     /// Grants a lease of `ttl` (whole seconds, rounded up).
@@ -221,26 +198,30 @@ impl Client {
         deadline: Option<Instant>,
     ) -> Result<Duration, EtcdError> {
         let body = json!({ "ID": lease.0.to_string() });
-        let answer = self.transport.post("/lease/keepalive", &body, deadline)?;
-        // A streaming call: one message per line; one request, one message.
-        let line = answer
-            .bytes
-            .split(|&b| b == b'\n')
-            .find(|line| !line.iter().all(u8::is_ascii_whitespace))
-            .unwrap_or_default();
-        let message: wire::StreamMessage<wire::LeaseKeepAliveResponse> =
-            parse(line, "lease keepalive")?;
-        match (message.result, message.error) {
-            (Some(result), _) => Ok(Duration::from_secs(result.ttl.max(0) as u64)),
-            (None, Some(error)) => Err(EtcdError::Refused {
-                member: answer.member,
-                code: error.grpc_code,
-                message: error.message,
-            }),
-            (None, None) => Err(EtcdError::Garbled {
-                detail: format!("lease keepalive: {:?}", String::from_utf8_lossy(line)),
-            }),
-        }
+        self.authed(deadline, |token| {
+            let answer = self
+                .transport
+                .post("/lease/keepalive", &body, deadline, token)?;
+            // A streaming call: one message per line; one request, one message.
+            let line = answer
+                .bytes
+                .split(|&b| b == b'\n')
+                .find(|line| !line.iter().all(u8::is_ascii_whitespace))
+                .unwrap_or_default();
+            let message: wire::StreamMessage<wire::LeaseKeepAliveResponse> =
+                parse(line, "lease keepalive")?;
+            match (message.result, message.error) {
+                (Some(result), _) => Ok(Duration::from_secs(result.ttl.max(0) as u64)),
+                (None, Some(error)) => Err(EtcdError::Refused {
+                    member: answer.member,
+                    code: error.grpc_code,
+                    message: error.message,
+                }),
+                (None, None) => Err(EtcdError::Garbled {
+                    detail: format!("lease keepalive: {:?}", String::from_utf8_lossy(line)),
+                }),
+            }
+        })
     }
 
     /// Revokes a lease, deleting the keys attached to it (the lock). A lease that is
@@ -303,26 +284,6 @@ impl Client {
         }))
     }
 
-    /// Waits until nobody holds the lock `key`, for at most `limit`, looking every
-    /// [`POLL_INTERVAL`]. Returns whether it was released in time.
-    ///
-    /// Polling, not a watch: a waiter is rare (only callers with nothing to serve
-    /// wait), a look is one small read, and a poll needs no stream to keep, resume
-    /// after a compaction, or move to another member when one fails.
-    pub fn wait_released(&self, key: &[u8], limit: Duration) -> Result<bool, EtcdError> {
-        let deadline = crate::values::later(Instant::now(), limit);
-        loop {
-            if self.lock_holder(key)?.is_none() {
-                return Ok(true);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(false);
-            }
-            thread::sleep(left.min(POLL_INTERVAL));
-        }
-    }
-
     /// The value at `key` and the revision of its last write.
     pub fn get(&self, key: &[u8]) -> Result<Option<Value>, EtcdError> {
         Ok(self.range_one(key)?.map(|kv| Value {
@@ -332,9 +293,14 @@ impl Client {
     }
 
     fn range_one(&self, key: &[u8]) -> Result<Option<wire::KeyValue>, EtcdError> {
+        Ok(self.range_at(key)?.0)
+    }
+
+    /// The key's value if any, and the revision of the store when it was read.
+    pub(super) fn range_at(&self, key: &[u8]) -> Result<(Option<wire::KeyValue>, i64), EtcdError> {
         let answer = self.call("/kv/range", json!({ "key": b64(key) }))?;
         let range: wire::RangeResponse = parse(&answer, "range")?;
-        Ok(range.kvs.into_iter().next())
+        Ok((range.kvs.into_iter().next(), range.header.revision))
     }
 
     /// The keys that start with `prefix`, in key order.
@@ -411,34 +377,5 @@ impl Client {
     /// meanwhile, and maybe taken by somebody else, is left alone.
     pub fn release(&self, lock_key: &[u8], token: FencingToken) -> Result<bool, EtcdError> {
         self.write_if_holder(lock_key, token, &[Write::Delete { key: lock_key }])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn size_check_refuses_over_the_limit_only() {
-        assert_eq!(check_size(DEFAULT_MAX_VALUE, DEFAULT_MAX_VALUE), Ok(()));
-        let err = check_size(DEFAULT_MAX_VALUE + 1, DEFAULT_MAX_VALUE).unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains("1048577 bytes"), "{text}");
-        assert!(text.contains("limit of 1.0MiB"), "{text}");
-        assert!(text.contains("not stored"), "{text}");
-    }
-
-    #[test]
-    fn errors_name_every_member_tried() {
-        let error = EtcdError::Unreachable {
-            tried: vec![
-                ("a:1".to_owned(), "connection refused".to_owned()),
-                ("b:2".to_owned(), "no answer within 2s".to_owned()),
-            ],
-        };
-        assert_eq!(
-            error.to_string(),
-            "etcd unreachable: a:1: connection refused; b:2: no answer within 2s"
-        );
     }
 }

@@ -1,32 +1,44 @@
-//! The `--backend etcd://HOST:PORT[,HOST:PORT...]` value: parsed once into the list of
-//! etcd members to talk to, in the order the user gave them.
+//! The `--backend etcd://HOST:PORT[,HOST:PORT...]` value (`etcd+https://` for TLS):
+//! parsed once into the list of etcd members to talk to, in the order the user gave
+//! them, and whether to speak TLS to them.
 
 use std::fmt;
 
 /// etcd's default client port, for a HOST given without one.
 pub const DEFAULT_PORT: u16 = 2379;
 
+/// Plain HTTP to etcd's gateway.
 const SCHEME: &str = "etcd://";
+/// TLS (HTTPS) to etcd's gateway.
+const TLS_SCHEME: &str = "etcd+https://";
 
-/// The members of one etcd cluster, as `host:port` (IPv6 hosts in brackets).
+/// The members of one etcd cluster, as `host:port` (IPv6 hosts in brackets), and
+/// whether they are spoken to over TLS.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoints(Vec<String>);
+pub struct Endpoints {
+    members: Vec<String>,
+    tls: bool,
+}
 
 impl Endpoints {
-    /// Parses `etcd://HOST[:PORT][,HOST[:PORT]...]`; the error says what a valid
-    /// value looks like.
+    /// Parses `etcd://HOST[:PORT][,HOST[:PORT]...]` (or `etcd+https://...`); the
+    /// error says what a valid value looks like.
     pub fn parse(value: &str) -> Result<Endpoints, String> {
         let bad = |why: &str| {
             format!(
-                "invalid backend {value:?}: {why}; use etcd://HOST:PORT[,HOST:PORT...], \
-                 e.g. etcd://127.0.0.1:2379"
+                "invalid backend {value:?}: {why}; use etcd://HOST:PORT[,HOST:PORT...] \
+                 (etcd+https://... for TLS), e.g. etcd://127.0.0.1:2379"
             )
         };
-        let Some(rest) = strip_prefix_ignore_case(value, SCHEME) else {
+        let (rest, tls) = if let Some(rest) = strip_prefix_ignore_case(value, SCHEME) {
+            (rest, false)
+        } else if let Some(rest) = strip_prefix_ignore_case(value, TLS_SCHEME) {
+            (rest, true)
+        } else {
             let why = match value.split_once("://") {
-                Some(("https" | "etcds", _)) => "TLS is not supported",
+                Some(("https" | "etcds", _)) => "for TLS write etcd+https://",
                 Some((scheme, _)) => return Err(bad(&format!("unknown scheme {scheme:?}"))),
-                None => "it does not start with etcd://",
+                None => "it does not start with etcd:// or etcd+https://",
             };
             return Err(bad(why));
         };
@@ -39,26 +51,32 @@ impl Endpoints {
         for member in rest.split(',') {
             members.push(parse_member(member.trim()).map_err(|why| bad(&why))?);
         }
-        Ok(Endpoints(members))
+        Ok(Endpoints { members, tls })
     }
 
     /// `host:port` of each member.
     pub fn members(&self) -> &[String] {
-        &self.0
+        &self.members
+    }
+
+    /// Whether the members are spoken to over TLS (`etcd+https://`).
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.members.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.members.is_empty()
     }
 }
 
 impl fmt::Display for Endpoints {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SCHEME}{}", self.0.join(","))
+        let scheme = if self.tls { TLS_SCHEME } else { SCHEME };
+        write!(f, "{scheme}{}", self.members.join(","))
     }
 }
 
@@ -153,6 +171,11 @@ mod tests {
         let endpoints = Endpoints::parse("etcd://x:1,y:2").unwrap();
         assert_eq!(endpoints.to_string(), "etcd://x:1,y:2");
         assert_eq!(endpoints.len(), 2);
+        assert!(!endpoints.tls());
+        let tls = Endpoints::parse("ETCD+HTTPS://x:1,[::1]").unwrap();
+        assert!(tls.tls());
+        assert_eq!(tls.members(), ["x:1", "[::1]:2379"]);
+        assert_eq!(tls.to_string(), "etcd+https://x:1,[::1]:2379");
     }
 
     #[test]
@@ -161,7 +184,9 @@ mod tests {
             ("", "does not start with etcd://"),
             ("127.0.0.1:2379", "does not start with etcd://"),
             ("http://127.0.0.1:2379", "unknown scheme \"http\""),
-            ("https://127.0.0.1:2379", "TLS is not supported"),
+            ("https://127.0.0.1:2379", "for TLS write etcd+https://"),
+            ("etcd+https://", "an empty member"),
+            ("etcd+https://a:1/v3", "a path"),
             ("etcd://", "an empty member"),
             ("etcd://a:1,,b:2", "an empty member"),
             ("etcd://a:1/v3", "a path"),

@@ -1,10 +1,13 @@
-//! One request to etcd's v3 JSON gateway: an HTTP POST bounded by the backend
-//! timeout, moving on to the next member when one cannot answer.
+//! One request to etcd's v3 JSON gateway: an HTTP(S) POST bounded by the backend
+//! timeout, moving on to the next member when one cannot answer; or a stream (a
+//! watch) opened the same way and read line by line.
 
+use std::io::{BufReader, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
+use ureq::tls::TlsConfig;
 
 use super::EtcdError;
 use super::endpoints::Endpoints;
@@ -30,22 +33,27 @@ pub struct Transport {
 struct Skip {
     member: String,
     why: String,
+    /// The TLS handshake failed (a certificate that does not verify, say).
+    tls: bool,
 }
 
 impl Transport {
-    pub fn new(endpoints: Endpoints, timeout: Duration) -> Transport {
-        let agent = ureq::Agent::config_builder()
+    /// `tls` is the TLS configuration of `etcd+https://` members (`None`: ureq's
+    /// default, Mozilla's roots and no client certificate); plain `etcd://` uses none.
+    pub fn new(endpoints: Endpoints, timeout: Duration, tls: Option<TlsConfig>) -> Transport {
+        let mut config = ureq::Agent::config_builder()
             // The gateway's error answers carry etcd's reason in JSON: read them.
             .http_status_as_error(false)
             // etcd is reached directly; an HTTP(S)_PROXY meant for the web must not
             // capture it (ureq reads those variables by default).
             .proxy(None)
-            .max_redirects(0)
-            .build()
-            .new_agent();
+            .max_redirects(0);
+        if let Some(tls) = tls {
+            config = config.tls_config(tls);
+        }
         Transport {
             endpoints,
-            agent,
+            agent: config.build().new_agent(),
             timeout,
             preferred: AtomicUsize::new(0),
         }
@@ -63,13 +71,107 @@ impl Transport {
     /// member is asked at most once, each for at most the backend timeout and never
     /// past `deadline`; a member that cannot be reached, does not answer in time or
     /// says it is unavailable (no leader, shutting down) is skipped.
+    /// `token` is the auth token to send, if any.
     pub fn post(
         &self,
         path: &str,
         body: &serde_json::Value,
         deadline: Option<Instant>,
+        token: Option<&str>,
     ) -> Result<Answer, EtcdError> {
         let body = serde_json::to_vec(body).expect("requests serialize");
+        self.each_member(deadline, |member, limit| {
+            let request = self.request(member, path, token, limit, None);
+            let mut response = request.send(&body[..]).map_err(|e| failed(&e, limit))?;
+            let status = response.status();
+            let answer = response
+                .body_mut()
+                .with_config()
+                .limit(MAX_ANSWER)
+                .read_to_vec()
+                .map_err(|e| failed(&e, limit))?;
+            if status.is_success() {
+                return Ok(answer);
+            }
+            Err(refusal(status, &answer))
+        })
+        .map(|(member, bytes)| Answer { member, bytes })
+    }
+
+    /// Opens a streaming call (a watch): POSTs `body` to `path` and returns the
+    /// answer's body to read line by line, each line one message. Opening is bounded
+    /// by the backend timeout per member, as [`Transport::post`]; reading by `until`
+    /// (a read past it fails with a timeout).
+    pub fn stream(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        until: Instant,
+        token: Option<&str>,
+    ) -> Result<Stream, EtcdError> {
+        let body = serde_json::to_vec(body).expect("requests serialize");
+        self.each_member(Some(until), |member, limit| {
+            let whole = until.saturating_duration_since(Instant::now());
+            let request = self.request(member, path, token, limit, Some(whole));
+            let response = request.send(&body[..]).map_err(|e| failed(&e, limit))?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response.into_body().into_reader());
+            }
+            let mut answer = Vec::new();
+            let _ = response
+                .into_body()
+                .into_reader()
+                .take(64 << 10)
+                .read_to_end(&mut answer);
+            Err(refusal(status, &answer))
+        })
+        .map(|(member, reader)| Stream {
+            member,
+            reader: BufReader::new(reader),
+        })
+    }
+
+    /// One request to `member`: the whole of it within `limit`, or, for a stream,
+    /// its answer's head within `limit` and its body within `whole`.
+    fn request(
+        &self,
+        member: &str,
+        path: &str,
+        token: Option<&str>,
+        limit: Duration,
+        whole: Option<Duration>,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let scheme = if self.endpoints.tls() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{member}{API}{path}");
+        let config = self.agent.post(&url).config();
+        let config = match whole {
+            None => config.timeout_global(Some(limit)),
+            Some(whole) => config
+                .timeout_global(Some(whole))
+                .timeout_connect(Some(limit))
+                .timeout_send_request(Some(limit))
+                .timeout_send_body(Some(limit))
+                .timeout_recv_response(Some(limit)),
+        };
+        let request = config.build().header("content-type", "application/json");
+        match token {
+            Some(token) => request.header("authorization", token),
+            None => request,
+        }
+    }
+
+    /// Asks each member in turn, starting with the one that answered last, at most
+    /// once each, each for at most the backend timeout and never past `deadline`.
+    fn each_member<T>(
+        &self,
+        deadline: Option<Instant>,
+        mut attempt: impl FnMut(&str, Duration) -> Result<T, Attempt>,
+    ) -> Result<(String, T), EtcdError> {
         let members = self.endpoints.members();
         let first = self.preferred.load(Ordering::Relaxed) % members.len();
         let mut skipped = Vec::new();
@@ -82,6 +184,7 @@ impl Transport {
                         skipped.push(Skip {
                             member: member.clone(),
                             why: "not asked: out of time".to_owned(),
+                            tls: false,
                         });
                         break;
                     }
@@ -89,17 +192,15 @@ impl Transport {
                 }
                 None => self.timeout,
             };
-            match self.attempt(member, path, &body, limit) {
-                Ok(bytes) => {
+            match attempt(member, limit) {
+                Ok(answer) => {
                     self.preferred.store(i, Ordering::Relaxed);
-                    return Ok(Answer {
-                        member: member.clone(),
-                        bytes,
-                    });
+                    return Ok((member.clone(), answer));
                 }
-                Err(Attempt::Skip(why)) => skipped.push(Skip {
+                Err(Attempt::Skip { why, tls }) => skipped.push(Skip {
                     member: member.clone(),
                     why,
+                    tls,
                 }),
                 Err(Attempt::Refused(error)) => {
                     self.preferred.store(i, Ordering::Relaxed);
@@ -111,51 +212,13 @@ impl Transport {
                 }
             }
         }
-        Err(EtcdError::Unreachable {
-            tried: skipped.into_iter().map(|s| (s.member, s.why)).collect(),
+        let tls = !skipped.is_empty() && skipped.iter().all(|s| s.tls);
+        let tried = skipped.into_iter().map(|s| (s.member, s.why)).collect();
+        Err(if tls {
+            EtcdError::Tls { tried }
+        } else {
+            EtcdError::Unreachable { tried }
         })
-    }
-
-    fn attempt(
-        &self,
-        member: &str,
-        path: &str,
-        body: &[u8],
-        limit: Duration,
-    ) -> Result<Vec<u8>, Attempt> {
-        let url = format!("http://{member}{API}{path}");
-        let failed = |e: ureq::Error| Attempt::Skip(describe(&e, limit));
-        let mut response = self
-            .agent
-            .post(&url)
-            .config()
-            .timeout_global(Some(limit))
-            .build()
-            .header("content-type", "application/json")
-            .send(body)
-            .map_err(failed)?;
-        let status = response.status();
-        let answer = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_ANSWER)
-            .read_to_vec()
-            .map_err(failed)?;
-        if status.is_success() {
-            return Ok(answer);
-        }
-        match serde_json::from_slice::<GatewayError>(&answer) {
-            Ok(error) if error.code == wire::UNAVAILABLE => Err(Attempt::Skip(format!(
-                "unavailable: {}",
-                first_non_empty(&error.message, &error.error)
-            ))),
-            Ok(error) if error.code != 0 => Err(Attempt::Refused(error)),
-            // Not the gateway talking (a proxy, another server on that port).
-            _ => Err(Attempt::Skip(format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(&answer[..answer.len().min(200)]).trim()
-            ))),
-        }
     }
 }
 
@@ -165,18 +228,60 @@ pub struct Answer {
     pub bytes: Vec<u8>,
 }
 
+/// A streaming answer, to read line by line.
+pub struct Stream {
+    pub member: String,
+    pub reader: BufReader<ureq::BodyReader<'static>>,
+}
+
 enum Attempt {
-    Skip(String),
+    Skip { why: String, tls: bool },
     Refused(GatewayError),
 }
 
-fn describe(error: &ureq::Error, limit: Duration) -> String {
-    match error {
+/// What an answer that is not a success means: etcd's refusal, or a member to skip.
+fn refusal(status: ureq::http::StatusCode, answer: &[u8]) -> Attempt {
+    match serde_json::from_slice::<GatewayError>(answer) {
+        Ok(error) if error.code == wire::UNAVAILABLE => Attempt::Skip {
+            why: format!(
+                "unavailable: {}",
+                first_non_empty(&error.message, &error.error)
+            ),
+            tls: false,
+        },
+        Ok(error) if error.code != 0 => Attempt::Refused(error),
+        // Not the gateway talking (a proxy, another server on that port).
+        _ => Attempt::Skip {
+            why: format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&answer[..answer.len().min(200)]).trim()
+            ),
+            tls: false,
+        },
+    }
+}
+
+fn failed(error: &ureq::Error, limit: Duration) -> Attempt {
+    let why = match error {
         ureq::Error::Timeout(_) => format!("no answer within {}", format_duration(limit)),
         ureq::Error::Io(e) => e.to_string(),
         ureq::Error::HostNotFound => "host not found".to_owned(),
         ureq::Error::ConnectionFailed => "connection failed".to_owned(),
         other => other.to_string(),
+    };
+    Attempt::Skip {
+        tls: is_tls(error),
+        why,
+    }
+}
+
+/// Whether `error` is the TLS handshake's: a certificate that does not verify, a
+/// client certificate the member refused, a member that does not speak TLS.
+fn is_tls(error: &ureq::Error) -> bool {
+    match error {
+        ureq::Error::Rustls(_) | ureq::Error::Tls(_) | ureq::Error::Pem(_) => true,
+        ureq::Error::Io(e) => e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),
+        _ => false,
     }
 }
 

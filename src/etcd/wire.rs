@@ -103,6 +103,26 @@ pub struct LeaseKeepAliveResponse {
     pub ttl: i64,
 }
 
+/// One message of a watch stream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct WatchResponse {
+    pub header: Header,
+    pub created: bool,
+    pub canceled: bool,
+    pub cancel_reason: String,
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Event {
+    /// `DELETE`, or absent (the zero value) for a put.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub kv: KeyValue,
+}
+
 /// keepalive is a streaming call: the gateway wraps each message in `result`, or
 /// sends an `error` object instead.
 #[derive(Debug, Default, Deserialize)]
@@ -183,5 +203,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(refused.code, 3);
+        // As etcd 3.4's gateway streamed a watch: created, a put, a delete.
+        let created: StreamMessage<WatchResponse> =
+            serde_json::from_str(r#"{"result":{"header":{"revision":"2"},"created":true}}"#)
+                .unwrap();
+        assert!(created.result.unwrap().created);
+        let put: StreamMessage<WatchResponse> = serde_json::from_str(
+            r#"{"result":{"header":{"revision":"3"},"events":[{"kv":{"key":"a2V5","create_revision":"2","mod_revision":"3","version":"2","value":"dw=="}}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(put.result.unwrap().events[0].kind, "");
+        let delete: StreamMessage<WatchResponse> = serde_json::from_str(
+            r#"{"result":{"header":{"revision":"4"},"events":[{"type":"DELETE","kv":{"key":"a2V5","mod_revision":"4"}}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(delete.result.unwrap().events[0].kind, "DELETE");
+        let refused: StreamMessage<WatchResponse> = serde_json::from_str(
+            r#"{"result":{"header":{"revision":"4"},"watch_id":"-1","created":true,"canceled":true,"cancel_reason":"rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"}}"#,
+        )
+        .unwrap();
+        let refused = refused.result.unwrap();
+        assert!(refused.canceled && refused.cancel_reason.contains("invalid auth token"));
     }
 }

@@ -14,12 +14,14 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Place, Read, Snapshot};
+use super::{
+    Backend, Cleared, Config, FENCING_TOKEN_ENV, Files, Held, InFlight, Place, Read, Snapshot,
+};
 use crate::abort::Abort;
 use crate::entry::{self, Meta};
 use crate::etcd::{
-    Client, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, EtcdError, FencingToken, Keys, Lease,
-    LeaseId, LeaseKeeper, Prefix, Write, default_lead,
+    Client, Credentials, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, EtcdError, FencingToken, Keys, Lease,
+    LeaseId, LeaseKeeper, Prefix, Security, TlsFiles, Write, default_lead,
 };
 use crate::exit::{Exit, Status};
 use crate::key::SlotId;
@@ -41,8 +43,8 @@ const CLOCK_SKEW: Duration = Duration::from_secs(1);
 /// How long `clear` waits for a run in flight between two looks at the lock.
 const CLEAR_WAIT: Duration = Duration::from_secs(3600);
 
-/// The hidden `--lease-ttl` default: how long the etcd lock outlives a singleflight
-/// that can no longer renew it (killed, cut off).
+/// The `--lease-ttl` default: how long the etcd lock outlives a singleflight that can
+/// no longer renew it (killed, cut off).
 const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// The etcd backend as the command line gives it; cheap to clone.
@@ -55,19 +57,49 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// `--backend-timeout` and `--lease-ttl` as given (`None`: their defaults).
-    pub fn new(
-        endpoints: Endpoints,
-        prefix: Prefix,
-        timeout: Option<Duration>,
-        lease_ttl: Option<Duration>,
-    ) -> Fleet {
-        Fleet {
-            client: Client::new(endpoints, timeout.unwrap_or(DEFAULT_TIMEOUT)),
-            prefix,
-            lease_ttl: lease_ttl.unwrap_or(DEFAULT_LEASE_TTL),
-            max_value: DEFAULT_MAX_VALUE,
+    /// The etcd of `config.endpoints` with the other options as given (`None`: their
+    /// defaults). TLS options with a plain `etcd://` backend, or a user without a
+    /// password, are usage errors (2); a TLS or password file that cannot be read or
+    /// used is singleflight's failure (125).
+    pub fn open(config: Config) -> Result<Fleet> {
+        let endpoints = config.endpoints.expect("a backend to open");
+        let tls = TlsFiles {
+            cacert: config.cacert,
+            cert: config.cert,
+            key: config.key,
+        };
+        if tls.any() && !endpoints.tls() {
+            let message = format!(
+                "--etcd-cacert, --etcd-cert and --etcd-key are for TLS: write the backend as \
+                 etcd+https://..., not {endpoints}"
+            );
+            return Err(Exit::new(Status::Usage, message).into());
         }
+        let credentials = match config.user {
+            None => None,
+            Some(user) => {
+                let file = config.password_file.as_deref();
+                let loaded = Credentials::load(user, file).map_err(|message| {
+                    let status = if file.is_some() {
+                        Status::Internal
+                    } else {
+                        Status::Usage
+                    };
+                    Exit::new(status, message)
+                })?;
+                Some(loaded)
+            }
+        };
+        let security = Security { tls, credentials };
+        let timeout = config.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        let client = Client::with_security(endpoints, timeout, &security)
+            .map_err(|message| Exit::new(Status::Internal, message))?;
+        Ok(Fleet {
+            client,
+            prefix: config.prefix.unwrap_or_default(),
+            lease_ttl: config.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL),
+            max_value: DEFAULT_MAX_VALUE,
+        })
     }
 }
 

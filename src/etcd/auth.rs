@@ -1,0 +1,185 @@
+//! etcd authentication: `--etcd-user`'s login (`POST /v3/auth/authenticate`), and the
+//! token it gives, sent in the `Authorization` header of every request.
+//!
+//! The password comes from `SINGLEFLIGHT_ETCD_PASSWORD` or `--etcd-password-file`, never
+//! from the command line (which every user of the machine can read in `ps`). A token
+//! etcd no longer takes (a simple token expires after `--auth-token-ttl` unused, and
+//! with the member that issued it) is replaced by logging in again, once per request.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::EtcdError;
+use super::transport::{Transport, parse};
+
+/// The environment variable that gives `--etcd-user`'s password.
+pub const PASSWORD_ENV: &str = "SINGLEFLIGHT_ETCD_PASSWORD";
+
+/// A user and password to log in to etcd with.
+#[derive(Clone)]
+pub struct Credentials {
+    pub user: String,
+    password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Credentials {{ user: {:?}, password: <hidden> }}",
+            self.user
+        )
+    }
+}
+
+impl Credentials {
+    pub fn new(user: String, password: String) -> Credentials {
+        Credentials { user, password }
+    }
+
+    /// `user`'s password from `password_file` (its first line), or else from
+    /// `SINGLEFLIGHT_ETCD_PASSWORD`. The error says what is missing or unreadable.
+    pub fn load(user: String, password_file: Option<&Path>) -> Result<Credentials, String> {
+        let password = match password_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--etcd-password-file {}: {e}", path.display()))?;
+                // A file written by `echo` ends in a newline that is not the password's.
+                let line = text.lines().next().unwrap_or_default();
+                line.strip_suffix('\r').unwrap_or(line).to_owned()
+            }
+            None => match std::env::var(PASSWORD_ENV) {
+                Ok(password) => password,
+                Err(std::env::VarError::NotPresent) => {
+                    return Err(format!(
+                        "--etcd-user {user} needs a password: set {PASSWORD_ENV} or give \
+                         --etcd-password-file FILE (never on the command line)"
+                    ));
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(format!("{PASSWORD_ENV} is not valid UTF-8"));
+                }
+            },
+        };
+        Ok(Credentials { user, password })
+    }
+}
+
+/// The login of one client, shared by its clones (the lease keeper's thread too).
+pub struct Auth {
+    credentials: Credentials,
+    token: Mutex<Option<String>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct AuthenticateResponse {
+    token: String,
+}
+
+impl Auth {
+    pub fn new(credentials: Credentials) -> Auth {
+        Auth {
+            credentials,
+            token: Mutex::new(None),
+        }
+    }
+
+    /// The token to send, logging in first if there is none yet.
+    pub fn token(
+        &self,
+        transport: &Transport,
+        deadline: Option<Instant>,
+    ) -> Result<String, EtcdError> {
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(token) = &*token {
+            return Ok(token.clone());
+        }
+        let fresh = self.login(transport, deadline)?;
+        *token = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// A new token in place of `stale`, which etcd refused; if another thread
+    /// already replaced it, that one.
+    pub fn renew(
+        &self,
+        transport: &Transport,
+        stale: &str,
+        deadline: Option<Instant>,
+    ) -> Result<String, EtcdError> {
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = &*token
+            && current != stale
+        {
+            return Ok(current.clone());
+        }
+        *token = None;
+        let fresh = self.login(transport, deadline)?;
+        *token = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    fn login(&self, transport: &Transport, deadline: Option<Instant>) -> Result<String, EtcdError> {
+        let body = json!({
+            "name": self.credentials.user,
+            "password": self.credentials.password,
+        });
+        let answer = match transport.post("/auth/authenticate", &body, deadline, None) {
+            Ok(answer) => answer,
+            Err(EtcdError::Refused {
+                member, message, ..
+            }) => {
+                return Err(EtcdError::Login {
+                    member,
+                    user: self.credentials.user.clone(),
+                    message,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let response: AuthenticateResponse = parse(&answer.bytes, "authenticate")?;
+        if response.token.is_empty() {
+            // etcd answers a login with no token when its authentication is off.
+            return Err(EtcdError::Login {
+                member: answer.member,
+                user: self.credentials.user.clone(),
+                message: "etcd gave no token: is its authentication enabled \
+                          (etcdctl auth enable)?"
+                    .to_owned(),
+            });
+        }
+        Ok(response.token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_is_never_shown() {
+        let credentials = Credentials::new("root".into(), "s3cret".into());
+        let shown = format!("{credentials:?}");
+        assert!(
+            shown.contains("root") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_password_file_gives_its_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "pa ss\r\nignored\n").unwrap();
+        let credentials = Credentials::load("u".into(), Some(&path)).unwrap();
+        assert_eq!(credentials.password, "pa ss");
+        let missing = Credentials::load("u".into(), Some(&dir.path().join("nope"))).unwrap_err();
+        assert!(missing.contains("--etcd-password-file"), "{missing}");
+    }
+}

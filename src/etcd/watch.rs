@@ -1,0 +1,194 @@
+//! Waiting for a lock's release: a watch on the lock key (`POST /v3/watch`, a stream
+//! of JSON lines), so that a waiter wakes the moment the key is deleted, not at its
+//! next look.
+//!
+//! The watch starts at the revision after the read that saw the key held, so a
+//! release between that read and the watch's creation is still seen. A watch that
+//! cannot be opened or breaks (a member going down, an old revision compacted) is
+//! opened again after one [`POLL_INTERVAL`]; after [`MAX_WATCH_FAILURES`] in a row the
+//! waiter looks every [`POLL_INTERVAL`] instead. Every look and every watch ends by
+//! the caller's deadline.
+
+use std::io::{self, BufRead};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::client::Client;
+use super::error::{EtcdError, UNAUTHENTICATED};
+use super::transport::{Stream, parse};
+use super::wire::{self, b64};
+use crate::values::later;
+
+/// How long a waiter waits before it looks again where no watch can be kept.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Broken watches in a row after which a waiter polls instead.
+const MAX_WATCH_FAILURES: u32 = 3;
+/// The longest line of a watch read: an event of a lock key is far smaller.
+const MAX_LINE: usize = 1 << 20;
+/// For `bench/etcd.sh` only: wait by looking every [`POLL_INTERVAL`], as before the
+/// watch, so that the two can be measured side by side.
+const POLL_ENV: &str = "SINGLEFLIGHT_BENCH_POLL_WAIT";
+
+/// How a watch ended.
+enum Watched {
+    /// The key was deleted (the lock released, or its lease gone).
+    Deleted,
+    /// The deadline came first.
+    OutOfTime,
+    /// The stream ended or was cancelled without a deletion.
+    Ended,
+}
+
+impl Client {
+    /// Waits until nobody holds the lock `key`, for at most `limit`. Returns whether
+    /// it was released in time. Woken by a watch on the key; see the module.
+    pub fn wait_released(&self, key: &[u8], limit: Duration) -> Result<bool, EtcdError> {
+        let deadline = later(Instant::now(), limit);
+        let mut failures = if std::env::var_os(POLL_ENV).is_some() {
+            MAX_WATCH_FAILURES
+        } else {
+            0
+        };
+        loop {
+            let (holder, revision) = self.range_at(key)?;
+            if holder.is_none() {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            if failures < MAX_WATCH_FAILURES {
+                match self.watch_deleted(key, revision.saturating_add(1), deadline) {
+                    Ok(Watched::Deleted) => return Ok(true),
+                    // Looks once more, then says it stayed held.
+                    Ok(Watched::OutOfTime) => continue,
+                    Ok(Watched::Ended) | Err(_) => failures += 1,
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            thread::sleep(left.min(POLL_INTERVAL));
+        }
+    }
+
+    /// Watches `key` from revision `from` until it is deleted, the stream ends, or
+    /// `deadline`.
+    fn watch_deleted(
+        &self,
+        key: &[u8],
+        from: i64,
+        deadline: Instant,
+    ) -> Result<Watched, EtcdError> {
+        let body = json!({ "create_request": {
+            "key": b64(key), "start_revision": from.to_string(),
+        }});
+        self.authed(Some(deadline), |token| {
+            let stream = self.transport.stream("/watch", &body, deadline, token)?;
+            read_until_deleted(stream)
+        })
+    }
+}
+
+fn read_until_deleted(mut stream: Stream) -> Result<Watched, EtcdError> {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match read_line(&mut stream.reader, &mut line) {
+            Ok(0) => return Ok(Watched::Ended),
+            Ok(_) => {}
+            Err(e) if timed_out(&e) => return Ok(Watched::OutOfTime),
+            Err(e) => {
+                return Err(EtcdError::Unreachable {
+                    tried: vec![(stream.member, format!("the watch broke: {e}"))],
+                });
+            }
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let message: wire::StreamMessage<wire::WatchResponse> = parse(&line, "watch")?;
+        if let Some(error) = message.error {
+            return Err(EtcdError::Refused {
+                member: stream.member,
+                code: error.grpc_code,
+                message: error.message,
+            });
+        }
+        let Some(watch) = message.result else {
+            continue;
+        };
+        if watch.events.iter().any(|event| event.kind == "DELETE") {
+            return Ok(Watched::Deleted);
+        }
+        if watch.canceled {
+            // Refused for its token: the caller logs in again and watches once more.
+            let reason = watch.cancel_reason;
+            if reason.contains("invalid auth token") || reason.contains("Unauthenticated") {
+                return Err(EtcdError::Refused {
+                    member: stream.member,
+                    code: UNAUTHENTICATED,
+                    message: reason,
+                });
+            }
+            return Ok(Watched::Ended);
+        }
+    }
+}
+
+/// Reads one line (up to `\n`) into `line`, at most [`MAX_LINE`] bytes; 0 at the end.
+fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<usize> {
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok(line.len());
+        }
+        let (taken, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(end) => (end + 1, true),
+            None => (available.len(), false),
+        };
+        line.extend_from_slice(&available[..taken]);
+        reader.consume(taken);
+        if done {
+            return Ok(line.len());
+        }
+        if line.len() > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a watch message over {MAX_LINE} bytes"),
+            ));
+        }
+    }
+}
+
+/// Whether a read failed because its deadline came.
+fn timed_out(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::TimedOut
+        || error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+            .is_some_and(|e| matches!(e, ureq::Error::Timeout(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn lines_are_read_whole_and_bounded() {
+        let mut input = io::Cursor::new(b"{\"a\":1}\n\n{\"b\":2}".to_vec());
+        let mut line = Vec::new();
+        assert_eq!(read_line(&mut input, &mut line).unwrap(), 8);
+        assert_eq!(line, b"{\"a\":1}\n");
+        line.clear();
+        assert_eq!(read_line(&mut input, &mut line).unwrap(), 1);
+        line.clear();
+        assert_eq!(read_line(&mut input, &mut line).unwrap(), 7);
+        line.clear();
+        assert_eq!(read_line(&mut input, &mut line).unwrap(), 0);
+        let mut huge = io::BufReader::with_capacity(4096, io::repeat(b'x').take(3 << 20));
+        assert!(read_line(&mut huge, &mut line).is_err());
+    }
+}
