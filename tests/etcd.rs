@@ -20,7 +20,7 @@ use std::process::{Child, Command, Output};
 use std::time::Instant;
 
 #[cfg(feature = "etcd")]
-use common::etcd::Etcd;
+use common::etcd::{Etcd, Options};
 #[cfg(feature = "etcd")]
 use common::stdout;
 #[cfg(feature = "etcd")]
@@ -33,6 +33,8 @@ use serde_json::Value;
 struct Machine {
     env: TestEnv,
     backend: String,
+    /// The TLS files and login of a secured etcd, as environment variables.
+    vars: Vec<(&'static str, std::ffi::OsString)>,
 }
 
 impl Machine {
@@ -40,12 +42,23 @@ impl Machine {
         Machine {
             env: TestEnv::new(),
             backend: backend.to_owned(),
+            vars: Vec::new(),
+        }
+    }
+
+    /// A machine that uses `etcd` with the TLS files and login it needs.
+    #[cfg(feature = "etcd")]
+    fn of(etcd: &Etcd) -> Machine {
+        Machine {
+            vars: etcd.client_env(),
+            ..Machine::new(&etcd.url())
         }
     }
 
     fn command(&self) -> Command {
         let mut command = self.env.command();
         command.env("SINGLEFLIGHT_BACKEND", &self.backend);
+        command.envs(self.vars.iter().map(|(k, v)| (k, v)));
         command
     }
 
@@ -187,22 +200,50 @@ fn a_frozen_etcd_ends_a_call_after_the_backend_timeout_with_125() {
 #[test]
 fn a_herd_of_sixty_callers_on_three_machines_runs_the_command_once() {
     let Some(etcd) = Etcd::start() else { return };
+    herd_of_sixty(&etcd, &[]);
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn a_herd_over_tls_with_a_login_runs_the_command_once() {
+    let Some(etcd) = Etcd::with(1, Options::secure()) else {
+        return;
+    };
+    // Each caller logs in, and etcd checks each password with bcrypt: 60 at once on
+    // a loaded machine take longer than the default 2s.
+    herd_of_sixty(&etcd, &["--backend-timeout", "30s"]);
+}
+
+/// 3 machines × 20 callers, nothing cached: one run; the 59 others wait for it by a
+/// watch on the lock key (each one a watcher in etcd before the run may end), are
+/// woken by the release and served its result.
+#[cfg(feature = "etcd")]
+fn herd_of_sixty(etcd: &Etcd, options: &[&str]) {
     let shared = Shared::new();
-    let machines: Vec<Machine> = (0..3).map(|_| Machine::new(&etcd.url())).collect();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(etcd)).collect();
     let gate = shared.path("gate");
     let script = format!(
         "echo run >> '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; echo herd-output",
         shared.counter().display(),
         gate.display()
     );
-    let callers: Vec<Child> = machines
+    // --wait as long as the timeout (1h): a waiter that is not woken hangs the test.
+    let args = call_args(
+        "herd",
+        &[&["--timeout", "1h"], options].concat(),
+        &["sh", "-c", &script],
+    );
+    let mut callers: Vec<Child> = machines
         .iter()
-        .flat_map(|machine| {
-            (0..20).map(|_| machine.spawn(["herd", "--timeout", "30s", "--", "sh", "-c", &script]))
-        })
+        .flat_map(|machine| (0..20).map(|_| machine.spawn(&args)))
         .collect();
     wait_until("the run started", || shared.runs() == 1);
-    // Callers that are still starting up meet the held lock or, later, the result.
+    wait_until("the 59 others watch the lock", || {
+        for caller in &mut callers {
+            assert!(caller.try_wait().unwrap().is_none(), "a caller ended early");
+        }
+        etcd.metric(0, "etcd_debugging_mvcc_watcher_total") == Some(59.0)
+    });
     fs::write(&gate, "").unwrap();
     for caller in callers {
         let out = finish(caller);
@@ -220,21 +261,42 @@ fn a_herd_of_sixty_callers_on_three_machines_runs_the_command_once() {
             "the result lives in etcd, not in a cache dir"
         );
     }
+    wait_until("the watches are gone", || {
+        etcd.metric(0, "etcd_debugging_mvcc_watcher_total") == Some(0.0)
+    });
 }
 
 #[cfg(feature = "etcd")]
 #[test]
 fn losing_the_lease_mid_run_kills_the_tree_and_stores_nothing() {
     let Some(etcd) = Etcd::start() else { return };
+    lose_the_lease(&etcd, 3);
+}
+
+/// The same over TLS with a login, and etcd's shortest lease: the keeper's renewals
+/// are authenticated, and 2s is short enough to lose.
+#[cfg(feature = "etcd")]
+#[test]
+fn losing_a_two_second_lease_over_tls_with_a_login_kills_the_tree() {
+    let Some(etcd) = Etcd::with(1, Options::secure()) else {
+        return;
+    };
+    lose_the_lease(&etcd, 2);
+}
+
+/// etcd freezes mid-run: with a lease of `ttl` seconds, the tree is killed and nothing
+/// is stored; once etcd is back the lock is free.
+#[cfg(feature = "etcd")]
+fn lose_the_lease(etcd: &Etcd, ttl: u64) {
     let shared = Shared::new();
-    let machine = Machine::new(&etcd.url());
+    let machine = Machine::of(etcd);
     let mark = marker();
     // A tree that ignores SIGTERM: only the SIGKILL after --kill-after ends it.
     let script = format!(
         "trap '' TERM; echo run >> '{}'; sleep {mark} & sleep {mark}; wait",
         shared.counter().display()
     );
-    let (ttl, kill_after) = (3, 1);
+    let kill_after = 1;
     let run = machine.spawn([
         "--lease-ttl",
         &format!("{ttl}s"),
@@ -342,12 +404,28 @@ fn fencing_tokens_strictly_increase_across_runs_on_any_machine() {
 #[cfg(feature = "etcd")]
 #[test]
 fn a_cluster_that_loses_its_leader_during_a_herd_never_runs_twice_at_once() {
-    let Some(mut etcd) = Etcd::cluster(3) else {
+    let Some(etcd) = Etcd::cluster(3) else {
         return;
     };
+    leader_dies_during_a_herd(etcd);
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn a_tls_cluster_with_a_login_that_loses_its_leader_during_a_herd_never_runs_twice() {
+    let Some(etcd) = Etcd::with(3, Options::secure()) else {
+        return;
+    };
+    leader_dies_during_a_herd(etcd);
+}
+
+/// Rounds of 3 machines × 4 callers; during the third round's run the leader is
+/// SIGKILLed: never two runs at once, runs go on after, every caller served or 125.
+#[cfg(feature = "etcd")]
+fn leader_dies_during_a_herd(mut etcd: Etcd) {
     let leader = etcd.wait_leader();
     let shared = Shared::new();
-    let machines: Vec<Machine> = (0..3).map(|_| Machine::new(&etcd.url())).collect();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&etcd)).collect();
     let (busy, hold) = (shared.path("busy"), shared.path("hold"));
     // mkdir is atomic: a run that finds the dir of another run overlaps it. While
     // `hold` exists a run stays in flight, so that the leader dies during one.
@@ -672,4 +750,202 @@ fn a_run_stopped_by_a_signal_releases_its_etcd_lock_at_once() {
         "{}",
         stderr(&next)
     );
+}
+
+/// A caller that cannot be trusted by etcd, or cannot trust it, exits 125 with one
+/// line saying why, and the command never runs: a CA that did not sign the server's
+/// certificate, no CA (Mozilla's roots do not have the test CA), no client certificate
+/// where etcd asks for one, a wrong password, no login, plain HTTP to a TLS port.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_caller_that_fails_tls_or_login_exits_125_and_never_runs_the_command() {
+    let options = Options {
+        client_cert_auth: true,
+        ..Options::secure()
+    };
+    let Some(etcd) = Etcd::with(1, options) else {
+        return;
+    };
+    let certs = etcd.certs().expect("TLS is on");
+    let shared = Shared::new();
+    let script = format!("echo run >> '{}'; echo hi", shared.counter().display());
+    let plain = etcd.url().replace("etcd+https://", "etcd://");
+    let with = |changes: &[(&'static str, Option<&std::ffi::OsStr>)]| {
+        let mut machine = Machine::of(&etcd);
+        for (var, value) in changes {
+            machine.vars.retain(|(k, _)| k != var);
+            if let Some(value) = value {
+                machine.vars.push((var, value.to_os_string()));
+            }
+        }
+        machine
+    };
+    let cases = [
+        (
+            with(&[("SINGLEFLIGHT_ETCD_CACERT", Some(certs.other_ca.as_os_str()))]),
+            "invalid peer certificate: UnknownIssuer",
+        ),
+        (
+            with(&[("SINGLEFLIGHT_ETCD_CACERT", None)]),
+            "invalid peer certificate: UnknownIssuer",
+        ),
+        (
+            with(&[
+                ("SINGLEFLIGHT_ETCD_CERT", None),
+                ("SINGLEFLIGHT_ETCD_KEY", None),
+            ]),
+            "give --etcd-cert and --etcd-key",
+        ),
+        (
+            with(&[("SINGLEFLIGHT_ETCD_PASSWORD", Some("wrong".as_ref()))]),
+            "refused the login of user \"root\": etcdserver: authentication failed",
+        ),
+        (
+            with(&[
+                ("SINGLEFLIGHT_ETCD_USER", None),
+                ("SINGLEFLIGHT_ETCD_PASSWORD", None),
+            ]),
+            "it has authentication on; give --etcd-user",
+        ),
+        (
+            Machine {
+                backend: plain.clone(),
+                ..with(&[
+                    ("SINGLEFLIGHT_ETCD_CACERT", None),
+                    ("SINGLEFLIGHT_ETCD_CERT", None),
+                    ("SINGLEFLIGHT_ETCD_KEY", None),
+                ])
+            },
+            "write etcd+https://",
+        ),
+    ];
+    for (machine, why) in &cases {
+        for args in [
+            vec!["secure", "--", "sh", "-c", &script],
+            vec!["status"],
+            vec!["clear", "secure"],
+        ] {
+            let out = machine.run(&args);
+            assert_status(&out, 125);
+            let said = stderr(&out);
+            assert!(said.contains(why), "{args:?} {:?}: {said}", machine.vars);
+            assert_eq!(said.lines().count(), 1, "one line: {said}");
+            assert_eq!(stdout(&out), "");
+        }
+    }
+    assert_eq!(shared.runs(), 0, "the command never ran");
+    // TLS options with a plain etcd:// backend, or a login with no password: usage.
+    let out = with(&[]).run(
+        ["--backend", &plain, "secure", "--", "sh", "-c", &script]
+            .iter()
+            .copied(),
+    );
+    assert_status(&out, 2);
+    assert!(stderr(&out).contains("etcd+https://"), "{}", stderr(&out));
+    let out = with(&[("SINGLEFLIGHT_ETCD_PASSWORD", None)]).run(["secure", "--", "true"]);
+    assert_status(&out, 2);
+    assert!(
+        stderr(&out).contains("needs a password: set SINGLEFLIGHT_ETCD_PASSWORD"),
+        "{}",
+        stderr(&out)
+    );
+    // Everything right: served, and the same from a password file.
+    let out = with(&[]).run(["secure", "--", "sh", "-c", &script]);
+    assert_eq!(
+        (status(&out), stdout(&out).as_str()),
+        (0, "hi\n"),
+        "{}",
+        stderr(&out)
+    );
+    let password = shared.path("password");
+    fs::write(&password, format!("{}\n", common::etcd::PASSWORD)).unwrap();
+    let out = with(&[("SINGLEFLIGHT_ETCD_PASSWORD", None)]).run([
+        "--etcd-password-file".as_ref(),
+        password.as_os_str(),
+        "secure".as_ref(),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        script.as_ref() as &std::ffi::OsStr,
+    ]);
+    assert_eq!(
+        (status(&out), stdout(&out).as_str()),
+        (0, "hi\n"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(shared.runs(), 1);
+}
+
+/// `status` and `clear` over TLS with a login, from another machine.
+#[cfg(feature = "etcd")]
+#[test]
+fn status_and_clear_work_over_tls_with_a_login() {
+    let Some(etcd) = Etcd::with(1, Options::secure()) else {
+        return;
+    };
+    let (a, b) = (Machine::of(&etcd), Machine::of(&etcd));
+    assert_eq!(stdout(&a.run(["seen", "--", "echo", "hi"])), "hi\n");
+    let all = b.status_json(&[]).expect("names in etcd");
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0]["name"], "seen");
+    assert_eq!(all[0]["state"], "fresh");
+    let out = b.run(["clear", "-v", "seen"]);
+    assert_eq!(stderr(&out), "singleflight: seen: cleared (result)\n");
+    assert!(a.status_json(&["seen"]).is_none());
+}
+
+/// A login token that etcd let expire (`--auth-token-ttl 2`, unused during a long
+/// run: lease renewals do not use it) is renewed when the run's result is stored:
+/// logged in again and the write repeated, the call served.
+#[cfg(feature = "etcd")]
+#[test]
+fn an_expired_login_token_is_renewed_without_failing_the_call() {
+    let options = Options {
+        token_ttl: Some(2),
+        ..Options::secure()
+    };
+    let Some(etcd) = Etcd::with(1, options) else {
+        return;
+    };
+    let shared = Shared::new();
+    let machine = Machine::of(&etcd);
+    let gate = shared.path("gate");
+    let script = format!(
+        "echo run >> '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; echo kept",
+        shared.counter().display(),
+        gate.display()
+    );
+    let expired = || etcd.log_text().matches("deleted a simple token").count();
+    let before = expired();
+    let run = machine.spawn(["expire", "--", "sh", "-c", &script]);
+    wait_until("the run started", || shared.runs() == 1);
+    wait_until("etcd let the caller's token expire", || expired() > before);
+    fs::write(&gate, "").unwrap();
+    let out = finish(run);
+    assert_eq!(
+        (status(&out), stdout(&out).as_str()),
+        (0, "kept\n"),
+        "{}",
+        stderr(&out)
+    );
+    let hit = machine.run(["expire", "--", "sh", "-c", &script]);
+    assert_eq!(stdout(&hit), "kept\n", "stored: {}", stderr(&hit));
+    assert_eq!(shared.runs(), 1);
+}
+
+/// `--lease-ttl` is checked when parsed: etcd's shortest lease (2s) to 1h.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_lease_ttl_out_of_bounds_is_a_usage_error_naming_the_limit() {
+    let machine = Machine::new("etcd://127.0.0.1:9");
+    for (ttl, limit) in [("1s", "2s"), ("500ms", "2s"), ("0", "2s"), ("61m", "1h")] {
+        let out = machine.run(["--lease-ttl", ttl, "x", "--", "true"]);
+        assert_status(&out, 2);
+        assert!(
+            stderr(&out).contains(limit) && stderr(&out).contains(ttl),
+            "{ttl}: {}",
+            stderr(&out)
+        );
+    }
 }

@@ -27,6 +27,8 @@ pub struct Transport {
     timeout: Duration,
     /// The member that answered last: asked first next time.
     preferred: AtomicUsize,
+    /// Whether a client certificate is shown (for the hint of a hang-up).
+    client_cert: bool,
 }
 
 /// Why one member did not answer; the next one is asked.
@@ -48,6 +50,7 @@ impl Transport {
             // capture it (ureq reads those variables by default).
             .proxy(None)
             .max_redirects(0);
+        let client_cert = tls.as_ref().is_some_and(|tls| tls.client_cert().is_some());
         if let Some(tls) = tls {
             config = config.tls_config(tls);
         }
@@ -56,6 +59,7 @@ impl Transport {
             agent: config.build().new_agent(),
             timeout,
             preferred: AtomicUsize::new(0),
+            client_cert,
         }
     }
 
@@ -82,14 +86,16 @@ impl Transport {
         let body = serde_json::to_vec(body).expect("requests serialize");
         self.each_member(deadline, |member, limit| {
             let request = self.request(member, path, token, limit, None);
-            let mut response = request.send(&body[..]).map_err(|e| failed(&e, limit))?;
+            let mut response = request
+                .send(&body[..])
+                .map_err(|e| self.failed(&e, limit))?;
             let status = response.status();
             let answer = response
                 .body_mut()
                 .with_config()
                 .limit(MAX_ANSWER)
                 .read_to_vec()
-                .map_err(|e| failed(&e, limit))?;
+                .map_err(|e| self.failed(&e, limit))?;
             if status.is_success() {
                 return Ok(answer);
             }
@@ -113,7 +119,9 @@ impl Transport {
         self.each_member(Some(until), |member, limit| {
             let whole = until.saturating_duration_since(Instant::now());
             let request = self.request(member, path, token, limit, Some(whole));
-            let response = request.send(&body[..]).map_err(|e| failed(&e, limit))?;
+            let response = request
+                .send(&body[..])
+                .map_err(|e| self.failed(&e, limit))?;
             let status = response.status();
             if status.is_success() {
                 return Ok(response.into_body().into_reader());
@@ -250,6 +258,18 @@ fn refusal(status: ureq::http::StatusCode, answer: &[u8]) -> Attempt {
             tls: false,
         },
         Ok(error) if error.code != 0 => Attempt::Refused(error),
+        // etcd's own refusal, in plain text, of a client certificate with a CommonName
+        // (etcd 3.4 with --client-cert-auth: the gateway cannot log in by CN).
+        _ if String::from_utf8_lossy(answer).contains("CommonName of client") => {
+            Attempt::Refused(GatewayError {
+                code: 0,
+                error: String::new(),
+                message: format!(
+                    "{} (use a client certificate with an empty CommonName, and --etcd-user)",
+                    String::from_utf8_lossy(&answer[..answer.len().min(200)]).trim()
+                ),
+            })
+        }
         // Not the gateway talking (a proxy, another server on that port).
         _ => Attempt::Skip {
             why: format!(
@@ -261,18 +281,38 @@ fn refusal(status: ureq::http::StatusCode, answer: &[u8]) -> Attempt {
     }
 }
 
-fn failed(error: &ureq::Error, limit: Duration) -> Attempt {
-    let why = match error {
-        ureq::Error::Timeout(_) => format!("no answer within {}", format_duration(limit)),
-        ureq::Error::Io(e) => e.to_string(),
-        ureq::Error::HostNotFound => "host not found".to_owned(),
-        ureq::Error::ConnectionFailed => "connection failed".to_owned(),
-        other => other.to_string(),
-    };
-    Attempt::Skip {
-        tls: is_tls(error),
-        why,
+impl Transport {
+    /// Why a request to a member failed, with a hint where a hang-up has a likely
+    /// cause: a TLS member that wants a client certificate hangs up on one without,
+    /// and a TLS member hangs up on plain HTTP.
+    fn failed(&self, error: &ureq::Error, limit: Duration) -> Attempt {
+        let mut why = match error {
+            ureq::Error::Timeout(_) => format!("no answer within {}", format_duration(limit)),
+            ureq::Error::Io(e) => e.to_string(),
+            ureq::Error::HostNotFound => "host not found".to_owned(),
+            ureq::Error::ConnectionFailed => "connection failed".to_owned(),
+            other => other.to_string(),
+        };
+        let refused_us = why.contains("BadCertificate") || why.contains("CertificateRequired");
+        if !self.endpoints.tls() && is_hang_up(error) {
+            why.push_str(" (if etcd serves TLS there, write etcd+https://)");
+        } else if self.endpoints.tls() && !self.client_cert && (is_hang_up(error) || refused_us) {
+            why.push_str(
+                " (etcd with --client-cert-auth refuses a client without a certificate: \
+                 give --etcd-cert and --etcd-key)",
+            );
+        }
+        Attempt::Skip {
+            tls: is_tls(error),
+            why,
+        }
     }
+}
+
+/// Whether the member hung up on the request.
+fn is_hang_up(error: &ureq::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    matches!(error, ureq::Error::Io(e) if matches!(e.kind(), BrokenPipe | ConnectionReset | UnexpectedEof))
 }
 
 /// Whether `error` is the TLS handshake's: a certificate that does not verify, a

@@ -1,10 +1,14 @@
 //! A real etcd for a test: Debian's `etcd-server` binary on loopback ports picked at
-//! run time, in a temp data dir, killed when dropped; one member or a cluster.
+//! run time, in a temp data dir, killed when dropped; one member or a cluster; plain
+//! HTTP, or TLS (certificates from [`super::certs`]), with or without authentication
+//! (set up with Debian's `etcdctl`, as a user would). Each member also serves plain
+//! HTTP metrics and health on a port of its own, which the helpers read.
 //!
 //! No mocks: the tests talk to the etcd users run. Without `/usr/bin/etcd` a test
 //! prints `SKIPPED: etcd not installed` and returns, except in CI (`CI` set), where a
 //! missing etcd is a failure: `.ci/run` installs it.
 
+use std::ffi::OsString;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,9 +17,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::PATIENCE;
+use super::certs::Certs;
 
 /// Where Debian's `etcd-server` installs etcd; `SINGLEFLIGHT_TEST_ETCD` overrides it.
 const DEFAULT_BINARY: &str = "/usr/bin/etcd";
+/// Where Debian's `etcd-client` installs etcdctl; `SINGLEFLIGHT_TEST_ETCDCTL` overrides it.
+const DEFAULT_ETCDCTL: &str = "/usr/bin/etcdctl";
+/// The password of etcd's `root` user where authentication is on.
+pub const PASSWORD: &str = "sf-test-password";
 /// Ports picked at run time may be taken by someone else before etcd binds them.
 const START_TRIES: usize = 3;
 
@@ -33,18 +42,59 @@ pub fn binary() -> Option<PathBuf> {
     None
 }
 
+/// The etcdctl binary, or `None` after saying the test is skipped.
+pub fn etcdctl() -> Option<PathBuf> {
+    let path = std::env::var_os("SINGLEFLIGHT_TEST_ETCDCTL")
+        .map_or_else(|| PathBuf::from(DEFAULT_ETCDCTL), PathBuf::from);
+    if path.is_file() {
+        return Some(path);
+    }
+    super::skip(&format!(
+        "etcdctl is not installed ({}); apt-get install etcd-client to run this test",
+        path.display()
+    ));
+    None
+}
+
+/// How a test's etcd is to be secured.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// TLS on the client port (`etcd+https://`).
+    pub tls: bool,
+    /// TLS, and a client certificate signed by the test CA required.
+    pub client_cert_auth: bool,
+    /// Authentication on, with a `root` user whose password is [`PASSWORD`].
+    pub auth: bool,
+    /// `--auth-token simple --auth-token-ttl N`: a token unused for N seconds expires.
+    pub token_ttl: Option<u32>,
+}
+
+impl Options {
+    /// TLS and authentication, as a production cluster would have.
+    pub fn secure() -> Options {
+        Options {
+            tls: true,
+            auth: true,
+            ..Options::default()
+        }
+    }
+}
+
 /// A running etcd cluster of one or more members on 127.0.0.1.
 pub struct Etcd {
     binary: PathBuf,
     dir: tempfile::TempDir,
     token: String,
     members: Vec<Member>,
+    options: Options,
+    certs: Option<Certs>,
 }
 
 struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    metrics_port: u16,
     child: Option<Child>,
 }
 
@@ -56,16 +106,26 @@ impl Etcd {
 
     /// `size` members that form one cluster; `None` if etcd is not installed.
     pub fn cluster(size: usize) -> Option<Etcd> {
+        Etcd::with(size, Options::default())
+    }
+
+    /// `size` members secured as `options` say; `None` if etcd (or, for
+    /// authentication, etcdctl) is not installed.
+    pub fn with(size: usize, options: Options) -> Option<Etcd> {
         let binary = binary()?;
+        let etcdctl = if options.auth { Some(etcdctl()?) } else { None };
         let mut last_error = String::new();
         for attempt in 0..START_TRIES {
             let dir = tempfile::tempdir().expect("temp dir for etcd");
-            let ports = free_ports(2 * size);
+            let certs = (options.tls || options.client_cert_auth)
+                .then(|| Certs::make(&dir.path().join("certs")));
+            let ports = free_ports(3 * size);
             let members = (0..size)
                 .map(|i| Member {
                     name: format!("m{i}"),
-                    client_port: ports[2 * i],
-                    peer_port: ports[2 * i + 1],
+                    client_port: ports[3 * i],
+                    peer_port: ports[3 * i + 1],
+                    metrics_port: ports[3 * i + 2],
                     child: None,
                 })
                 .collect();
@@ -74,16 +134,130 @@ impl Etcd {
                 dir,
                 token: format!("sf-test-{}-{attempt}", std::process::id()),
                 members,
+                options: options.clone(),
+                certs,
             };
             for i in 0..size {
                 etcd.spawn(i);
             }
             match etcd.wait_healthy_all() {
-                Ok(()) => return Some(etcd),
+                Ok(()) => {
+                    if let Some(etcdctl) = &etcdctl {
+                        etcd.enable_auth(etcdctl);
+                    }
+                    return Some(etcd);
+                }
                 Err(e) => last_error = e,
             }
         }
         panic!("etcd did not start in {START_TRIES} tries: {last_error}");
+    }
+
+    /// Adds the `root` user and turns authentication on, with etcdctl.
+    fn enable_auth(&self, etcdctl: &std::path::Path) {
+        for args in [
+            vec!["user", "add", "root", "--new-user-password", PASSWORD],
+            vec!["auth", "enable"],
+        ] {
+            let mut command = Command::new(etcdctl);
+            command
+                .env("ETCDCTL_API", "3")
+                .arg("--endpoints")
+                .arg(self.etcdctl_endpoints())
+                .args(self.etcdctl_tls_args())
+                .args(&args);
+            let out = command.output().expect("etcdctl runs");
+            assert!(
+                out.status.success(),
+                "etcdctl {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// etcdctl's `--endpoints` value.
+    pub fn etcdctl_endpoints(&self) -> String {
+        let scheme = if self.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        (0..self.members.len())
+            .filter(|&i| self.members[i].child.is_some())
+            .map(|i| format!("{scheme}://{}", self.addr(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// etcdctl's TLS options for this etcd.
+    pub fn etcdctl_tls_args(&self) -> Vec<OsString> {
+        let mut args = Vec::new();
+        if let Some(certs) = &self.certs {
+            args.push("--cacert".into());
+            args.push(certs.ca.clone().into_os_string());
+            if self.options.client_cert_auth {
+                args.push("--cert".into());
+                args.push(certs.client.clone().into_os_string());
+                args.push("--key".into());
+                args.push(certs.client_key.clone().into_os_string());
+            }
+        }
+        args
+    }
+
+    /// The certificates, where TLS is on.
+    pub fn certs(&self) -> Option<&Certs> {
+        self.certs.as_ref()
+    }
+
+    /// The environment a singleflight needs to use this etcd: its TLS files and login
+    /// (the backend URL is [`Etcd::url`]).
+    pub fn client_env(&self) -> Vec<(&'static str, OsString)> {
+        let mut env = Vec::new();
+        if let Some(certs) = &self.certs {
+            env.push((
+                "SINGLEFLIGHT_ETCD_CACERT",
+                certs.ca.clone().into_os_string(),
+            ));
+            if self.options.client_cert_auth {
+                env.push((
+                    "SINGLEFLIGHT_ETCD_CERT",
+                    certs.client.clone().into_os_string(),
+                ));
+                env.push((
+                    "SINGLEFLIGHT_ETCD_KEY",
+                    certs.client_key.clone().into_os_string(),
+                ));
+            }
+        }
+        if self.options.auth {
+            env.push(("SINGLEFLIGHT_ETCD_USER", "root".into()));
+            env.push(("SINGLEFLIGHT_ETCD_PASSWORD", PASSWORD.into()));
+        }
+        env
+    }
+
+    /// The value of a metric (a gauge or counter without labels) of member `i`.
+    pub fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        let text = get(&self.metrics_addr(i), "/metrics").ok()?;
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| {
+                let (key, value) = line.split_once(' ')?;
+                (key == name).then(|| value.trim().parse().ok())?
+            })
+    }
+
+    /// The whole log of every member, for a test that waits for a line in it.
+    pub fn log_text(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                fs::read_to_string(self.dir.path().join(format!("{}.log", m.name)))
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 
     fn spawn(&mut self, i: usize) {
@@ -93,8 +267,14 @@ impl Etcd {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect();
         let member = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", member.client_port);
+        let scheme = if self.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let client = format!("{scheme}://127.0.0.1:{}", member.client_port);
         let peer = format!("http://127.0.0.1:{}", member.peer_port);
+        let metrics = format!("http://127.0.0.1:{}", member.metrics_port);
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -113,7 +293,17 @@ impl Etcd {
             .args(["--initial-cluster", &cluster.join(",")])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.token])
-            .args(["--logger", "zap", "--log-level", "warn"])
+            .args(["--listen-metrics-urls", &metrics])
+            .args(["--logger", "zap"])
+            // Info is where etcd says it deleted an expired token.
+            .args([
+                "--log-level",
+                if self.options.token_ttl.is_some() {
+                    "info"
+                } else {
+                    "warn"
+                },
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("etcd log file"))
             .stderr(log);
@@ -123,20 +313,48 @@ impl Etcd {
                 command.env_remove(key);
             }
         }
+        if let Some(certs) = &self.certs {
+            command
+                .arg("--cert-file")
+                .arg(&certs.server)
+                .arg("--key-file")
+                .arg(&certs.server_key);
+            if self.options.client_cert_auth {
+                command
+                    .arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(&certs.ca);
+            }
+        }
+        if let Some(ttl) = self.options.token_ttl {
+            command
+                .args(["--auth-token", "simple"])
+                .args(["--auth-token-ttl", &ttl.to_string()]);
+        }
         die_with_test(&mut command);
         let child = command.spawn().expect("etcd starts");
         self.members[i].child = Some(child);
     }
 
-    /// `etcd://` URL of every member, in member order.
+    /// `etcd://` URL of every member, in member order (`etcd+https://` with TLS).
     pub fn url(&self) -> String {
         let members: Vec<String> = (0..self.members.len()).map(|i| self.addr(i)).collect();
-        format!("etcd://{}", members.join(","))
+        let scheme = if self.certs.is_some() {
+            "etcd+https"
+        } else {
+            "etcd"
+        };
+        format!("{scheme}://{}", members.join(","))
     }
 
     /// `host:port` of member `i`'s client port.
     pub fn addr(&self, i: usize) -> String {
         format!("127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// `host:port` of member `i`'s plain HTTP metrics and health port.
+    pub fn metrics_addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.members[i].metrics_port)
     }
 
     pub fn len(&self) -> usize {
@@ -184,27 +402,9 @@ impl Etcd {
 
     /// The index of the member that leads the cluster now, as the live members see it.
     pub fn leader(&self) -> Option<usize> {
-        for i in 0..self.members.len() {
-            if self.members[i].child.is_none() {
-                continue;
-            }
-            let Ok(status) = post(&self.addr(i), "/v3/maintenance/status", "{}") else {
-                continue;
-            };
-            let Ok(status) = serde_json::from_str::<serde_json::Value>(&status) else {
-                continue;
-            };
-            let id = |v: &serde_json::Value| v.as_str().map(str::to_owned);
-            let (Some(leader), Some(me)) =
-                (id(&status["leader"]), id(&status["header"]["member_id"]))
-            else {
-                continue;
-            };
-            if leader == me {
-                return Some(i);
-            }
-        }
-        None
+        (0..self.members.len()).find(|&i| {
+            self.members[i].child.is_some() && self.metric(i, "etcd_server_is_leader") == Some(1.0)
+        })
     }
 
     /// Waits until a member elected leader answers as leader, and returns its index.
@@ -233,7 +433,7 @@ impl Etcd {
     /// Waits until member `i` says it is healthy (it has a leader), or has died.
     pub fn wait_healthy(&mut self, i: usize) -> Result<(), String> {
         let start = Instant::now();
-        let addr = self.addr(i);
+        let addr = self.metrics_addr(i);
         loop {
             if let Ok(answer) = get(&addr, "/health")
                 && answer.contains(r#""health":"true""#)

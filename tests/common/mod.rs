@@ -3,6 +3,7 @@
 //! process table. Every test drives the real binary.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod etcd;
 
 use std::ffi::{OsStr, OsString};
@@ -48,6 +49,12 @@ impl TestEnv {
         command
             .env("SINGLEFLIGHT_CACHE_DIR", &self.cache)
             .env_remove("SINGLEFLIGHT_BACKEND")
+            .env_remove("SINGLEFLIGHT_ETCD_CACERT")
+            .env_remove("SINGLEFLIGHT_ETCD_CERT")
+            .env_remove("SINGLEFLIGHT_ETCD_KEY")
+            .env_remove("SINGLEFLIGHT_ETCD_USER")
+            .env_remove("SINGLEFLIGHT_ETCD_PASSWORD")
+            .env_remove("SINGLEFLIGHT_ETCD_PASSWORD_FILE")
             .current_dir(self.root.path());
         with_default_signals(&mut command);
         command
