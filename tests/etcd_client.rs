@@ -11,11 +11,11 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::PATIENCE;
-use common::etcd::Etcd;
+use common::etcd::{Etcd, Options};
 use singleflight::etcd_client as entry;
 use singleflight::etcd_client::{
-    self as etcd, Client, Endpoints, EtcdError, FencingToken, LeaseKeeper, LeaseLost, Meta, Name,
-    Prefix, Write,
+    self as etcd, Client, Credentials, Endpoints, EtcdError, FencingToken, LeaseKeeper, LeaseLost,
+    Meta, Name, Prefix, Security, TlsFiles, Write,
 };
 
 const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -463,4 +463,94 @@ fn names_are_listed_from_the_keys_under_the_prefix() {
         .map(ToString::to_string)
         .collect();
     assert_eq!(names, ["a", "b", "c"]);
+}
+
+/// A client of a secured etcd: its TLS files and login.
+fn secure_client(etcd: &Etcd, password: &str) -> Client {
+    let certs = etcd.certs().expect("TLS is on");
+    let security = Security {
+        tls: TlsFiles {
+            cacert: Some(certs.ca.clone()),
+            ..TlsFiles::default()
+        },
+        credentials: Some(Credentials::new("root".into(), password.into())),
+    };
+    let endpoints = Endpoints::parse(&etcd.url()).expect("a valid URL");
+    Client::with_security(endpoints, etcd::DEFAULT_TIMEOUT, &security).expect("TLS files")
+}
+
+/// A waiter is woken by a watch on the lock key: it is a watcher in etcd while it
+/// waits (none would be if it polled), and returns when the lock is released, by a
+/// delete or by the lease's revocation, however long its limit.
+#[test]
+fn a_waiter_watches_the_lock_and_wakes_when_it_is_released() {
+    let Some(etcd) = Etcd::with(1, Options::secure()) else {
+        return;
+    };
+    let client = secure_client(&etcd, common::etcd::PASSWORD);
+    let watchers = || etcd.metric(0, "etcd_debugging_mvcc_watcher_total");
+    for release_by_revoke in [false, true] {
+        let key = b"/t/watch/lock";
+        let lease = client.grant(LEASE_TTL).unwrap();
+        let token = client.try_lock(key, lease.id, b"holder").unwrap().unwrap();
+        let before = watchers();
+        let waiter = client.clone();
+        let (sender, woken) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = sender.send(waiter.wait_released(key, Duration::from_secs(3600)));
+        });
+        common::wait_until("the waiter watches the lock", || {
+            watchers() == before.map(|n| n + 1.0)
+        });
+        assert!(woken.try_recv().is_err(), "woken while the lock is held");
+        if release_by_revoke {
+            client.revoke(lease.id).unwrap();
+        } else {
+            assert!(client.release(key, token).unwrap());
+        }
+        let released = woken.recv_timeout(PATIENCE).expect("the waiter woke");
+        assert!(released.unwrap(), "released");
+    }
+    // A lock that stays held: the wait ends at its limit, saying so.
+    let key = b"/t/watch/held";
+    let lease = client.grant(LEASE_TTL).unwrap();
+    client.try_lock(key, lease.id, b"holder").unwrap().unwrap();
+    let waiter = client.clone();
+    let held = within_patience("a wait with a limit", move || {
+        waiter.wait_released(key, Duration::from_millis(300))
+    });
+    assert!(!held.unwrap(), "still held at the limit");
+}
+
+/// etcd lets a login token expire (`--auth-token-ttl 2`, unused): the next request is
+/// refused for it, and the client logs in again and repeats it, with no error. A
+/// wrong password is a login error that names the user.
+#[test]
+fn an_expired_token_is_renewed_and_a_wrong_password_is_refused() {
+    let options = Options {
+        token_ttl: Some(2),
+        ..Options::secure()
+    };
+    let Some(etcd) = Etcd::with(1, options) else {
+        return;
+    };
+    let client = secure_client(&etcd, common::etcd::PASSWORD);
+    let key = b"/t/token/key";
+    assert_eq!(client.get(key).unwrap(), None);
+    let expired = || etcd.log_text().matches("deleted a simple token").count();
+    let before = expired();
+    common::wait_until("etcd let the token expire", || expired() > before);
+    let lease = client.grant(LEASE_TTL).expect("grant after the token expired");
+    let token = client.try_lock(key, lease.id, b"x").unwrap().expect("taken");
+    assert!(client.put_if_holder(b"/t/token/v", b"v", key, token).unwrap());
+    assert_eq!(client.get(b"/t/token/v").unwrap().unwrap().bytes, b"v");
+
+    let wrong = secure_client(&etcd, "wrong");
+    match wrong.get(key) {
+        Err(e @ EtcdError::Login { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("\"root\"") && text.contains("authentication failed"), "{text}");
+        }
+        other => panic!("a login error: {other:?}"),
+    }
 }
