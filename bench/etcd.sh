@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
-# The cost of a fresh hit through etcd: `singleflight --backend etcd://… NAME --ttl 1h --
-# CMD` served from etcd, against a local hit of the same 10 KiB result and `etcdctl get`
-# of the same key, in one hyperfine run, with ratios. Not a test: it prints figures and
-# asserts nothing about speed. It starts its own one-member etcd on free loopback ports
-# in a temp dir and stops it at the end. The load average is printed with the figures.
+# Three figures of the fleet backend, each measured side by side in one run, with ratios.
+# Not a test: it prints figures and asserts nothing about speed. It starts its own two
+# one-member etcds on free loopback ports in a temp dir (one plain HTTP; one with TLS and
+# authentication on, its certificates made by openssl) and stops them at the end. The
+# load average is printed with the figures.
 #
-#   bench/etcd.sh              # 1000 runs per command
-#   RUNS=2000 bench/etcd.sh
+# 1. A fresh hit through plain etcd: `singleflight --backend etcd://… NAME --ttl 1h --
+#    CMD` served from etcd, against a local hit of the same 10 KiB result and `etcdctl
+#    get` of the same key (hyperfine).
+# 2. The same hit over TLS with a login (`etcd+https://`, --etcd-cacert, --etcd-user),
+#    against the plain-HTTP hit and `etcdctl get` with the same TLS and login (hyperfine).
+#    Each call logs in: etcd checks the password with bcrypt, which is most of it.
+# 3. Waking waiters: 20 callers with nothing cached on 3 "machines" (3 cache dirs) wait
+#    for a run in flight; the time from the run's end to each waiter's exit, p50/p95/max
+#    over ROUNDS rounds, woken by the watch on the lock key and, side by side, by the
+#    old look every 100 ms (SINGLEFLIGHT_BENCH_POLL_WAIT=1, which only this script sets).
+#
+#   bench/etcd.sh              # 1000 runs per command (300 for the TLS hits), 5 rounds
+#   RUNS=2000 TLS_RUNS=500 ROUNDS=10 bench/etcd.sh
 #   SF_BIN=/path/to/singleflight bench/etcd.sh  # measure that binary, build nothing
 #
-# Installs what is missing: hyperfine, etcd-server and etcd-client, python3 (apt).
+# Installs what is missing: hyperfine, etcd-server and etcd-client, python3, openssl (apt).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 runs=${RUNS:-1000}
+tls_runs=${TLS_RUNS:-300}
+rounds=${ROUNDS:-5}
 
 say() { printf '%s\n' "$*" >&2; }
 
@@ -27,6 +40,7 @@ apt_install() {
 
 command -v hyperfine > /dev/null || { say "installing hyperfine"; apt_install hyperfine; }
 command -v python3 > /dev/null || { say "installing python3"; apt_install python3; }
+command -v openssl > /dev/null || { say "installing openssl"; apt_install openssl; }
 if [[ ! -x /usr/bin/etcd || ! -x /usr/bin/etcdctl ]]; then
     say "installing etcd-server and etcd-client"
     apt_install etcd-server etcd-client
@@ -43,8 +57,11 @@ fi
 
 work=$(mktemp -d)
 etcd_pid=
+tls_pid=
 cleanup() {
-    [[ -n $etcd_pid ]] && kill "$etcd_pid" 2> /dev/null && wait "$etcd_pid" 2> /dev/null
+    for pid in $etcd_pid $tls_pid; do
+        kill "$pid" 2> /dev/null && wait "$pid" 2> /dev/null
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -53,10 +70,10 @@ mkdir -m 700 "$SINGLEFLIGHT_CACHE_DIR"
 unset SINGLEFLIGHT_BACKEND SINGLEFLIGHT_ETCD_PREFIX
 export ETCDCTL_API=3
 
-# Two free loopback ports (client, peer), bound at once and released for etcd.
-read -r client peer < <(python3 -c '
+# Four free loopback ports (client and peer of each etcd), bound at once and released.
+read -r client peer tls_client tls_peer < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(2)]
+socks = [socket.socket() for _ in range(4)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 say "starting etcd on 127.0.0.1:$client"
@@ -75,6 +92,38 @@ etcdctl --endpoints "127.0.0.1:$client" endpoint health > /dev/null ||
 backend="etcd://127.0.0.1:$client"
 key=/singleflight/bench/result
 
+say "making certificates; starting etcd with TLS and authentication on 127.0.0.1:$tls_client"
+certs="$work/certs"
+mkdir "$certs"
+(
+    cd "$certs"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key \
+        -out ca.pem -days 2 -subj /CN=bench-ca 2> /dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key \
+        -out server.csr -subj /CN=etcd 2> /dev/null
+    printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+        -out server.pem -days 2 -extfile ext 2> /dev/null
+)
+/usr/bin/etcd --name tls --data-dir "$work/etcd-tls" \
+    --listen-client-urls "https://127.0.0.1:$tls_client" \
+    --advertise-client-urls "https://127.0.0.1:$tls_client" \
+    --listen-peer-urls "http://127.0.0.1:$tls_peer" --initial-advertise-peer-urls "http://127.0.0.1:$tls_peer" \
+    --initial-cluster "tls=http://127.0.0.1:$tls_peer" \
+    --cert-file "$certs/server.pem" --key-file "$certs/server.key" --logger zap --log-level warn \
+    > "$work/etcd-tls.log" 2>&1 &
+tls_pid=$!
+tls_ctl=(etcdctl --endpoints "https://127.0.0.1:$tls_client" --cacert "$certs/ca.pem")
+for _ in $(seq 100); do
+    "${tls_ctl[@]}" endpoint health > /dev/null 2>&1 && break
+    sleep 0.1
+done
+"${tls_ctl[@]}" user add root --new-user-password bench-pw > /dev/null
+"${tls_ctl[@]}" auth enable > /dev/null 2>&1
+tls_backend="etcd+https://127.0.0.1:$tls_client"
+tls_env=(env SINGLEFLIGHT_ETCD_CACERT="$certs/ca.pem" SINGLEFLIGHT_ETCD_USER=root
+    SINGLEFLIGHT_ETCD_PASSWORD=bench-pw)
+
 say "preparing a 10 KiB result, in etcd and in the cache dir"
 small="$work/small.txt"
 python3 -c '
@@ -92,6 +141,13 @@ for where in "--backend=$backend" ""; do
 done
 etcdctl --endpoints "127.0.0.1:$client" get --print-value-only "$key" > "$work/value"
 [[ $(stat -c %s "$work/value") -gt 10240 ]] || { say "etcdctl get found no result"; exit 1; }
+"${tls_env[@]}" "$sf" --backend "$tls_backend" bench --ttl 1h -- cat "$small" > /dev/null
+"${tls_env[@]}" "$sf" -v --backend "$tls_backend" bench --ttl 1h -- cat "$small" 2> "$work/decision" |
+    cmp -s - "$small" || { say "a TLS hit did not print the cached bytes"; exit 1; }
+grep -q '^singleflight.*fresh.*: served$' "$work/decision" ||
+    { say "not a fresh TLS hit: $(cat "$work/decision")"; exit 1; }
+"${tls_ctl[@]}" --user root:bench-pw get --print-value-only "$key" > "$work/value"
+[[ $(stat -c %s "$work/value") -gt 10240 ]] || { say "etcdctl get (TLS) found no result"; exit 1; }
 
 say "measuring: $runs runs each"
 hyperfine -N --warmup 100 --runs "$runs" --style basic --export-json "$work/hit.json" \
@@ -118,3 +174,98 @@ for label in labels[1:]:
           f"{hit['mean'] / r['mean']:.2f}x (mean), {hit['min'] / r['min']:.2f}x (min); "
           f"difference of medians {ms(hit, 'median') - ms(r, 'median'):+.3f} ms")
 EOF
+
+say "measuring the TLS hit: $tls_runs runs each"
+hyperfine -N --warmup 20 --runs "$tls_runs" --style basic --export-json "$work/tls.json" \
+    -n tls-auth-hit "${tls_env[*]} $sf --backend $tls_backend bench --ttl 1h -- cat $small" \
+    -n plain-hit "$sf --backend $backend bench --ttl 1h -- cat $small" \
+    -n etcdctl-tls-auth "${tls_ctl[*]} --user root:bench-pw get --print-value-only $key" >&2
+
+echo
+echo "== the same hit over TLS with a login, $tls_runs runs each =="
+python3 - "$work/tls.json" <<'PY'
+import json, sys
+labels = ["tls-auth-hit", "plain-hit", "etcdctl-tls-auth"]
+results = dict(zip(labels, json.load(open(sys.argv[1]))["results"]))
+def ms(r, key): return r[key] * 1000
+for label in labels:
+    r = results[label]
+    print(f"  {label:16} mean {ms(r, 'mean'):8.3f} ms ± {ms(r, 'stddev'):.3f}  "
+          f"median {ms(r, 'median'):8.3f} ms  min {ms(r, 'min'):8.3f} ms")
+hit = results["tls-auth-hit"]
+for label in labels[1:]:
+    r = results[label]
+    print(f"tls-auth-hit/{label}: {hit['median'] / r['median']:.2f}x (median), "
+          f"{hit['mean'] / r['mean']:.2f}x (mean); "
+          f"difference of medians {ms(hit, 'median') - ms(r, 'median'):+.3f} ms")
+PY
+
+say "measuring the waiters' wake-up: $rounds rounds of 20 waiters on 3 cache dirs, watch and poll"
+echo
+echo "== 20 waiters on 3 machines, the run's end to each waiter's exit, $rounds rounds each =="
+python3 - "$sf" "$backend" "$work" "$rounds" "127.0.0.1:$client" <<'PY'
+import os, subprocess, sys, threading, time, urllib.request
+sf, backend, work, rounds, metrics = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+caches = [os.path.join(work, f"machine{i}") for i in range(3)]
+for d in caches:
+    os.makedirs(d, mode=0o700, exist_ok=True)
+
+def watchers():
+    text = urllib.request.urlopen(f"http://{metrics}/metrics").read().decode()
+    for line in text.splitlines():
+        if line.startswith("etcd_debugging_mvcc_watcher_total "):
+            return float(line.split()[1])
+    return 0.0
+
+def call(cache, name, script, poll):
+    env = dict(os.environ, SINGLEFLIGHT_CACHE_DIR=cache, SINGLEFLIGHT_BACKEND=backend)
+    env.pop("SINGLEFLIGHT_BENCH_POLL_WAIT", None)
+    if poll:
+        env["SINGLEFLIGHT_BENCH_POLL_WAIT"] = "1"
+    return subprocess.Popen([sf, name, "--timeout", "1h", "--", "sh", "-c", script], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+def round_of(mode, i):
+    name, poll = f"wake-{mode}-{i}", mode == "poll"
+    gate, end, started = (os.path.join(work, f"{name}.{x}") for x in ("gate", "end", "started"))
+    script = (f"touch '{started}'; while [ ! -e '{gate}' ]; do sleep 0.002; done; "
+              f"date +%s%N > '{end}'; echo out")
+    winner = call(caches[0], name, script, poll)
+    while not os.path.exists(started):
+        time.sleep(0.005)
+    waiters = [call(caches[k % 3], name, script, poll) for k in range(20)]
+    exits = [None] * 20
+    def reap(k):
+        out, _ = waiters[k].communicate()
+        exits[k] = time.time_ns()
+        assert waiters[k].returncode == 0 and out == b"out\n", (waiters[k].returncode, out)
+    threads = [threading.Thread(target=reap, args=(k,)) for k in range(20)]
+    for t in threads:
+        t.start()
+    # Every waiter is waiting: watching the lock, or (polling) given the same time.
+    deadline = time.time() + 30
+    while not poll and watchers() < 20 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(1.0)
+    open(gate, "w").close()
+    for t in threads:
+        t.join()
+    winner.communicate()
+    ended = int(open(end).read())
+    return [(e - ended) / 1e6 for e in exits]
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+figures = {}
+for i in range(rounds):
+    for mode in ("watch", "poll"):
+        figures.setdefault(mode, []).extend(round_of(mode, i))
+for mode in ("watch", "poll"):
+    xs = figures[mode]
+    print(f"  {mode:5}  n={len(xs)}  p50 {pct(xs, 50):7.1f} ms  p95 {pct(xs, 95):7.1f} ms  "
+          f"max {max(xs):7.1f} ms")
+w, p = figures["watch"], figures["poll"]
+print(f"watch/poll: {pct(w, 50) / pct(p, 50):.2f}x (p50), {pct(w, 95) / pct(p, 95):.2f}x (p95)")
+PY
