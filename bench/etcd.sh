@@ -19,6 +19,7 @@
 #   bench/etcd.sh              # 1000 runs per command (300 for the TLS hits), 5 rounds
 #   RUNS=2000 TLS_RUNS=500 ROUNDS=10 bench/etcd.sh
 #   SF_BIN=/path/to/singleflight bench/etcd.sh  # measure that binary, build nothing
+#   SKIP_HITS=1 bench/etcd.sh  # the wake-up only
 #
 # Installs what is missing: hyperfine, etcd-server and etcd-client, python3, openssl (apt).
 set -euo pipefail
@@ -149,6 +150,7 @@ grep -q '^singleflight.*fresh.*: served$' "$work/decision" ||
 "${tls_ctl[@]}" --user root:bench-pw get --print-value-only "$key" > "$work/value"
 [[ $(stat -c %s "$work/value") -gt 10240 ]] || { say "etcdctl get (TLS) found no result"; exit 1; }
 
+if [[ -z ${SKIP_HITS:-} ]]; then
 say "measuring: $runs runs each"
 hyperfine -N --warmup 100 --runs "$runs" --style basic --export-json "$work/hit.json" \
     -n etcd-hit "$sf --backend $backend bench --ttl 1h -- cat $small" \
@@ -200,11 +202,13 @@ for label in labels[1:]:
           f"difference of medians {ms(hit, 'median') - ms(r, 'median'):+.3f} ms")
 PY
 
+fi
+
 say "measuring the waiters' wake-up: $rounds rounds of 20 waiters on 3 cache dirs, watch and poll"
 echo
 echo "== 20 waiters on 3 machines, the run's end to each waiter's exit, $rounds rounds each =="
 python3 - "$sf" "$backend" "$work" "$rounds" "127.0.0.1:$client" <<'PY'
-import os, subprocess, sys, threading, time, urllib.request
+import base64, json, os, subprocess, sys, threading, time, urllib.request
 sf, backend, work, rounds, metrics = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 caches = [os.path.join(work, f"machine{i}") for i in range(3)]
 for d in caches:
@@ -216,6 +220,17 @@ def watchers():
         if line.startswith("etcd_debugging_mvcc_watcher_total "):
             return float(line.split()[1])
     return 0.0
+
+def watch_release(name, seen):
+    """Records when etcd tells a watcher that NAME's lock was deleted (the release)."""
+    key = base64.b64encode(f"/singleflight/{name}/lock".encode()).decode()
+    body = json.dumps({"create_request": {"key": key}}).encode()
+    with urllib.request.urlopen(f"http://{metrics}/v3/watch", data=body) as stream:
+        for line in stream:
+            events = json.loads(line).get("result", {}).get("events", [])
+            if any(e.get("type") == "DELETE" for e in events):
+                seen.append(time.time_ns())
+                return
 
 def call(cache, name, script, poll):
     env = dict(os.environ, SINGLEFLIGHT_CACHE_DIR=cache, SINGLEFLIGHT_BACKEND=backend)
@@ -242,23 +257,31 @@ def round_of(mode, i):
     threads = [threading.Thread(target=reap, args=(k,)) for k in range(20)]
     for t in threads:
         t.start()
+    seen = []
+    watcher = threading.Thread(target=watch_release, args=(name, seen))
+    watcher.start()
     # Every waiter is waiting: watching the lock, or (polling) given the same time.
     deadline = time.time() + 30
-    while not poll and watchers() < 20 and time.time() < deadline:
+    while not poll and watchers() < 21 and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(1.0)
     open(gate, "w").close()
     for t in threads:
         t.join()
     winner.communicate()
+    won = time.time_ns()
+    watcher.join()
     ended = int(open(end).read())
+    winners.append((won - ended) / 1e6)
+    released.append((seen[0] - ended) / 1e6)
+    after_release.setdefault(mode, []).extend((e - seen[0]) / 1e6 for e in exits)
     return [(e - ended) / 1e6 for e in exits]
 
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
-figures = {}
+figures, winners, released, after_release = {}, [], [], {}
 for i in range(rounds):
     for mode in ("watch", "poll"):
         figures.setdefault(mode, []).extend(round_of(mode, i))
@@ -266,6 +289,15 @@ for mode in ("watch", "poll"):
     xs = figures[mode]
     print(f"  {mode:5}  n={len(xs)}  p50 {pct(xs, 50):7.1f} ms  p95 {pct(xs, 95):7.1f} ms  "
           f"max {max(xs):7.1f} ms")
+print(f"  (the winner lets go of the lock p50 {pct(released, 50):.1f} ms after its run's end, "
+      f"and itself exits p50 {pct(winners, 50):.1f} ms after that end: its guard and tree clean-up)")
 w, p = figures["watch"], figures["poll"]
+print(f"watch/poll: {pct(w, 50) / pct(p, 50):.2f}x (p50), {pct(w, 95) / pct(p, 95):.2f}x (p95)")
+print("the lock's release (as a watcher saw it) to each waiter's exit:")
+for mode in ("watch", "poll"):
+    xs = after_release[mode]
+    print(f"  {mode:5}  n={len(xs)}  p50 {pct(xs, 50):7.1f} ms  p95 {pct(xs, 95):7.1f} ms  "
+          f"max {max(xs):7.1f} ms")
+w, p = after_release["watch"], after_release["poll"]
 print(f"watch/poll: {pct(w, 50) / pct(p, 50):.2f}x (p50), {pct(w, 95) / pct(p, 95):.2f}x (p95)")
 PY
