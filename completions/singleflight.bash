@@ -47,7 +47,7 @@ _singleflight() {
 
     case "${cmd}" in
         singleflight)
-            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --background --exclusive --service --ready --cache-failures --max-output --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help --version status stop clear help"
+            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --background --exclusive --service --ready --cache-failures --max-output --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --lease-ttl --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help --version status stop clear help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -113,6 +113,30 @@ _singleflight() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --lease-ttl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-cacert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-user)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-password-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -121,7 +145,7 @@ _singleflight() {
             return 0
             ;;
         singleflight__subcmd__clear)
-            opts="-v -q -h --all --older-than --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help"
+            opts="-v -q -h --all --older-than --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --lease-ttl --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -144,6 +168,30 @@ _singleflight() {
                     return 0
                     ;;
                 --backend-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --lease-ttl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-cacert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-user)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-password-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -225,7 +273,7 @@ _singleflight() {
             return 0
             ;;
         singleflight__subcmd__status)
-            opts="-v -q -h --json --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help"
+            opts="-v -q -h --json --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --lease-ttl --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -247,6 +295,30 @@ _singleflight() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --lease-ttl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-cacert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-user)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-password-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -255,7 +327,7 @@ _singleflight() {
             return 0
             ;;
         singleflight__subcmd__stop)
-            opts="-v -q -h --kill-after --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --help"
+            opts="-v -q -h --kill-after --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --lease-ttl --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -278,6 +350,30 @@ _singleflight() {
                     return 0
                     ;;
                 --backend-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --lease-ttl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-cacert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-user)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --etcd-password-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

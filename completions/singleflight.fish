@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_singleflight_global_optspecs
-    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= background exclusive service ready= cache-failures max-output= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= h/help V/version
+    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= background exclusive service ready= cache-failures max-output= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= lease-ttl= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
 end
 
 function __fish_singleflight_needs_command
@@ -39,6 +39,12 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-dir -d 
 complete -c singleflight -n "__fish_singleflight_needs_command" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l lease-ttl -d 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
+complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-cert -d 'Show etcd this client certificate (PEM), for its --client-cert-auth' -r -F
+complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-key -d 'The private key (PEM) of --etcd-cert' -r -F
+complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-user -d 'Log in to etcd as this user; the password comes from the environment variable SINGLEFLIGHT_ETCD_PASSWORD or --etcd-password-file, never from the command line' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-password-file -d 'The --etcd-user\'s password: the first line of this file' -r -F
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-cwd -d 'The result belongs to the current directory: each directory has its own'
 complete -c singleflight -n "__fish_singleflight_needs_command" -l background -d 'Serve a stale result at once and refresh it in one detached process'
 complete -c singleflight -n "__fish_singleflight_needs_command" -l exclusive -d 'Every caller runs its own command, one at a time per NAME, waiting up to --wait for its turn; nothing is cached (flock(1) with a timeout and a tree kill)'
@@ -56,6 +62,12 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l cac
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l lease-ttl -d 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-cert -d 'Show etcd this client certificate (PEM), for its --client-cert-auth' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-key -d 'The private key (PEM) of --etcd-cert' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-user -d 'Log in to etcd as this user; the password comes from the environment variable SINGLEFLIGHT_ETCD_PASSWORD or --etcd-password-file, never from the command line' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-password-file -d 'The --etcd-user\'s password: the first line of this file' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l json -d 'One JSON array with stable snake_case keys'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s q -l quiet -d 'No warnings on stderr (errors still print)'
@@ -65,6 +77,12 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l cache
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l lease-ttl -d 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-cert -d 'Show etcd this client certificate (PEM), for its --client-cert-auth' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-key -d 'The private key (PEM) of --etcd-cert' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-user -d 'Log in to etcd as this user; the password comes from the environment variable SINGLEFLIGHT_ETCD_PASSWORD or --etcd-password-file, never from the command line' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-password-file -d 'The --etcd-user\'s password: the first line of this file' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s q -l quiet -d 'No warnings on stderr (errors still print)'
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s h -l help -d 'Print help'
@@ -73,6 +91,12 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l cach
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l lease-ttl -d 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-cert -d 'Show etcd this client certificate (PEM), for its --client-cert-auth' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-key -d 'The private key (PEM) of --etcd-cert' -r -F
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-user -d 'Log in to etcd as this user; the password comes from the environment variable SINGLEFLIGHT_ETCD_PASSWORD or --etcd-password-file, never from the command line' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-password-file -d 'The --etcd-user\'s password: the first line of this file' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l all -d 'Clear every NAME'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s q -l quiet -d 'No warnings on stderr (errors still print)'
