@@ -540,16 +540,28 @@ fn an_expired_token_is_renewed_and_a_wrong_password_is_refused() {
     let expired = || etcd.log_text().matches("deleted a simple token").count();
     let before = expired();
     common::wait_until("etcd let the token expire", || expired() > before);
-    let lease = client.grant(LEASE_TTL).expect("grant after the token expired");
-    let token = client.try_lock(key, lease.id, b"x").unwrap().expect("taken");
-    assert!(client.put_if_holder(b"/t/token/v", b"v", key, token).unwrap());
+    let lease = client
+        .grant(LEASE_TTL)
+        .expect("grant after the token expired");
+    let token = client
+        .try_lock(key, lease.id, b"x")
+        .unwrap()
+        .expect("taken");
+    assert!(
+        client
+            .put_if_holder(b"/t/token/v", b"v", key, token)
+            .unwrap()
+    );
     assert_eq!(client.get(b"/t/token/v").unwrap().unwrap().bytes, b"v");
 
     let wrong = secure_client(&etcd, "wrong");
     match wrong.get(key) {
         Err(e @ EtcdError::Login { .. }) => {
             let text = e.to_string();
-            assert!(text.contains("\"root\"") && text.contains("authentication failed"), "{text}");
+            assert!(
+                text.contains("\"root\"") && text.contains("authentication failed"),
+                "{text}"
+            );
         }
         other => panic!("a login error: {other:?}"),
     }
