@@ -70,13 +70,10 @@ build_binary() {
     local remap="--remap-path-prefix=$root=. --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
     case $target in
     x86_64-unknown-linux-musl | aarch64-unknown-linux-musl)
-        if [[ $target == "$(uname -m)-unknown-linux-musl" ]]; then
-            # Rust's own musl crt and linker driver: nothing else to install.
-            RUSTFLAGS="$remap" cargo build --release --locked --quiet --target "$target"
-        else
-            need_zigbuild
-            RUSTFLAGS="$remap" cargo zigbuild --release --locked --quiet --target "$target"
-        fi
+        # ring (rustls' crypto) compiles C for the target: zig's clang and musl do it
+        # on any host, where the host's gcc has no musl headers.
+        need_zigbuild
+        RUSTFLAGS="$remap" cargo zigbuild --release --locked --quiet --target "$target"
         ;;
     *-apple-darwin)
         need_zigbuild
