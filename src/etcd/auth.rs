@@ -96,13 +96,7 @@ impl Auth {
         transport: &Transport,
         deadline: Option<Instant>,
     ) -> Result<String, EtcdError> {
-        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(token) = &*token {
-            return Ok(token.clone());
-        }
-        let fresh = self.login(transport, deadline)?;
-        *token = Some(fresh.clone());
-        Ok(fresh)
+        self.current_or_login(transport, None, deadline)
     }
 
     /// A new token in place of `stale`, which etcd refused; if another thread
@@ -113,13 +107,23 @@ impl Auth {
         stale: &str,
         deadline: Option<Instant>,
     ) -> Result<String, EtcdError> {
+        self.current_or_login(transport, Some(stale), deadline)
+    }
+
+    /// The token held, unless there is none or it is `stale` (dropped then): a new
+    /// one from a login, kept for the next request.
+    fn current_or_login(
+        &self,
+        transport: &Transport,
+        stale: Option<&str>,
+        deadline: Option<Instant>,
+    ) -> Result<String, EtcdError> {
         let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(current) = &*token
-            && current != stale
-        {
-            return Ok(current.clone());
+        match token.as_deref() {
+            Some(current) if Some(current) != stale => return Ok(current.to_owned()),
+            Some(_) => *token = None,
+            None => {}
         }
-        *token = None;
         let fresh = self.login(transport, deadline)?;
         *token = Some(fresh.clone());
         Ok(fresh)

@@ -212,11 +212,7 @@ impl Client {
                 parse(line, "lease keepalive")?;
             match (message.result, message.error) {
                 (Some(result), _) => Ok(Duration::from_secs(result.ttl.max(0) as u64)),
-                (None, Some(error)) => Err(EtcdError::Refused {
-                    member: answer.member,
-                    code: error.grpc_code,
-                    message: error.message,
-                }),
+                (None, Some(error)) => Err(error.refused_by(answer.member)),
                 (None, None) => Err(EtcdError::Garbled {
                     detail: format!("lease keepalive: {:?}", String::from_utf8_lossy(line)),
                 }),

@@ -110,11 +110,7 @@ fn read_until_deleted(mut stream: Stream) -> Result<Watched, EtcdError> {
         }
         let message: wire::StreamMessage<wire::WatchResponse> = parse(&line, "watch")?;
         if let Some(error) = message.error {
-            return Err(EtcdError::Refused {
-                member: stream.member,
-                code: error.grpc_code,
-                message: error.message,
-            });
+            return Err(error.refused_by(stream.member));
         }
         let Some(watch) = message.result else {
             continue;

@@ -5,6 +5,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Deserializer};
 
+use super::error::EtcdError;
+
 pub fn b64(bytes: &[u8]) -> String {
     STANDARD.encode(bytes)
 }
@@ -137,6 +139,17 @@ pub struct StreamMessage<T> {
 pub struct StreamError {
     pub grpc_code: i32,
     pub message: String,
+}
+
+impl StreamError {
+    /// The refusal this message of `member`'s stream carries.
+    pub fn refused_by(self, member: String) -> EtcdError {
+        EtcdError::Refused {
+            member,
+            code: self.grpc_code,
+            message: self.message,
+        }
+    }
 }
 
 /// What the gateway answers instead of a response when etcd refused the request.
