@@ -36,7 +36,17 @@ impl Tree {
     }
 
     pub fn kill_leftovers(self) {
-        self.signal(Stop::Kill);
+        group::signal(self.pid, Stop::Kill);
+        // As a subreaper singleflight inherits every orphan of the run, so each process
+        // left descends from one of its children. With no child but the guard nothing is
+        // left, and no scan of every process is needed (most runs end so).
+        let mut children = Vec::new();
+        let guard = super::spared();
+        if read_children(std::process::id(), &mut children).is_ok()
+            && children.iter().all(|&child| child == guard)
+        {
+            return;
+        }
         reap_descendants(self.pid);
     }
 }
@@ -242,21 +252,29 @@ pub fn kill_remains(record: &RunRecord) {
     }
 }
 
-/// The children of `pid`, from `/proc/PID/task/*/children` (each thread's own).
+/// The children of `pid`, from `/proc/PID/task/*/children` (each thread's own), as
+/// many as can be read.
 fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
     let mut found = Vec::new();
-    for task in tasks.flatten() {
-        if let Ok(list) = fs::read_to_string(task.path().join("children")) {
-            found.extend(
+    let _ = read_children(pid, &mut found);
+    found
+}
+
+/// Adds the children of `pid` to `found`; an error if any thread's list could not be
+/// read (a thread that ended meanwhile, a kernel without `/proc/PID/task/*/children`),
+/// when `found` may miss some.
+fn read_children(pid: u32, found: &mut Vec<u32>) -> io::Result<()> {
+    let mut complete = Ok(());
+    for task in fs::read_dir(format!("/proc/{pid}/task"))? {
+        match task.and_then(|task| fs::read_to_string(task.path().join("children"))) {
+            Ok(list) => found.extend(
                 list.split_whitespace()
                     .filter_map(|c| c.parse::<u32>().ok()),
-            );
+            ),
+            Err(e) => complete = Err(e),
         }
     }
-    found
+    complete
 }
 
 /// Adds every live descendant of `owner` but the caller (the guard) to `seen`.
