@@ -663,6 +663,44 @@ fn a_background_refresh_across_machines_starts_one_refresher_and_serves_stale_at
     assert_eq!(shared.runs(), 2, "one refresh for fifteen stale callers");
 }
 
+/// A good run after a failed one forgets the failure record (in the transaction that
+/// stores its result and lets go of the lock), for every machine.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_good_run_after_a_failed_one_forgets_the_failure_on_every_machine() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = Shared::new();
+    let (a, b) = (Machine::new(&etcd.url()), Machine::new(&etcd.url()));
+    let broken = shared.path("broken");
+    let script = format!(
+        "if [ -e '{}' ]; then echo broken >&2; exit 3; fi; echo fine",
+        broken.display()
+    );
+    let call = [
+        "flaky",
+        "--ttl",
+        "0",
+        "--retry-after",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let last_failure =
+        || b.status_json(&["flaky"]).expect("flaky is in etcd")[0]["last_failure"].clone();
+    fs::write(&broken, "").unwrap();
+    assert_status(&a.run(call), 3);
+    assert_eq!(last_failure()["exit_code"], 3);
+    fs::remove_file(&broken).unwrap();
+    assert_eq!(stdout(&a.run(call)), "fine\n");
+    assert_eq!(
+        last_failure(),
+        Value::Null,
+        "the good run forgot the failure"
+    );
+}
+
 #[cfg(feature = "etcd")]
 #[test]
 fn a_result_over_the_etcd_limit_is_refused_not_truncated() {

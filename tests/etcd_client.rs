@@ -15,7 +15,7 @@ use common::etcd::{Etcd, Options};
 use singleflight::etcd_client as entry;
 use singleflight::etcd_client::{
     self as etcd, Client, Credentials, Endpoints, EtcdError, FencingToken, LeaseKeeper, LeaseLost,
-    Meta, Name, Prefix, Security, TlsFiles, Write,
+    Meta, Name, Prefix, Security, TlsFiles, Wait, Write,
 };
 
 const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -481,7 +481,9 @@ fn secure_client(etcd: &Etcd, password: &str) -> Client {
 
 /// A waiter is woken by a watch on the lock key: it is a watcher in etcd while it
 /// waits (none would be if it polled), and returns when the lock is released, by a
-/// delete or by the lease's revocation, however long its limit.
+/// delete or by the lease's revocation, however long its limit. A value stored in the
+/// releasing transaction comes with the wake-up; one stored before the wait began, or
+/// deleted with the release, does not (the waiter reads the key then).
 #[test]
 fn a_waiter_watches_the_lock_and_wakes_when_it_is_released() {
     let Some(etcd) = Etcd::with(1, Options::secure()) else {
@@ -489,27 +491,58 @@ fn a_waiter_watches_the_lock_and_wakes_when_it_is_released() {
     };
     let client = secure_client(&etcd, common::etcd::PASSWORD);
     let watchers = || etcd.metric(0, "etcd_debugging_mvcc_watcher_total");
-    for release_by_revoke in [false, true] {
-        let key = b"/t/watch/lock";
+    let (key, result): (&[u8], &[u8]) = (b"/t/watch/lock", b"/t/watch/result");
+    let setup = client.grant(LEASE_TTL).unwrap();
+    let token = client.try_lock(key, setup.id, b"setup").unwrap().unwrap();
+    assert!(
+        client
+            .put_if_holder(result, b"from before the wait", key, token)
+            .unwrap()
+    );
+    assert!(client.release(key, token).unwrap());
+    let releases: [(&str, Option<&[u8]>); 4] = [
+        ("delete", None),
+        ("revoke", None),
+        ("store-and-delete", Some(b"stored with the release")),
+        ("delete-both", None),
+    ];
+    for (release, delivered) in releases {
         let lease = client.grant(LEASE_TTL).unwrap();
         let token = client.try_lock(key, lease.id, b"holder").unwrap().unwrap();
         let before = watchers();
         let waiter = client.clone();
         let (sender, woken) = mpsc::channel();
         thread::spawn(move || {
-            let _ = sender.send(waiter.wait_released(key, Duration::from_secs(3600)));
+            let wait = waiter.wait_for_release(key, Some(result), Duration::from_secs(3600));
+            let _ = sender.send(wait);
         });
         common::wait_until("the waiter watches the lock", || {
             watchers() == before.map(|n| n + 1.0)
         });
         assert!(woken.try_recv().is_err(), "woken while the lock is held");
-        if release_by_revoke {
-            client.revoke(lease.id).unwrap();
-        } else {
-            assert!(client.release(key, token).unwrap());
+        let lock_gone = Write::Delete { key };
+        match release {
+            "delete" => assert!(client.release(key, token).unwrap()),
+            "revoke" => client.revoke(lease.id).unwrap(),
+            "store-and-delete" => {
+                let put = Write::Put {
+                    key: result,
+                    value: b"stored with the release",
+                };
+                assert!(
+                    client
+                        .write_if_holder(key, token, &[put, lock_gone])
+                        .unwrap()
+                );
+            }
+            _ => {
+                let writes = [Write::Delete { key: result }, lock_gone];
+                assert!(client.write_if_holder(key, token, &writes).unwrap());
+            }
         }
-        let released = woken.recv_timeout(PATIENCE).expect("the waiter woke");
-        assert!(released.unwrap(), "released");
+        let wait = woken.recv_timeout(PATIENCE).expect("the waiter woke");
+        let value = delivered.map(<[u8]>::to_vec);
+        assert_eq!(wait.unwrap(), Wait::Released { value }, "{release}");
     }
     // A lock that stays held: the wait ends at its limit, saying so.
     let key = b"/t/watch/held";

@@ -218,7 +218,8 @@ pub trait Lock {
     fn save_failure(&self, failure: &Failure) -> Result<()>;
 
     /// Removes the failure record after a good run (best effort: a record left
-    /// behind only delays the next run by `--retry-after`).
+    /// behind only delays the next run by `--retry-after`). It may be done later, with
+    /// the result's save or as the lock is let go, but before others can take it.
     fn forget_failure(&self);
 
     /// Records the key values of a keyed slot (best effort: they are for `status`).

@@ -77,3 +77,5 @@ pub use error::{EtcdError, check_size};
 pub use keeper::{LeaseKeeper, LeaseLost, default_lead};
 #[cfg(feature = "etcd")]
 pub use tls::TlsFiles;
+#[cfg(feature = "etcd")]
+pub use watch::Wait;

@@ -1,6 +1,8 @@
 //! Waiting for a lock's release: a watch on the lock key (`POST /v3/watch`, a stream
 //! of JSON lines), so that a waiter wakes the moment the key is deleted, not at its
-//! next look.
+//! next look. The watch may take in one more key, the result's: a holder that stores
+//! it and lets go of the lock in one transaction hands every waiter the new value in
+//! the same message, so none has to ask for it again.
 //!
 //! The watch starts at the revision after the read that saw the key held, so a
 //! release between that read and the watch's creation is still seen. A watch that
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::client::Client;
+use super::client::{Client, DEFAULT_MAX_VALUE};
 use super::error::{EtcdError, UNAUTHENTICATED};
 use super::transport::{Stream, parse};
 use super::wire::{self, b64};
@@ -25,16 +27,29 @@ use crate::values::later;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Broken watches in a row after which a waiter polls instead.
 const MAX_WATCH_FAILURES: u32 = 3;
-/// The longest line of a watch read: an event of a lock key is far smaller.
-const MAX_LINE: usize = 1 << 20;
+/// The longest line of a watch read: room for a result of [`DEFAULT_MAX_VALUE`] (4/3
+/// of it in base64) and the other events of its transaction.
+const MAX_LINE: usize = 2 * DEFAULT_MAX_VALUE as usize;
 /// For `bench/etcd.sh` only: wait by looking every [`POLL_INTERVAL`], as before the
 /// watch, so that the two can be measured side by side.
 const POLL_ENV: &str = "SINGLEFLIGHT_BENCH_POLL_WAIT";
 
+/// How a wait for a lock's release ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// The lock was still held at the limit.
+    Held,
+    /// The lock was released. `value`: what the other watched key had been given by
+    /// then, if the watch saw it written (by the release's own transaction, say);
+    /// `None` if it did not, and the key is to be read.
+    Released { value: Option<Vec<u8>> },
+}
+
 /// How a watch ended.
 enum Watched {
-    /// The key was deleted (the lock released, or its lease gone).
-    Deleted,
+    /// The key was deleted (the lock released, or its lease gone), with the other
+    /// key's value if the watch saw it written.
+    Deleted(Option<Vec<u8>>),
     /// The deadline came first.
     OutOfTime,
     /// The stream ended or was cancelled without a deletion.
@@ -45,6 +60,18 @@ impl Client {
     /// Waits until nobody holds the lock `key`, for at most `limit`. Returns whether
     /// it was released in time. Woken by a watch on the key; see the module.
     pub fn wait_released(&self, key: &[u8], limit: Duration) -> Result<bool, EtcdError> {
+        let wait = self.wait_for_release(key, None, limit)?;
+        Ok(wait != Wait::Held)
+    }
+
+    /// [`Client::wait_released`], watching `value_key` as well: a value written to it
+    /// by the time of the release comes with [`Wait::Released`].
+    pub fn wait_for_release(
+        &self,
+        key: &[u8],
+        value_key: Option<&[u8]>,
+        limit: Duration,
+    ) -> Result<Wait, EtcdError> {
         let deadline = later(Instant::now(), limit);
         let mut failures = if std::env::var_os(POLL_ENV).is_some() {
             MAX_WATCH_FAILURES
@@ -54,15 +81,16 @@ impl Client {
         loop {
             let (holder, revision) = self.range_at(key)?;
             if holder.is_none() {
-                return Ok(true);
+                return Ok(Wait::Released { value: None });
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(false);
+                return Ok(Wait::Held);
             }
             if failures < MAX_WATCH_FAILURES {
-                match self.watch_deleted(key, revision.saturating_add(1), deadline) {
-                    Ok(Watched::Deleted) => return Ok(true),
+                let from = revision.saturating_add(1);
+                match self.watch_deleted(key, value_key, from, deadline) {
+                    Ok(Watched::Deleted(value)) => return Ok(Wait::Released { value }),
                     // Looks once more, then says it stayed held.
                     Ok(Watched::OutOfTime) => continue,
                     Ok(Watched::Ended) | Err(_) => failures += 1,
@@ -73,25 +101,39 @@ impl Client {
         }
     }
 
-    /// Watches `key` from revision `from` until it is deleted, the stream ends, or
+    /// Watches `key` (and `value_key`: the range from the lower of the two to the
+    /// higher) from revision `from` until `key` is deleted, the stream ends, or
     /// `deadline`.
     fn watch_deleted(
         &self,
         key: &[u8],
+        value_key: Option<&[u8]>,
         from: i64,
         deadline: Instant,
     ) -> Result<Watched, EtcdError> {
+        let (low, high) = match value_key {
+            Some(other) => (key.min(other), key.max(other)),
+            None => (key, key),
+        };
         let body = json!({ "create_request": {
-            "key": b64(key), "start_revision": from.to_string(),
+            "key": b64(low),
+            // The key just after `high`: the range takes in `high` itself.
+            "range_end": b64(&[high, b"\0"].concat()),
+            "start_revision": from.to_string(),
         }});
         self.authed(Some(deadline), |token| {
             let stream = self.transport.stream("/watch", &body, deadline, token)?;
-            read_until_deleted(stream)
+            read_until_deleted(stream, key, value_key)
         })
     }
 }
 
-fn read_until_deleted(mut stream: Stream) -> Result<Watched, EtcdError> {
+fn read_until_deleted(
+    mut stream: Stream,
+    key: &[u8],
+    value_key: Option<&[u8]>,
+) -> Result<Watched, EtcdError> {
+    let mut value = None;
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -115,8 +157,15 @@ fn read_until_deleted(mut stream: Stream) -> Result<Watched, EtcdError> {
         let Some(watch) = message.result else {
             continue;
         };
-        if watch.events.iter().any(|event| event.kind == "DELETE") {
-            return Ok(Watched::Deleted);
+        // In order: a transaction's events come in one message, as it made them.
+        for event in watch.events {
+            let deleted = event.kind == "DELETE";
+            if event.kv.key == key && deleted {
+                return Ok(Watched::Deleted(value));
+            }
+            if Some(event.kv.key.as_slice()) == value_key {
+                value = (!deleted).then_some(event.kv.value);
+            }
         }
         if watch.canceled {
             // Refused for its token: the caller logs in again and watches once more.

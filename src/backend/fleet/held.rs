@@ -1,6 +1,7 @@
 //! A held etcd lock: what only its holder writes (the result, the failure record, the
 //! key values), each guarded by its fencing token, and the lease that keeps it.
 
+use std::cell::Cell;
 use std::ffi::OsString;
 use std::sync::Arc;
 
@@ -25,11 +26,16 @@ pub(super) struct FleetHeld {
     pub(super) abort: Arc<Abort>,
     pub(super) env: [(OsString, OsString); 1],
     pub(super) handed_over: bool,
+    /// The failure record is to go: with the result, in its transaction, or when the
+    /// lock is let go without one.
+    pub(super) forgetting_failure: Cell<bool>,
 }
 
 impl Lock for FleetHeld {
     /// Stores the result and releases the lock in one transaction, if the lock is
     /// still ours: waiters see the lock gone and the new result at the same revision.
+    /// A failure record to forget goes in the same transaction (one round, one fsync,
+    /// before the waiters are let go).
     /// The output is read back from the local temp file (at most the value limit, see
     /// `Slot::output_cap`).
     fn save_result(&self, stdout: EntryWriter, meta: &Meta) -> Result<Body, Unsaved> {
@@ -50,21 +56,24 @@ impl Lock for FleetHeld {
                 body: out,
             });
         }
-        let writes = [
-            Write::Put {
-                key: &self.slot.keys.result,
-                value: &value,
-            },
-            Write::Delete {
-                key: &self.slot.keys.lock,
-            },
-        ];
+        let keys = &self.slot.keys;
+        let mut writes = vec![Write::Put {
+            key: &keys.result,
+            value: &value,
+        }];
+        if self.forgetting_failure.get() {
+            writes.push(Write::Delete { key: &keys.failure });
+        }
+        writes.push(Write::Delete { key: &keys.lock });
         match self
             .slot
             .client()
-            .write_if_holder(&self.slot.keys.lock, self.token, &writes)
+            .write_if_holder(&keys.lock, self.token, &writes)
         {
-            Ok(true) => Ok(out),
+            Ok(true) => {
+                self.forgetting_failure.set(false);
+                Ok(out)
+            }
             Ok(false) => Err(Unsaved {
                 reason: "the etcd lock was lost before the result could be stored (its lease \
                          expired or was revoked); nothing was stored"
@@ -92,12 +101,9 @@ impl Lock for FleetHeld {
         Ok(())
     }
 
+    /// Deferred: done with the result's transaction, or else as the lock is let go.
     fn forget_failure(&self) {
-        let _ = self.slot.client().delete_if_holder(
-            &self.slot.keys.failure,
-            &self.slot.keys.lock,
-            self.token,
-        );
+        self.forgetting_failure.set(true);
     }
 
     /// Records the key values of a keyed slot (best effort: they are for `status`).
@@ -142,7 +148,12 @@ impl Drop for FleetHeld {
         }
         // A lease reported lost is gone, or etcd cannot be reached to revoke it.
         if !self.handed_over && self.abort.reason().is_none() {
-            let _ = self.slot.client().revoke(self.lease);
+            let client = self.slot.client();
+            if self.forgetting_failure.get() {
+                let keys = &self.slot.keys;
+                let _ = client.delete_if_holder(&keys.failure, &keys.lock, self.token);
+            }
+            let _ = client.revoke(self.lease);
         }
     }
 }

@@ -6,6 +6,7 @@
 //! by that token, so a holder that lost its lease writes nothing. An etcd that does
 //! not answer within `--backend-timeout` ends the call with status 125.
 
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use crate::abort::Abort;
 use crate::entry::{self, Meta};
 use crate::etcd::{
     Client, Credentials, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, EtcdError, FencingToken, Keys, Lease,
-    LeaseId, LeaseKeeper, Prefix, Security, TlsFiles, Write, default_lead,
+    LeaseId, LeaseKeeper, Prefix, Security, TlsFiles, Wait, Write, default_lead,
 };
 use crate::exit::{Exit, Status};
 use crate::key::SlotId;
@@ -114,6 +115,7 @@ impl Backend for Fleet {
             name_prefix: [self.prefix.as_bytes(), id.to_string().as_bytes(), b"/"].concat(),
             name: id.clone(),
             fleet: self.clone(),
+            delivered: RefCell::new(None),
         })
     }
 
@@ -169,6 +171,8 @@ struct FleetSlot {
     keys: Keys,
     /// `<prefix><NAME>/`: every key of the NAME starts with it.
     name_prefix: Vec<u8>,
+    /// The result a wait saw stored with the lock's release, for the next read.
+    delivered: RefCell<Option<Vec<u8>>>,
 }
 
 impl FleetSlot {
@@ -188,9 +192,13 @@ impl FleetSlot {
     }
 
     fn get_result(&self) -> Result<Read, EtcdError> {
-        Ok(match self.client().get(&self.keys.result)? {
+        let value = match self.delivered.take() {
+            Some(bytes) => Some(bytes),
+            None => self.client().get(&self.keys.result)?.map(|v| v.bytes),
+        };
+        Ok(match value {
             None => Read::Missing,
-            Some(value) => match entry::from_bytes(value.bytes) {
+            Some(bytes) => match entry::from_bytes(bytes) {
                 Ok(entry) => Read::Found(entry),
                 Err(invalid) => Read::Invalid(invalid),
             },
@@ -243,6 +251,7 @@ impl FleetSlot {
             abort: abort.clone(),
             env: [(FENCING_TOKEN_ENV.into(), token.to_string().into())],
             handed_over: false,
+            forgetting_failure: Cell::new(false),
         };
         let keeper = LeaseKeeper::start(
             self.client().clone(),
@@ -330,10 +339,20 @@ impl Place for FleetSlot {
             .transpose()
     }
 
+    /// Watches the result too: a run's result comes with its release, and the read
+    /// that follows takes it from there.
     fn wait_released(&self, limit: Duration) -> Result<bool> {
-        self.client()
-            .wait_released(&self.keys.lock, limit)
-            .map_err(|e| self.not_run(e))
+        let wait = self
+            .client()
+            .wait_for_release(&self.keys.lock, Some(&self.keys.result), limit)
+            .map_err(|e| self.not_run(e))?;
+        Ok(match wait {
+            Wait::Held => false,
+            Wait::Released { value } => {
+                self.delivered.replace(value);
+                true
+            }
+        })
     }
 
     fn snapshot(&self) -> Result<Snapshot> {
