@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::FleetSlot;
+use super::slot::FleetSlot;
 use crate::abort::Abort;
 use crate::backend::{Lock, Unsaved};
 use crate::entry::{self, Body, EntryWriter, Meta};

@@ -1,0 +1,401 @@
+//! One NAME (or keyed slot) in etcd: its keys, reading its result and failure
+//! record, taking and waiting for its lock, `status` and `clear`. A taken lock is a
+//! [`FleetHeld`].
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::Fleet;
+use super::held::FleetHeld;
+use crate::abort::Abort;
+use crate::backend::{Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Place, Read, Snapshot};
+use crate::entry::{self, Meta};
+use crate::etcd::{
+    Client, EtcdError, FencingToken, Keys, Lease, LeaseId, LeaseKeeper, Wait, Write, default_lead,
+};
+use crate::exit::{Exit, Status};
+use crate::key::SlotId;
+use crate::record::{self, Failure};
+use crate::say::Say;
+use crate::store::Store;
+use crate::values::{LeaseHandover, Name, Refresher};
+
+/// How far in the future a result written by another machine may be dated and still
+/// count as just written. Clocks kept by NTP agree far better than this; a reader
+/// whose clock is behind the writer's must not take every new result for one "from
+/// the future" (not fresh) and run the command again.
+const CLOCK_SKEW: Duration = Duration::from_secs(1);
+
+/// How long `clear` waits for a run in flight between two looks at the lock.
+const CLEAR_WAIT: Duration = Duration::from_secs(3600);
+
+/// Who holds a lock, written into the lock key for `status`.
+#[derive(Serialize, Deserialize)]
+struct Owner {
+    host: String,
+    pid: u32,
+    started_at_ms: u64,
+}
+
+/// One slot of a NAME in etcd, with its files in the local cache dir; its held lock
+/// keeps a copy.
+#[derive(Clone)]
+pub(super) struct FleetSlot {
+    files: Rc<Files>,
+    pub(super) fleet: Fleet,
+    /// The slot, for messages and key names: `NAME` or `NAME@<key>`.
+    name: SlotId,
+    pub(super) keys: Keys,
+    /// `<prefix><NAME>/`: every key of the NAME starts with it.
+    name_prefix: Vec<u8>,
+    /// The result a wait saw stored with the lock's release, for the next read.
+    delivered: RefCell<Option<Vec<u8>>>,
+}
+
+impl FleetSlot {
+    pub(super) fn new(fleet: Fleet, store: Store, id: &SlotId) -> FleetSlot {
+        FleetSlot {
+            files: Rc::new(Files {
+                paths: store.paths(id),
+                store,
+            }),
+            keys: fleet.prefix.keys(id),
+            name_prefix: [fleet.prefix.as_bytes(), id.to_string().as_bytes(), b"/"].concat(),
+            name: id.clone(),
+            fleet,
+            delivered: RefCell::new(None),
+        }
+    }
+
+    pub(super) fn client(&self) -> &Client {
+        &self.fleet.client
+    }
+
+    /// An etcd failure before the command ran (a call's look, lock or wait).
+    fn not_run(&self, error: EtcdError) -> anyhow::Error {
+        let message = format!("{}: {error}; the command was not run", self.name);
+        Exit::new(Status::Internal, message).into()
+    }
+
+    /// An etcd failure of `status` or `clear`.
+    fn failed(&self, error: EtcdError) -> anyhow::Error {
+        Exit::new(Status::Internal, format!("{}: {error}", self.name)).into()
+    }
+
+    fn get_result(&self) -> Result<Read, EtcdError> {
+        let value = match self.delivered.take() {
+            Some(bytes) => Some(bytes),
+            None => self.client().get(&self.keys.result)?.map(|v| v.bytes),
+        };
+        Ok(match value {
+            None => Read::Missing,
+            Some(bytes) => match entry::from_bytes(bytes) {
+                Ok(entry) => Read::Found(entry),
+                Err(invalid) => Read::Invalid(invalid),
+            },
+        })
+    }
+
+    fn get_failure(&self) -> Result<Option<Failure>, EtcdError> {
+        let value = self.client().get(&self.keys.failure)?;
+        Ok(value.and_then(|value| record::from_bytes(&value.bytes)))
+    }
+
+    fn owner(&self) -> Vec<u8> {
+        let owner = Owner {
+            host: hostname(),
+            pid: std::process::id(),
+            started_at_ms: entry::now_ms(SystemTime::now()),
+        };
+        serde_json::to_vec(&owner).expect("Owner serializes")
+    }
+
+    fn take_lock(&self) -> Result<Option<(Lease, FencingToken)>, EtcdError> {
+        let client = self.client();
+        // Most callers of a herd lose: a look first saves them a grant and a revoke.
+        if client.lock_holder(&self.keys.lock)?.is_some() {
+            return Ok(None);
+        }
+        let lease = client.grant(self.fleet.lease_ttl)?;
+        match client.try_lock(&self.keys.lock, lease.id, &self.owner()) {
+            Ok(Some(token)) => Ok(Some((lease, token))),
+            Ok(None) => {
+                let _ = client.revoke(lease.id);
+                Ok(None)
+            }
+            Err(e) => {
+                let _ = client.revoke(lease.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Holds a taken lock: its lease is renewed from now on, and a loss trips the
+    /// run's abort.
+    fn hold(&self, lease: Lease, token: FencingToken) -> Result<Held> {
+        let abort = Arc::new(Abort::default());
+        let mut held = FleetHeld {
+            slot: self.clone(),
+            lease: lease.id,
+            token,
+            keeper: None,
+            abort: abort.clone(),
+            env: [(FENCING_TOKEN_ENV.into(), token.to_string().into())],
+            handed_over: false,
+            forgetting_failure: Cell::new(false),
+        };
+        let keeper = LeaseKeeper::start(
+            self.client().clone(),
+            lease,
+            default_lead(lease.ttl),
+            move |lost| abort.trip(lost.why),
+        );
+        match keeper {
+            Ok(keeper) => held.keeper = Some(keeper),
+            Err(e) => {
+                let message = format!("{}: cannot start the lease keeper: {e}", self.name);
+                return Err(Exit::new(Status::Internal, message).into());
+            }
+        }
+        Ok(Box::new(held))
+    }
+
+    /// The lock of a `--background` caller: still held with the lease and token it
+    /// handed over, renewed from now on.
+    fn adopt(&self, handover: LeaseHandover) -> Result<Held> {
+        let id = LeaseId(handover.lease);
+        let token = FencingToken(handover.token);
+        let sent = Instant::now();
+        let client = self.client();
+        let ttl = client.keep_alive(id).map_err(|e| self.not_run(e))?;
+        let holder = client
+            .lock_holder(&self.keys.lock)
+            .map_err(|e| self.not_run(e))?;
+        if ttl.is_zero() || holder.is_none_or(|h| (h.lease, h.token) != (id, token)) {
+            let message = format!(
+                "{}: the etcd lock handed to the refresher is no longer held with lease {id}; \
+                 the command was not run",
+                self.name
+            );
+            return Err(Exit::new(Status::Internal, message).into());
+        }
+        let lease = Lease {
+            id,
+            ttl,
+            granted_at: sent,
+        };
+        let held = self.hold(lease, token)?;
+        // `status` shows who runs it: the refresher now, not the caller that started it.
+        let owner = self.owner();
+        let rewrite = [Write::PutLeased {
+            key: &self.keys.lock,
+            value: &owner,
+            lease: id,
+        }];
+        let _ = client.write_if_holder(&self.keys.lock, token, &rewrite);
+        Ok(held)
+    }
+}
+
+impl Place for FleetSlot {
+    fn files(&self) -> &Files {
+        &self.files
+    }
+
+    fn clock_skew(&self) -> Duration {
+        CLOCK_SKEW
+    }
+
+    fn exists(&self) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn result_location(&self) -> String {
+        format!("etcd key {}", String::from_utf8_lossy(&self.keys.result))
+    }
+
+    fn read_result(&self) -> Result<Read> {
+        self.get_result().map_err(|e| self.not_run(e))
+    }
+
+    fn read_failure(&self) -> Result<Option<Failure>> {
+        self.get_failure().map_err(|e| self.not_run(e))
+    }
+
+    /// Takes the lock: a lease, then the lock key attached to it if nobody holds it.
+    fn try_lock(&self) -> Result<Option<Held>> {
+        self.take_lock()
+            .map_err(|e| self.not_run(e))?
+            .map(|(lease, token)| self.hold(lease, token))
+            .transpose()
+    }
+
+    /// Watches the result too: a run's result comes with its release, and the read
+    /// that follows takes it from there.
+    fn wait_released(&self, limit: Duration) -> Result<bool> {
+        let wait = self
+            .client()
+            .wait_for_release(&self.keys.lock, Some(&self.keys.result), limit)
+            .map_err(|e| self.not_run(e))?;
+        Ok(match wait {
+            Wait::Held => false,
+            Wait::Released { value } => {
+                self.delivered.replace(value);
+                true
+            }
+        })
+    }
+
+    fn snapshot(&self) -> Result<Snapshot> {
+        let result = self.get_result().map_err(|e| self.failed(e))?;
+        let failure = self.get_failure().map_err(|e| self.failed(e))?;
+        let holder = self
+            .client()
+            .lock_holder(&self.keys.lock)
+            .map_err(|e| self.failed(e))?;
+        let in_flight = holder.map(
+            |holder| match serde_json::from_slice::<Owner>(&holder.owner) {
+                Ok(owner) => InFlight {
+                    pid: Some(owner.pid),
+                    command_pid: None,
+                    started_at_ms: Some(owner.started_at_ms),
+                    host: Some(owner.host),
+                },
+                Err(_) => InFlight {
+                    pid: None,
+                    command_pid: None,
+                    started_at_ms: None,
+                    host: None,
+                },
+            },
+        );
+        let key_values = self
+            .client()
+            .get(&self.keys.key)
+            .map_err(|e| self.failed(e))?
+            .and_then(|value| serde_json::from_slice(&value.bytes).ok());
+        Ok(Snapshot {
+            result,
+            in_flight,
+            failure,
+            key_values,
+            service: None,
+        })
+    }
+
+    /// Takes the lock (waiting for a run in flight), then deletes the result, the
+    /// failure record and the lock in one guarded transaction.
+    fn clear(&self, _: &Name, say: &Say) -> Result<Cleared> {
+        let client = self.client();
+        let fail = |e| self.failed(e);
+        if client.list(&self.name_prefix).map_err(fail)?.is_empty() {
+            return Ok(Cleared::Nothing);
+        }
+        let mut said = false;
+        let (lease, token) = loop {
+            if let Some(taken) = self.take_lock().map_err(fail)? {
+                break taken;
+            }
+            if !said {
+                say.warn(format_args!(
+                    "{}: a run is in flight; waiting for it to end before clearing",
+                    self.name
+                ));
+                said = true;
+            }
+            client
+                .wait_released(&self.keys.lock, CLEAR_WAIT)
+                .map_err(fail)?;
+        };
+        let cleared = (|| {
+            let keys = client.list(&self.name_prefix)?;
+            let removed: Vec<&'static str> = [
+                (&self.keys.result, "result"),
+                (&self.keys.failure, "failure record"),
+                (&self.keys.key, "key values"),
+            ]
+            .into_iter()
+            .filter(|(key, _)| keys.contains(key))
+            .map(|(_, what)| what)
+            .collect();
+            let writes = [
+                Write::Delete {
+                    key: &self.keys.result,
+                },
+                Write::Delete {
+                    key: &self.keys.failure,
+                },
+                Write::Delete {
+                    key: &self.keys.key,
+                },
+                Write::Delete {
+                    key: &self.keys.lock,
+                },
+            ];
+            let done = client.write_if_holder(&self.keys.lock, token, &writes)?;
+            Ok((done, removed))
+        })();
+        let _ = client.revoke(lease.id);
+        let (done, removed) = cleared.map_err(fail)?;
+        if !done {
+            let message = format!(
+                "{}: the etcd lock was lost while clearing (its lease expired); try again",
+                self.name
+            );
+            return Err(Exit::new(Status::Internal, message).into());
+        }
+        Ok(if removed.is_empty() {
+            Cleared::Nothing
+        } else {
+            Cleared::Removed(removed)
+        })
+    }
+
+    unsafe fn take_handed(&self, handover: Refresher) -> Result<Option<Held>> {
+        match handover {
+            Refresher::Lease(lease) => self.adopt(lease).map(Some),
+            Refresher::Fd(fd) => Err(Exit::new(
+                Status::Internal,
+                format!("--refresher={fd} (internal): a lock file is handed over only with the cache dir backend"),
+            )
+            .into()),
+        }
+    }
+
+    /// How much stdout fits in one value next to the header and `meta`.
+    fn room_for_body(&self, meta: &Meta) -> Option<u64> {
+        Some(
+            self.fleet
+                .max_value
+                .saturating_sub(entry::encoded_len(0, meta)),
+        )
+    }
+
+    fn value_limit(&self) -> Option<u64> {
+        Some(self.fleet.max_value)
+    }
+
+    fn results_in_cache_dir(&self) -> bool {
+        false
+    }
+}
+
+/// This machine's name, for `status` of a run in flight.
+fn hostname() -> String {
+    #[cfg(unix)]
+    {
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
+    }
+    #[cfg(not(unix))]
+    {
+        std::env::var("COMPUTERNAME").unwrap_or_default()
+    }
+}
