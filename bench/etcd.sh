@@ -232,31 +232,25 @@ def watch_release(name, seen):
                 seen.append(time.time_ns())
                 return
 
-def call(cache, name, script, poll):
+def call(cache, name, script, poll, out):
     env = dict(os.environ, SINGLEFLIGHT_CACHE_DIR=cache, SINGLEFLIGHT_BACKEND=backend)
     env.pop("SINGLEFLIGHT_BENCH_POLL_WAIT", None)
     if poll:
         env["SINGLEFLIGHT_BENCH_POLL_WAIT"] = "1"
-    return subprocess.Popen([sf, name, "--timeout", "1h", "--", "sh", "-c", script], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open(out, "wb") as stdout:
+        return subprocess.Popen([sf, name, "--timeout", "1h", "--", "sh", "-c", script],
+                                env=env, stdout=stdout, stderr=subprocess.STDOUT)
 
 def round_of(mode, i):
     name, poll = f"wake-{mode}-{i}", mode == "poll"
     gate, end, started = (os.path.join(work, f"{name}.{x}") for x in ("gate", "end", "started"))
     script = (f"touch '{started}'; while [ ! -e '{gate}' ]; do sleep 0.002; done; "
               f"date +%s%N > '{end}'; echo out")
-    winner = call(caches[0], name, script, poll)
+    outs = [os.path.join(work, f"{name}.out{k}") for k in range(21)]
+    winner = call(caches[0], name, script, poll, outs[20])
     while not os.path.exists(started):
         time.sleep(0.005)
-    waiters = [call(caches[k % 3], name, script, poll) for k in range(20)]
-    exits = [None] * 20
-    def reap(k):
-        out, _ = waiters[k].communicate()
-        exits[k] = time.time_ns()
-        assert waiters[k].returncode == 0 and out == b"out\n", (waiters[k].returncode, out)
-    threads = [threading.Thread(target=reap, args=(k,)) for k in range(20)]
-    for t in threads:
-        t.start()
+    waiters = [call(caches[k % 3], name, script, poll, outs[k]) for k in range(20)]
     seen = []
     watcher = threading.Thread(target=watch_release, args=(name, seen))
     watcher.start()
@@ -266,10 +260,18 @@ def round_of(mode, i):
         time.sleep(0.01)
     time.sleep(1.0)
     open(gate, "w").close()
-    for t in threads:
-        t.join()
-    winner.communicate()
-    won = time.time_ns()
+    # One thread blocked in waitpid notes each exit as it happens (no reader threads
+    # taking turns at the interpreter lock between an exit and its stamp).
+    exited = {}
+    while len(exited) < 21:
+        pid, status = os.waitpid(-1, 0)
+        exited[pid] = (time.time_ns(), os.waitstatus_to_exitcode(status))
+    for proc, out in zip(waiters + [winner], outs[:20] + [outs[20]]):
+        proc.returncode = exited[proc.pid][1]
+        text = open(out, "rb").read()
+        assert proc.returncode == 0 and text == b"out\n", (proc.returncode, text)
+    exits = [exited[w.pid][0] for w in waiters]
+    won = exited[winner.pid][0]
     watcher.join()
     ended = int(open(end).read())
     winners.append((won - ended) / 1e6)
