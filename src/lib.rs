@@ -70,8 +70,9 @@ use crate::store::Store;
 /// Carries out a parsed command line; returns the exit status.
 pub fn run(cli: Cli) -> Result<i32> {
     let global = cli.global;
-    let backend = backend::open(global.backend_config())?;
+    let config = global.backend_config();
     let store = Store::locate(global.cache_dir)?;
+    let backend = backend::open(config, &store)?;
     match cli.verb {
         Some(Verb::Status { names, json }) => status::status(&*backend, &store, names, json),
         Some(Verb::Stop { names, kill_after }) => {

@@ -52,17 +52,18 @@ pub struct Config {
     pub password_file: Option<PathBuf>,
 }
 
-/// The backend the options name: the cache dir unless `--backend` names an etcd.
-/// Nothing is sent to etcd yet; the etcd options' files (TLS, password) are read now,
-/// and only with `--backend`. (A build without the etcd backend refuses `--backend`
-/// when it parses it.)
-pub fn open(config: Config) -> Result<Box<dyn Backend>> {
+/// The backend the options name: the cache dir unless `--backend` names an etcd
+/// (whose login token is kept in the cache dir `store` between calls). Nothing is
+/// sent to etcd yet, nothing touches the cache dir; the etcd options' files (TLS,
+/// password) are read now, and only with `--backend`. (A build without the etcd
+/// backend refuses `--backend` when it parses it.)
+pub fn open(config: Config, store: &Store) -> Result<Box<dyn Backend>> {
     #[cfg(feature = "etcd")]
     if config.endpoints.is_some() {
-        return Ok(Box::new(fleet::Fleet::open(config)?));
+        return Ok(Box::new(fleet::Fleet::open(config, store)?));
     }
     #[cfg(not(feature = "etcd"))]
-    let _ = config;
+    let _ = (config, store);
     Ok(Box::new(local::Local))
 }
 

@@ -5,6 +5,10 @@
 //! from the command line (which every user of the machine can read in `ps`). A token
 //! etcd no longer takes (a simple token expires after `--auth-token-ttl` unused, and
 //! with the member that issued it) is replaced by logging in again, once per request.
+//!
+//! With a cache dir ([`Auth::keeping_token_in`]) the token outlives the call: the
+//! first request tries the one a call before kept (see `token_file`), and each login
+//! keeps its token for the next call.
 
 use std::fmt;
 use std::path::Path;
@@ -15,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::EtcdError;
+use super::token_file::TokenFile;
 use super::transport::{Transport, parse};
 
 /// The environment variable that gives `--etcd-user`'s password.
@@ -73,7 +78,17 @@ impl Credentials {
 /// The login of one client, shared by its clones (the lease keeper's thread too).
 pub struct Auth {
     credentials: Credentials,
-    token: Mutex<Option<String>>,
+    token: Mutex<Held>,
+    /// Where the token is kept between calls, if anywhere.
+    file: Option<TokenFile>,
+}
+
+/// The token in use, and whether the kept one was looked at (once per process: after
+/// etcd refused it, the file holds nothing better).
+#[derive(Default)]
+struct Held {
+    token: Option<String>,
+    file_read: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -86,8 +101,21 @@ impl Auth {
     pub fn new(credentials: Credentials) -> Auth {
         Auth {
             credentials,
-            token: Mutex::new(None),
+            token: Mutex::default(),
+            file: None,
         }
+    }
+
+    /// The same login, with its token kept in `file` between calls.
+    pub fn keeping_token_in(&self, file: TokenFile) -> Auth {
+        Auth {
+            file: Some(file),
+            ..Auth::new(self.credentials.clone())
+        }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.credentials.user
     }
 
     /// The token to send, logging in first if there is none yet.
@@ -110,22 +138,33 @@ impl Auth {
         self.current_or_login(transport, Some(stale), deadline)
     }
 
-    /// The token held, unless there is none or it is `stale` (dropped then): a new
-    /// one from a login, kept for the next request.
+    /// The token held, unless there is none or it is `stale` (dropped then): the one
+    /// kept in the file by an earlier call (looked at once), else a new one from a
+    /// login, kept for the next request and in the file for the next call.
     fn current_or_login(
         &self,
         transport: &Transport,
         stale: Option<&str>,
         deadline: Option<Instant>,
     ) -> Result<String, EtcdError> {
-        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
-        match token.as_deref() {
+        let mut held = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        if held.token.is_none() && !held.file_read {
+            held.file_read = true;
+            held.token = self
+                .file
+                .as_ref()
+                .and_then(|file| file.load(&self.credentials.password));
+        }
+        match held.token.as_deref() {
             Some(current) if Some(current) != stale => return Ok(current.to_owned()),
-            Some(_) => *token = None,
+            Some(_) => held.token = None,
             None => {}
         }
         let fresh = self.login(transport, deadline)?;
-        *token = Some(fresh.clone());
+        if let Some(file) = &self.file {
+            file.save(&fresh, &self.credentials.password);
+        }
+        held.token = Some(fresh.clone());
         Ok(fresh)
     }
 

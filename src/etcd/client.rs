@@ -11,8 +11,10 @@ use super::auth::{Auth, Credentials};
 use super::endpoints::Endpoints;
 use super::error::EtcdError;
 use super::tls::{self, TlsFiles};
+use super::token_file::TokenFile;
 use super::transport::{Transport, parse};
 use super::wire::{self, b64, prefix_end};
+use crate::store::Store;
 
 /// `--backend-timeout` default: the longest one request to one member may take.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -129,6 +131,15 @@ impl Client {
             transport: Arc::new(Transport::new(endpoints, timeout, tls)),
             auth: security.credentials.clone().map(|c| Arc::new(Auth::new(c))),
         })
+    }
+
+    /// Keeps the login's token in the cache dir `store` between calls (see
+    /// `token_file`), instead of logging in on every call. Without a login, nothing.
+    pub(crate) fn keep_token_in(&mut self, store: &Store) {
+        if let Some(auth) = &self.auth {
+            let file = TokenFile::new(store.clone(), self.transport.endpoints(), auth.user());
+            self.auth = Some(Arc::new(auth.keeping_token_in(file)));
+        }
     }
 
     pub fn endpoints(&self) -> &Endpoints {

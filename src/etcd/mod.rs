@@ -25,6 +25,8 @@ mod keeper;
 #[cfg(feature = "etcd")]
 mod tls;
 #[cfg(feature = "etcd")]
+mod token_file;
+#[cfg(feature = "etcd")]
 mod transport;
 #[cfg(feature = "etcd")]
 mod watch;

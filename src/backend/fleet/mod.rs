@@ -41,8 +41,9 @@ impl Fleet {
     /// The etcd of `config.endpoints` with the other options as given (`None`: their
     /// defaults). TLS options with a plain `etcd://` backend, or a user without a
     /// password, are usage errors (2); a TLS or password file that cannot be read or
-    /// used is singleflight's failure (125).
-    pub fn open(config: Config) -> Result<Fleet> {
+    /// used is singleflight's failure (125). The login's token is kept in the cache
+    /// dir `store` between calls.
+    pub fn open(config: Config, store: &Store) -> Result<Fleet> {
         let endpoints = config.endpoints.expect("a backend to open");
         let tls = TlsFiles {
             cacert: config.cacert,
@@ -73,8 +74,9 @@ impl Fleet {
         };
         let security = Security { tls, credentials };
         let timeout = config.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        let client = Client::with_security(endpoints, timeout, &security)
+        let mut client = Client::with_security(endpoints, timeout, &security)
             .map_err(|message| Exit::new(Status::Internal, message))?;
+        client.keep_token_in(store);
         Ok(Fleet {
             client,
             prefix: config.prefix.unwrap_or_default(),
