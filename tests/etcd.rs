@@ -972,6 +972,224 @@ fn an_expired_login_token_is_renewed_without_failing_the_call() {
     assert_eq!(shared.runs(), 1);
 }
 
+/// The login token a call keeps in its cache dir (`etcd-<hash>.token`), if any.
+#[cfg(feature = "etcd")]
+fn token_file(machine: &Machine) -> Option<PathBuf> {
+    let files: Vec<PathBuf> = fs::read_dir(&machine.env.cache)
+        .ok()?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "token"))
+        .collect();
+    assert!(
+        files.len() <= 1,
+        "one token file per etcd and user: {files:?}"
+    );
+    files.into_iter().next()
+}
+
+/// The token in the token file, and the whole file.
+#[cfg(feature = "etcd")]
+fn kept_token(machine: &Machine) -> (String, String) {
+    let path = token_file(machine).expect("a token file in the cache dir");
+    let text = fs::read_to_string(path).unwrap();
+    let kept: Value = serde_json::from_str(&text).expect("the token file is JSON");
+    (kept["token"].as_str().expect("a token").to_owned(), text)
+}
+
+/// A status line that calls singleflight again and again makes etcd check the
+/// password (bcrypt) once, not on every call: the token of the first call's login is
+/// kept in the cache dir and used by the next calls (a hit, `status`). Logins are
+/// counted in etcd's own log. Another machine (cache dir) logs in for itself.
+#[cfg(feature = "etcd")]
+#[test]
+fn calls_after_the_first_use_its_kept_token_and_never_log_in_again() {
+    let options = Options {
+        debug_log: true,
+        ..Options::secure()
+    };
+    let Some(etcd) = Etcd::with(1, options) else {
+        return;
+    };
+    let shared = Shared::new();
+    let script = format!("echo run >> '{}'; echo hi", shared.counter().display());
+    let (a, b) = (Machine::of(&etcd), Machine::of(&etcd));
+    let before = etcd.logins();
+    let out = a.run(["kept", "--", "sh", "-c", &script]);
+    assert_eq!(
+        (status(&out), stdout(&out).as_str()),
+        (0, "hi\n"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(etcd.logins(), before + 1, "the first call logs in");
+    let (token, file) = kept_token(&a);
+    for _ in 0..3 {
+        let hit = a.run(["kept", "--", "sh", "-c", &script]);
+        assert_eq!(
+            (status(&hit), stdout(&hit).as_str()),
+            (0, "hi\n"),
+            "{}",
+            stderr(&hit)
+        );
+        assert_eq!(stderr(&hit), "");
+    }
+    let seen = a.status_json(&["kept"]).expect("kept is in etcd");
+    assert_eq!(seen[0]["state"], "fresh");
+    assert_eq!(shared.runs(), 1);
+    assert_eq!(
+        etcd.logins(),
+        before + 1,
+        "no call after the first logged in"
+    );
+    assert_eq!(
+        kept_token(&a),
+        (token.clone(), file),
+        "the file is as it was"
+    );
+    let hit = b.run(["kept", "--", "sh", "-c", &script]);
+    assert_eq!(stdout(&hit), "hi\n", "{}", stderr(&hit));
+    assert_eq!(
+        etcd.logins(),
+        before + 2,
+        "another cache dir logs in for itself"
+    );
+    assert_ne!(kept_token(&b).0, token);
+}
+
+/// A kept token is bound to the password that got it: a caller with a wrong
+/// password does not use it, and fails as it always did (125, one line, the command
+/// not run), however valid the token still is. The right password still uses it.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_wrong_password_never_rides_on_a_token_kept_with_the_right_one() {
+    let options = Options {
+        debug_log: true,
+        ..Options::secure()
+    };
+    let Some(etcd) = Etcd::with(1, options) else {
+        return;
+    };
+    let shared = Shared::new();
+    let script = format!("echo run >> '{}'; echo hi", shared.counter().display());
+    let mut machine = Machine::of(&etcd);
+    assert_eq!(
+        stdout(&machine.run(["kept", "--", "sh", "-c", &script])),
+        "hi\n"
+    );
+    let kept = kept_token(&machine);
+    let logins = etcd.logins();
+    let right = std::mem::take(&mut machine.vars);
+    machine.vars = right.clone();
+    machine
+        .vars
+        .retain(|(k, _)| *k != "SINGLEFLIGHT_ETCD_PASSWORD");
+    machine
+        .vars
+        .push(("SINGLEFLIGHT_ETCD_PASSWORD", "wrong".into()));
+    for args in [
+        vec!["kept", "--", "sh", "-c", &script],
+        vec!["new", "--", "sh", "-c", &script],
+        vec!["status"],
+        vec!["clear", "kept"],
+    ] {
+        let out = machine.run(&args);
+        assert_status(&out, 125);
+        let said = stderr(&out);
+        assert!(
+            said.contains("refused the login of user \"root\": etcdserver: authentication failed"),
+            "{args:?}: {said}"
+        );
+        assert_eq!(said.lines().count(), 1, "one line: {said}");
+        assert_eq!(stdout(&out), "");
+    }
+    assert_eq!(
+        shared.runs(),
+        1,
+        "the command never ran with the wrong password"
+    );
+    assert_eq!(kept_token(&machine), kept, "the kept token is left alone");
+    machine.vars = right;
+    let hit = machine.run(["kept", "--", "sh", "-c", &script]);
+    assert_eq!(stdout(&hit), "hi\n", "{}", stderr(&hit));
+    assert_eq!(
+        etcd.logins(),
+        logins,
+        "the right password uses the kept token"
+    );
+}
+
+/// A kept token that etcd let expire (`--auth-token-ttl 2`) is refused on the next
+/// call's first request: the call logs in once, is served, and keeps the new token
+/// in the file, which the call after it uses.
+#[cfg(feature = "etcd")]
+#[test]
+fn an_expired_kept_token_is_renewed_and_the_file_rewritten() {
+    let options = Options {
+        token_ttl: Some(2),
+        debug_log: true,
+        ..Options::secure()
+    };
+    let Some(etcd) = Etcd::with(1, options) else {
+        return;
+    };
+    let shared = Shared::new();
+    let script = format!("echo run >> '{}'; echo hi", shared.counter().display());
+    let machine = Machine::of(&etcd);
+    let expired = || etcd.log_text().matches("deleted a simple token").count();
+    let out = machine.run(["expire", "--", "sh", "-c", &script]);
+    assert_eq!(stdout(&out), "hi\n", "{}", stderr(&out));
+    let (stale, _) = kept_token(&machine);
+    let logins = etcd.logins();
+    let before = expired();
+    wait_until("etcd let the kept token expire", || expired() > before);
+    let hit = machine.run(["expire", "--", "sh", "-c", &script]);
+    assert_eq!(
+        (status(&hit), stdout(&hit).as_str()),
+        (0, "hi\n"),
+        "{}",
+        stderr(&hit)
+    );
+    assert_eq!(stderr(&hit), "");
+    assert_eq!(
+        etcd.logins(),
+        logins + 1,
+        "one login in place of the expired token"
+    );
+    let (fresh, _) = kept_token(&machine);
+    assert_ne!(fresh, stale, "the file holds the new token");
+    let hit = machine.run(["expire", "--", "sh", "-c", &script]);
+    assert_eq!(stdout(&hit), "hi\n", "{}", stderr(&hit));
+    assert_eq!(
+        etcd.logins(),
+        logins + 1,
+        "the next call uses the new token"
+    );
+    assert_eq!(shared.runs(), 1);
+}
+
+/// The kept token is for its user only: the file is mode 0600, in the 0700 cache dir.
+#[cfg(feature = "etcd")]
+#[test]
+fn the_kept_token_file_is_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(etcd) = Etcd::with(1, Options::secure()) else {
+        return;
+    };
+    let machine = Machine::of(&etcd);
+    let out = machine.run(["status"]);
+    assert!(matches!(status(&out), 0 | 1), "{}", stderr(&out));
+    let path = token_file(&machine).expect("a token file after a login");
+    let mode = |p: &std::path::Path| {
+        format!(
+            "{:04o}",
+            fs::metadata(p).unwrap().permissions().mode() & 0o7777
+        )
+    };
+    assert_eq!(mode(&path), "0600", "{}", path.display());
+    assert_eq!(mode(&machine.env.cache), "0700");
+}
+
 /// `--lease-ttl` is checked when parsed: etcd's shortest lease (2s) to 1h.
 #[cfg(feature = "etcd")]
 #[test]

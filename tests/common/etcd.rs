@@ -67,6 +67,8 @@ pub struct Options {
     pub auth: bool,
     /// `--auth-token simple --auth-token-ttl N`: a token unused for N seconds expires.
     pub token_ttl: Option<u32>,
+    /// `--log-level debug`: where etcd says it authenticated a user (a login).
+    pub debug_log: bool,
 }
 
 impl Options {
@@ -249,6 +251,16 @@ impl Etcd {
             })
     }
 
+    /// How many logins the members have taken (checked the password of): the lines
+    /// etcd logs for them at `--log-level debug` ([`Options::debug_log`]).
+    pub fn logins(&self) -> usize {
+        assert!(
+            self.options.debug_log,
+            "etcd logs logins at debug level only"
+        );
+        self.log_text().matches("authenticated a user").count()
+    }
+
     /// The whole log of every member, for a test that waits for a line in it.
     pub fn log_text(&self) -> String {
         self.members
@@ -298,7 +310,9 @@ impl Etcd {
             // Info is where etcd says it deleted an expired token.
             .args([
                 "--log-level",
-                if self.options.token_ttl.is_some() {
+                if self.options.debug_log {
+                    "debug"
+                } else if self.options.token_ttl.is_some() {
                     "info"
                 } else {
                     "warn"
