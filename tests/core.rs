@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs;
+#[cfg(unix)]
 use std::os::unix::fs::PermissionsExt;
 
 // `Ran` and `assert_status` serve Linux-only tests too; on macOS the rest compiles alone.
@@ -389,6 +390,8 @@ fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
     }
 }
 
+// Modes: Unix only.
+#[cfg(unix)]
 #[test]
 fn the_lock_file_stays_and_results_are_private() {
     let env = TestEnv::new();

@@ -3,11 +3,13 @@
 //! the real process table and the real cache dir.
 
 // Half of these tests need /proc and run on Linux only; elsewhere their helpers go unused.
+// The ones that send signals (and `Running`, which does) are Unix-only.
 #![cfg_attr(not(target_os = "linux"), allow(dead_code, unused_imports))]
 
 mod common;
 
 use std::fs;
+#[cfg(unix)]
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -20,9 +22,11 @@ use common::{
     TestEnv, alive, assert_status, blocked_on_a_lock, call_args, finish, marker, status, stderr,
     stdout, wait_until,
 };
+#[cfg(unix)]
 use rustix::process::{Pid, Signal};
 
 /// Sends `signal` to a process the test started.
+#[cfg(unix)]
 fn send(pid: u32, signal: Signal) {
     let pid = Pid::from_raw(pid as i32).expect("a real pid");
     rustix::process::kill_process(pid, signal).expect("signal a process of the test");
@@ -30,8 +34,10 @@ fn send(pid: u32, signal: Signal) {
 
 /// A singleflight the test started: if the test fails before it is finished, it gets
 /// SIGTERM (and stops its run's tree) instead of lingering.
+#[cfg(unix)]
 struct Running(Option<Child>);
 
+#[cfg(unix)]
 impl Running {
     fn id(&self) -> u32 {
         self.0.as_ref().expect("running").id()
@@ -42,6 +48,7 @@ impl Running {
     }
 }
 
+#[cfg(unix)]
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
@@ -85,6 +92,7 @@ fn wait_exit(child: &mut Child) -> ExitStatus {
     status.expect("exited")
 }
 
+#[cfg(unix)]
 fn assert_died_of(output_status: ExitStatus, signal: i32, what: &str) {
     assert_eq!(
         output_status.signal(),
@@ -191,6 +199,7 @@ fn escapees_are_killed_when_the_run_times_out_ignoring_sigterm() {
 /// SIGINT, SIGTERM or SIGHUP to a singleflight whose run is blocked: the tree is
 /// stopped, nothing is cached, no temp file or run record is left, and singleflight
 /// dies of the signal (a shell shows 128+N).
+#[cfg(unix)]
 fn signal_stops_the_run(signal: Signal, number: i32) {
     let env = TestEnv::new();
     let m = marker();
@@ -228,16 +237,19 @@ fn signal_stops_the_run(signal: Signal, number: i32) {
     assert_eq!((status(&next), stdout(&next)), (0, "next\n".into()));
 }
 
+#[cfg(unix)]
 #[test]
 fn sigint_stops_the_run_and_caches_nothing() {
     signal_stops_the_run(Signal::INT, 2);
 }
 
+#[cfg(unix)]
 #[test]
 fn sigterm_stops_the_run_and_caches_nothing() {
     signal_stops_the_run(Signal::TERM, 15);
 }
 
+#[cfg(unix)]
 #[test]
 fn sighup_stops_the_run_and_caches_nothing() {
     signal_stops_the_run(Signal::HUP, 1);
@@ -245,6 +257,7 @@ fn sighup_stops_the_run_and_caches_nothing() {
 
 /// `nohup singleflight …`: a signal ignored when singleflight started stays ignored,
 /// for singleflight and for the command, and the run goes on to be cached.
+#[cfg(unix)]
 #[test]
 fn a_signal_ignored_at_start_stays_ignored() {
     let env = TestEnv::new();
@@ -278,6 +291,7 @@ fn a_signal_ignored_at_start_stays_ignored() {
     assert!(env.result_file("hup").exists(), "the run was cached");
 }
 
+#[cfg(unix)]
 #[test]
 fn a_signal_gives_the_tree_sigterm_then_sigkill_after_the_grace() {
     let env = TestEnv::new();
@@ -310,6 +324,7 @@ fn a_signal_gives_the_tree_sigterm_then_sigkill_after_the_grace() {
     assert_eq!(alive(&m), Vec::<u32>::new(), "SIGKILL did not follow");
 }
 
+#[cfg(unix)]
 #[test]
 fn a_caller_waiting_for_the_run_dies_of_sigterm_at_once() {
     let env = TestEnv::new();
@@ -572,6 +587,7 @@ fn direct_child(pid: u32) -> Option<u32> {
 
 /// SIGKILLs the guard of singleflight `pid` and waits until it is gone, so that what
 /// a SIGKILL of singleflight leaves is the next winner's to clean up.
+#[cfg(unix)]
 fn kill_guard_of(pid: u32) {
     let guard = children_of(pid).0.expect("singleflight has a guard");
     send(guard, Signal::KILL);
@@ -1209,6 +1225,7 @@ ls -a "$CACHE" > "$OUT/ls"
     }
 }
 
+#[cfg(unix)]
 #[test]
 fn deleting_the_cache_dir_under_a_run_crashes_nobody() {
     let env = TestEnv::new();

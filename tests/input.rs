@@ -4,9 +4,12 @@
 mod common;
 
 use std::fs;
+#[cfg(unix)]
 use std::os::unix::fs::PermissionsExt;
 
-use common::{TestEnv, assert_status, is_root, stderr, stdout};
+#[cfg(unix)]
+use common::is_root;
+use common::{TestEnv, assert_status, stderr, stdout};
 
 /// A cache with one good result in it, and the command that made it.
 fn primed() -> (TestEnv, Vec<String>, Vec<u8>) {
@@ -80,6 +83,8 @@ fn a_name_error_says_what_a_valid_name_looks_like() {
     );
 }
 
+// The unexecutable file is made by its mode: Unix only.
+#[cfg(unix)]
 #[test]
 fn a_missing_or_unexecutable_command_is_127_or_126_and_keeps_the_cache() {
     let (env, _, before) = primed();
@@ -95,6 +100,8 @@ fn a_missing_or_unexecutable_command_is_127_or_126_and_keeps_the_cache() {
     assert_eq!(fs::read(env.result_file("keep")).unwrap(), before);
 }
 
+// Used by the Unix-only tests below (modes, owners, /proc).
+#[cfg(unix)]
 fn assert_refused(env: &TestEnv, cache: &std::path::Path, reason: &str) {
     let script = format!("echo run >> '{}'", env.counter().display());
     let out = env
@@ -120,6 +127,7 @@ fn assert_refused(env: &TestEnv, cache: &std::path::Path, reason: &str) {
     assert_eq!(env.runs(), 0, "the command was not run");
 }
 
+#[cfg(unix)]
 #[test]
 fn an_unusable_cache_dir_is_125_naming_the_dir_and_the_reason() {
     let env = TestEnv::new();
@@ -140,6 +148,7 @@ fn an_unusable_cache_dir_is_125_naming_the_dir_and_the_reason() {
     assert_refused(&env, &open, "writable by others (mode 0770)");
 }
 
+#[cfg(unix)]
 #[test]
 fn a_cache_dir_owned_by_another_user_is_refused() {
     let env = TestEnv::new();

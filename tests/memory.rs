@@ -1,5 +1,7 @@
 //! A 100 MiB result passes through singleflight in bounded memory. Alone in its own
 //! test binary, so that the peak RSS of waited-for children is singleflight's own.
+//! Unix only: the peak is getrusage(2)'s.
+#![cfg(unix)]
 
 mod common;
 

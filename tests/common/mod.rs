@@ -4,10 +4,13 @@
 #![allow(dead_code)]
 
 pub mod certs;
+// A real etcd is started, paused and killed with Unix signals: the etcd tests are Unix-only.
+#[cfg(unix)]
 pub mod etcd;
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
+#[cfg(unix)]
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -56,6 +59,7 @@ impl TestEnv {
             .env_remove("SINGLEFLIGHT_ETCD_PASSWORD")
             .env_remove("SINGLEFLIGHT_ETCD_PASSWORD_FILE")
             .current_dir(self.root.path());
+        #[cfg(unix)]
         with_default_signals(&mut command);
         command
     }
@@ -104,6 +108,8 @@ impl TestEnv {
     pub fn script(&self, name: &str, body: &str) -> PathBuf {
         let path = self.path(name);
         fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        // Windows has no executable bit (the tests are compiled for Windows, run on Unix).
+        #[cfg(unix)]
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod script");
         path
     }
@@ -137,7 +143,8 @@ impl TestEnv {
 /// Starts `command` with SIGINT, SIGTERM and SIGHUP at their default action, whatever
 /// the tests inherited: singleflight keeps a signal ignored at its start, and `cargo
 /// test` run as a background job of a script (`&`) has SIGINT ignored, so a test that
-/// sends SIGINT would see it ignored.
+/// sends SIGINT would see it ignored. (Unix: Windows has no such signals.)
+#[cfg(unix)]
 fn with_default_signals(command: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: signal(2) is async-signal-safe; nothing else runs between fork and exec.
@@ -298,6 +305,7 @@ pub fn marker() -> String {
     )
 }
 
+#[cfg(unix)]
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
