@@ -52,11 +52,7 @@ impl fmt::Display for EtcdError {
         match self {
             EtcdError::Unreachable { tried } => {
                 f.write_str("etcd unreachable")?;
-                for (i, (member, why)) in tried.iter().enumerate() {
-                    let sep = if i == 0 { ": " } else { "; " };
-                    write!(f, "{sep}{member}: {why}")?;
-                }
-                Ok(())
+                write_tried(f, tried)
             }
             EtcdError::Refused {
                 member,
@@ -75,10 +71,7 @@ impl fmt::Display for EtcdError {
             EtcdError::Garbled { detail } => write!(f, "unexpected answer from etcd: {detail}"),
             EtcdError::Tls { tried } => {
                 f.write_str("no TLS connection to etcd")?;
-                for (i, (member, why)) in tried.iter().enumerate() {
-                    let sep = if i == 0 { ": " } else { "; " };
-                    write!(f, "{sep}{member}: {why}")?;
-                }
+                write_tried(f, tried)?;
                 if tried.iter().any(|(_, why)| why.contains("UnknownIssuer")) {
                     f.write_str(" (--etcd-cacert FILE trusts the CA that signed its certificate)")?;
                 }
@@ -97,6 +90,15 @@ impl fmt::Display for EtcdError {
 }
 
 impl std::error::Error for EtcdError {}
+
+/// `: member: why; member: why…`, each member asked and why it did not answer.
+fn write_tried(f: &mut fmt::Formatter<'_>, tried: &[(String, String)]) -> fmt::Result {
+    for (i, (member, why)) in tried.iter().enumerate() {
+        let sep = if i == 0 { ": " } else { "; " };
+        write!(f, "{sep}{member}: {why}")?;
+    }
+    Ok(())
+}
 
 /// A value too large to store in etcd; the caller refuses it rather than truncate.
 #[derive(Debug, PartialEq, Eq)]

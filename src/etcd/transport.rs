@@ -266,16 +266,13 @@ fn refusal(status: ureq::http::StatusCode, answer: &[u8]) -> Attempt {
                 error: String::new(),
                 message: format!(
                     "{} (use a client certificate with an empty CommonName, and --etcd-user)",
-                    String::from_utf8_lossy(&answer[..answer.len().min(200)]).trim()
+                    excerpt(answer)
                 ),
             })
         }
         // Not the gateway talking (a proxy, another server on that port).
         _ => Attempt::Skip {
-            why: format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(&answer[..answer.len().min(200)]).trim()
-            ),
+            why: format!("HTTP {status}: {}", excerpt(answer)),
             tls: false,
         },
     }
@@ -307,6 +304,13 @@ impl Transport {
             why,
         }
     }
+}
+
+/// The start of an answer that is not the gateway's JSON, for a message.
+fn excerpt(answer: &[u8]) -> String {
+    String::from_utf8_lossy(&answer[..answer.len().min(200)])
+        .trim()
+        .to_owned()
 }
 
 /// Whether the member hung up on the request.
