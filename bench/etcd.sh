@@ -33,6 +33,28 @@ rounds=${ROUNDS:-5}
 
 say() { printf '%s\n' "$*" >&2; }
 
+# report JSON LABEL...: each command's figures from hyperfine's JSON export (its
+# commands in the order of the labels), then the first against each of the others.
+report() {
+    python3 - "$@" <<'PY'
+import json, sys
+path, labels = sys.argv[1], sys.argv[2:]
+results = dict(zip(labels, json.load(open(path))["results"]))
+def ms(r, key): return r[key] * 1000
+width = max(map(len, labels))
+for label in labels:
+    r = results[label]
+    print(f"  {label:{width}} mean {ms(r, 'mean'):8.3f} ms ± {ms(r, 'stddev'):.3f}  "
+          f"median {ms(r, 'median'):8.3f} ms  min {ms(r, 'min'):8.3f} ms")
+first, base = labels[0], results[labels[0]]
+for label in labels[1:]:
+    r = results[label]
+    print(f"{first}/{label}: {base['median'] / r['median']:.2f}x (median), "
+          f"{base['mean'] / r['mean']:.2f}x (mean), {base['min'] / r['min']:.2f}x (min); "
+          f"difference of medians {ms(base, 'median') - ms(r, 'median'):+.3f} ms")
+PY
+}
+
 apt_install() {
     local sudo=()
     [[ $(id -u) == 0 ]] || sudo=(sudo)
@@ -162,22 +184,7 @@ hyperfine -N --warmup 100 --runs "$runs" --style basic --export-json "$work/hit.
 echo
 echo "== 10 KiB result, $runs runs each (hyperfine -N), $(uname -sr), $(nproc) CPUs," \
     "load $(cut -d' ' -f1-3 /proc/loadavg), $(etcd --version | head -1) =="
-python3 - "$work/hit.json" <<'EOF'
-import json, sys
-labels = ["etcd-hit", "local-hit", "etcdctl"]
-results = dict(zip(labels, json.load(open(sys.argv[1]))["results"]))
-def ms(r, key): return r[key] * 1000
-for label in labels:
-    r = results[label]
-    print(f"  {label:9} mean {ms(r, 'mean'):7.3f} ms ± {ms(r, 'stddev'):.3f}  "
-          f"median {ms(r, 'median'):7.3f} ms  min {ms(r, 'min'):7.3f} ms")
-hit = results["etcd-hit"]
-for label in labels[1:]:
-    r = results[label]
-    print(f"etcd-hit/{label}: {hit['median'] / r['median']:.2f}x (median), "
-          f"{hit['mean'] / r['mean']:.2f}x (mean), {hit['min'] / r['min']:.2f}x (min); "
-          f"difference of medians {ms(hit, 'median') - ms(r, 'median'):+.3f} ms")
-EOF
+report "$work/hit.json" etcd-hit local-hit etcdctl
 
 say "measuring the TLS hit: $tls_runs runs each"
 # The login's token is kept in the cache dir between calls; removed before each run of
@@ -191,22 +198,7 @@ hyperfine -N --warmup 20 --runs "$tls_runs" --style basic --export-json "$work/t
 
 echo
 echo "== the same hit over TLS with a login, $tls_runs runs each =="
-python3 - "$work/tls.json" <<'PY'
-import json, sys
-labels = ["tls-auth-hit", "tls-auth-login", "plain-hit", "etcdctl-tls-auth"]
-results = dict(zip(labels, json.load(open(sys.argv[1]))["results"]))
-def ms(r, key): return r[key] * 1000
-for label in labels:
-    r = results[label]
-    print(f"  {label:16} mean {ms(r, 'mean'):8.3f} ms ± {ms(r, 'stddev'):.3f}  "
-          f"median {ms(r, 'median'):8.3f} ms  min {ms(r, 'min'):8.3f} ms")
-hit = results["tls-auth-hit"]
-for label in labels[1:]:
-    r = results[label]
-    print(f"tls-auth-hit/{label}: {hit['median'] / r['median']:.2f}x (median), "
-          f"{hit['mean'] / r['mean']:.2f}x (mean); "
-          f"difference of medians {ms(hit, 'median') - ms(r, 'median'):+.3f} ms")
-PY
+report "$work/tls.json" tls-auth-hit tls-auth-login plain-hit etcdctl-tls-auth
 
 fi
 
