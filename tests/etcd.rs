@@ -117,6 +117,18 @@ impl Shared {
     }
 }
 
+/// Asserts that a call exited 0 and printed `expected`; its stderr says why not.
+#[cfg(feature = "etcd")]
+#[track_caller]
+fn assert_served(out: &Output, expected: &str) {
+    assert_eq!(
+        (status(out), stdout(out).as_str()),
+        (0, expected),
+        "{}",
+        stderr(out)
+    );
+}
+
 /// A loopback port with nothing listening on it (bound, then released).
 #[cfg(feature = "etcd")]
 fn dead_port() -> u16 {
@@ -247,12 +259,7 @@ fn herd_of_sixty(etcd: &Etcd, options: &[&str]) {
     fs::write(&gate, "").unwrap();
     for caller in callers {
         let out = finish(caller);
-        assert_eq!(
-            (status(&out), stdout(&out).as_str()),
-            (0, "herd-output\n"),
-            "{}",
-            stderr(&out)
-        );
+        assert_served(&out, "herd-output\n");
     }
     assert_eq!(shared.runs(), 1, "one run across the three machines");
     for machine in &machines {
@@ -344,12 +351,7 @@ fn lose_the_lease(etcd: &Etcd, ttl: u64) {
         machine.status_json(&["lose"]).is_none()
     });
     let out = machine.run(["lose", "--", "echo", "back"]);
-    assert_eq!(
-        (status(&out), stdout(&out).as_str()),
-        (0, "back\n"),
-        "{}",
-        stderr(&out)
-    );
+    assert_served(&out, "back\n");
     assert_eq!(shared.runs(), 1);
 }
 
@@ -642,12 +644,7 @@ fn a_background_refresh_across_machines_starts_one_refresher_and_serves_stale_at
         .collect();
     for caller in callers {
         let out = finish(caller);
-        assert_eq!(
-            (status(&out), stdout(&out).as_str()),
-            (0, "v1\n"),
-            "{}",
-            stderr(&out)
-        );
+        assert_served(&out, "v1\n");
     }
     wait_until("the refresh started", || shared.runs() == 2);
     let in_flight = machines[1].status_json(&["bg"]).unwrap();
@@ -782,12 +779,7 @@ fn a_run_stopped_by_a_signal_releases_its_etcd_lock_at_once() {
         stderr(&out)
     );
     let next = machine.run(["sig", "--wait", "2s", "--", "echo", "next"]);
-    assert_eq!(
-        (status(&next), stdout(&next)),
-        (0, "next\n".into()),
-        "{}",
-        stderr(&next)
-    );
+    assert_served(&next, "next\n");
 }
 
 /// A caller that cannot be trusted by etcd, or cannot trust it, exits 125 with one
@@ -889,12 +881,7 @@ fn a_caller_that_fails_tls_or_login_exits_125_and_never_runs_the_command() {
     );
     // Everything right: served, and the same from a password file.
     let out = with(&[]).run(["secure", "--", "sh", "-c", &script]);
-    assert_eq!(
-        (status(&out), stdout(&out).as_str()),
-        (0, "hi\n"),
-        "{}",
-        stderr(&out)
-    );
+    assert_served(&out, "hi\n");
     let password = shared.path("password");
     fs::write(&password, format!("{}\n", common::etcd::PASSWORD)).unwrap();
     let out = with(&[("SINGLEFLIGHT_ETCD_PASSWORD", None)]).run([
@@ -906,12 +893,7 @@ fn a_caller_that_fails_tls_or_login_exits_125_and_never_runs_the_command() {
         "-c".as_ref(),
         script.as_ref() as &std::ffi::OsStr,
     ]);
-    assert_eq!(
-        (status(&out), stdout(&out).as_str()),
-        (0, "hi\n"),
-        "{}",
-        stderr(&out)
-    );
+    assert_served(&out, "hi\n");
     assert_eq!(shared.runs(), 1);
 }
 
@@ -961,15 +943,26 @@ fn an_expired_login_token_is_renewed_without_failing_the_call() {
     wait_until("etcd let the caller's token expire", || expired() > before);
     fs::write(&gate, "").unwrap();
     let out = finish(run);
-    assert_eq!(
-        (status(&out), stdout(&out).as_str()),
-        (0, "kept\n"),
-        "{}",
-        stderr(&out)
-    );
+    assert_served(&out, "kept\n");
     let hit = machine.run(["expire", "--", "sh", "-c", &script]);
     assert_eq!(stdout(&hit), "kept\n", "stored: {}", stderr(&hit));
     assert_eq!(shared.runs(), 1);
+}
+
+/// A one-member etcd with TLS and a login whose log counts the logins (`Etcd::logins`),
+/// its simple tokens expiring after `token_ttl` seconds unused if given; a shared dir,
+/// and a script that counts its runs there and prints `hi`.
+#[cfg(feature = "etcd")]
+fn logins_counted(token_ttl: Option<u32>) -> Option<(Etcd, Shared, String)> {
+    let options = Options {
+        token_ttl,
+        debug_log: true,
+        ..Options::secure()
+    };
+    let etcd = Etcd::with(1, options)?;
+    let shared = Shared::new();
+    let script = format!("echo run >> '{}'; echo hi", shared.counter().display());
+    Some((etcd, shared, script))
 }
 
 /// The login token a call keeps in its cache dir (`etcd-<hash>.token`), if any.
@@ -1004,34 +997,18 @@ fn kept_token(machine: &Machine) -> (String, String) {
 #[cfg(feature = "etcd")]
 #[test]
 fn calls_after_the_first_use_its_kept_token_and_never_log_in_again() {
-    let options = Options {
-        debug_log: true,
-        ..Options::secure()
-    };
-    let Some(etcd) = Etcd::with(1, options) else {
+    let Some((etcd, shared, script)) = logins_counted(None) else {
         return;
     };
-    let shared = Shared::new();
-    let script = format!("echo run >> '{}'; echo hi", shared.counter().display());
     let (a, b) = (Machine::of(&etcd), Machine::of(&etcd));
     let before = etcd.logins();
     let out = a.run(["kept", "--", "sh", "-c", &script]);
-    assert_eq!(
-        (status(&out), stdout(&out).as_str()),
-        (0, "hi\n"),
-        "{}",
-        stderr(&out)
-    );
+    assert_served(&out, "hi\n");
     assert_eq!(etcd.logins(), before + 1, "the first call logs in");
     let (token, file) = kept_token(&a);
     for _ in 0..3 {
         let hit = a.run(["kept", "--", "sh", "-c", &script]);
-        assert_eq!(
-            (status(&hit), stdout(&hit).as_str()),
-            (0, "hi\n"),
-            "{}",
-            stderr(&hit)
-        );
+        assert_served(&hit, "hi\n");
         assert_eq!(stderr(&hit), "");
     }
     let seen = a.status_json(&["kept"]).expect("kept is in etcd");
@@ -1063,15 +1040,9 @@ fn calls_after_the_first_use_its_kept_token_and_never_log_in_again() {
 #[cfg(feature = "etcd")]
 #[test]
 fn a_wrong_password_never_rides_on_a_token_kept_with_the_right_one() {
-    let options = Options {
-        debug_log: true,
-        ..Options::secure()
-    };
-    let Some(etcd) = Etcd::with(1, options) else {
+    let Some((etcd, shared, script)) = logins_counted(None) else {
         return;
     };
-    let shared = Shared::new();
-    let script = format!("echo run >> '{}'; echo hi", shared.counter().display());
     let mut machine = Machine::of(&etcd);
     assert_eq!(
         stdout(&machine.run(["kept", "--", "sh", "-c", &script])),
@@ -1125,16 +1096,9 @@ fn a_wrong_password_never_rides_on_a_token_kept_with_the_right_one() {
 #[cfg(feature = "etcd")]
 #[test]
 fn an_expired_kept_token_is_renewed_and_the_file_rewritten() {
-    let options = Options {
-        token_ttl: Some(2),
-        debug_log: true,
-        ..Options::secure()
-    };
-    let Some(etcd) = Etcd::with(1, options) else {
+    let Some((etcd, shared, script)) = logins_counted(Some(2)) else {
         return;
     };
-    let shared = Shared::new();
-    let script = format!("echo run >> '{}'; echo hi", shared.counter().display());
     let machine = Machine::of(&etcd);
     let expired = || etcd.log_text().matches("deleted a simple token").count();
     let out = machine.run(["expire", "--", "sh", "-c", &script]);
@@ -1144,12 +1108,7 @@ fn an_expired_kept_token_is_renewed_and_the_file_rewritten() {
     let before = expired();
     wait_until("etcd let the kept token expire", || expired() > before);
     let hit = machine.run(["expire", "--", "sh", "-c", &script]);
-    assert_eq!(
-        (status(&hit), stdout(&hit).as_str()),
-        (0, "hi\n"),
-        "{}",
-        stderr(&hit)
-    );
+    assert_served(&hit, "hi\n");
     assert_eq!(stderr(&hit), "");
     assert_eq!(
         etcd.logins(),
