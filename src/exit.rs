@@ -82,6 +82,9 @@ pub struct Exit {
     /// singleflight was stopped by this signal: once everything is cleaned up (locks
     /// released, temp files removed), it dies of it rather than exiting.
     pub signal: Option<i32>,
+    /// The command was never started (the OS refused a thread or a process for it, or
+    /// it could not be executed): a caller may serve the last good result instead.
+    pub not_run: bool,
 }
 
 impl Exit {
@@ -90,6 +93,15 @@ impl Exit {
             status,
             message: message.into(),
             signal: None,
+            not_run: false,
+        }
+    }
+
+    /// The command could not be started; see [`Exit::not_run`].
+    pub fn not_run(status: Status, message: impl Into<String>) -> Self {
+        Exit {
+            not_run: true,
+            ..Exit::new(status, message)
         }
     }
 
@@ -99,6 +111,7 @@ impl Exit {
             status: Status::Signaled(signal),
             message: String::new(),
             signal: Some(signal),
+            not_run: false,
         }
     }
 }

@@ -31,6 +31,7 @@ mod start;
 mod status;
 mod stop;
 mod store;
+mod threads;
 mod values;
 
 // For `main`.

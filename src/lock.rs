@@ -146,18 +146,51 @@ pub fn wait_released(path: &Path, limit: Duration) -> io::Result<bool> {
     // flock has no timeout: block on a thread and stop listening at the deadline. A
     // thread still blocked then ends with the process, which exits right after.
     let (sender, receiver) = mpsc::channel();
-    thread::spawn(move || {
+    let waiting = crate::threads::start("lock", move || {
         let result = file.lock_shared();
         if result.is_ok() {
             release(file);
         }
         let _ = sender.send(result);
     });
+    if waiting.is_err() {
+        // No thread to block on (the machine is out of them): look every few ms.
+        return poll(limit, || {
+            let file = open(path)?;
+            let free = file.try_lock_shared().is_ok();
+            if free {
+                release(file);
+            }
+            Ok(free.then_some(()))
+        })
+        .map(|released| released.is_some());
+    }
     match receiver.recv_timeout(limit) {
         Ok(result) => result.map(|()| true),
         Err(_) => Ok(false),
     }
 }
+
+/// Tries `attempt` every [`POLL`] until it gives something or `limit` is up: the
+/// fallback of the bounded waits where no thread can be started to block on.
+fn poll<T>(
+    limit: Duration,
+    mut attempt: impl FnMut() -> io::Result<Option<T>>,
+) -> io::Result<Option<T>> {
+    let deadline = crate::values::later(std::time::Instant::now(), limit);
+    loop {
+        if let Some(got) = attempt()? {
+            return Ok(Some(got));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        thread::sleep(POLL.min(left));
+    }
+}
+
+const POLL: Duration = Duration::from_millis(10);
 
 /// Takes the exclusive lock, waiting as long as it takes (for `clear`). Retries on a
 /// lock file removed meanwhile, as [`try_exclusive`] does.
@@ -183,14 +216,18 @@ pub fn exclusive_within(path: &Path, limit: Duration) -> io::Result<Option<LockG
     if let Some(guard) = try_exclusive(path)? {
         return Ok(Some(guard));
     }
-    let path = path.to_owned();
+    let owned = path.to_owned();
     // flock has no timeout: block on a thread and stop listening at the deadline. A
     // lock the thread takes after that is let go at once: its send fails and the
     // guard drops.
     let (sender, receiver) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = sender.send(exclusive(&path));
+    let waiting = crate::threads::start("lock", move || {
+        let _ = sender.send(exclusive(&owned));
     });
+    if waiting.is_err() {
+        // No thread to block on: try every few ms (not queued, but never stuck).
+        return poll(limit, || try_exclusive(path));
+    }
     match receiver.recv_timeout(limit) {
         Ok(result) => result.map(Some),
         Err(_) => Ok(None),
@@ -202,14 +239,5 @@ pub fn exclusive_within(path: &Path, limit: Duration) -> io::Result<Option<LockG
 /// once the caller lets go.
 #[cfg(windows)]
 pub fn try_exclusive_for(path: &Path, limit: Duration) -> io::Result<Option<LockGuard>> {
-    let deadline = crate::values::later(std::time::Instant::now(), limit);
-    loop {
-        if let Some(guard) = try_exclusive(path)? {
-            return Ok(Some(guard));
-        }
-        if std::time::Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
+    poll(limit, || try_exclusive(path))
 }

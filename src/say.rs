@@ -40,6 +40,12 @@ impl Say {
         }
     }
 
+    /// An error that does not end the call (it goes on to serve something): said even
+    /// with `-q`, as `main` says the errors that do.
+    pub fn error(&self, what: fmt::Arguments) {
+        self.line(what);
+    }
+
     /// One line on stderr. A failed write is ignored: `eprintln!` would panic when the
     /// terminal is gone (EIO after SIGHUP), in the middle of stopping a run.
     fn line(&self, what: fmt::Arguments) {

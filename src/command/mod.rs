@@ -6,15 +6,15 @@
 use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::abort::Abort;
 use crate::entry::EntryWriter;
 use crate::exit::{Exit, Status};
 use crate::reap::{self, Stop, Tree};
+use crate::threads;
 use crate::values::deadline;
 
 mod log;
@@ -143,18 +143,9 @@ pub fn run(
         });
     }
     // Handlers go in before the spawn: a Ctrl-C a moment later must not orphan the tree.
-    let signals = SignalForwarder::start(events.clone());
+    let signals = SignalForwarder::start(events.clone())
+        .map_err(|e| not_started("forward signals to the run", &e))?;
     reap::become_subreaper();
-    // The guard starts alongside the command (each spawn waits for its exec; in
-    // parallel they cost one wait). Its first look finds whatever the command started
-    // meanwhile. A singleflight killed in the moment before its guard exists leaves
-    // the clean-up to the next winner, as without a guard. The guard is dropped (told
-    // `done`, waited for) once the tree is gone, on every way out of here.
-    #[cfg(unix)]
-    let guard = {
-        let token = spec.token.to_owned();
-        thread::spawn(move || crate::guard::Guard::start(&token))
-    };
 
     let mut command = Command::new(&spec.argv[0]);
     command.args(&spec.argv[1..]);
@@ -168,22 +159,34 @@ pub fn run(
         }
         Io::Inherit => None,
         Io::Log(_) => {
-            let (reader, writer) = io::pipe().map_err(|e| {
+            let cannot = |e: io::Error| {
                 Exit::new(
                     Status::Internal,
                     format!("cannot make a pipe for the log: {e}"),
                 )
-            })?;
-            let second = writer.try_clone().map_err(|e| {
-                Exit::new(
-                    Status::Internal,
-                    format!("cannot make a pipe for the log: {e}"),
-                )
-            })?;
+            };
+            let (reader, writer) = io::pipe().map_err(cannot)?;
+            let second = writer.try_clone().map_err(cannot)?;
             command.stdin(Stdio::null()).stdout(writer).stderr(second);
             Some(reader)
         }
     };
+    // Every thread the run needs starts before the command does: where the OS refuses
+    // one, the call ends with one line and nothing started.
+    let mut streams = Streams::default();
+    let helpers = Helpers::start(spec, log_pipe, stdout, &events, &mut streams)?;
+    // The guard starts alongside the command (each spawn waits for its exec; in
+    // parallel they cost one wait). Its first look finds whatever the command started
+    // meanwhile. A singleflight killed in the moment before its guard exists leaves
+    // the clean-up to the next winner, as without a guard. The guard is dropped (told
+    // `done`, waited for) once the tree is gone, on every way out of here. Without a
+    // thread for it, it is started right after the command instead.
+    #[cfg(unix)]
+    let guard = {
+        let token = spec.token.to_owned();
+        threads::start("guard", move || crate::guard::Guard::start(&token))
+    };
+
     reap::prepare(&mut command, spec.token);
     // The caller that runs the command in the foreground of a terminal hands it the
     // terminal for the run; a refresher or a caller in the background never does.
@@ -204,7 +207,11 @@ pub fn run(
     // Joined on every way out, a failed spawn included: a guard still between fork
     // and exec holds copies of singleflight's fds, the NAME's lock among them.
     #[cfg(unix)]
-    let mut guard = guard.join().ok().flatten();
+    let mut guard = match guard {
+        Ok(thread) => thread.join().ok().flatten(),
+        Err(_) if spawned.is_ok() => crate::guard::Guard::start(spec.token),
+        Err(_) => None,
+    };
     let mut child = spawned.map_err(|e| spawn_error(&spec.argv[0], &e))?;
     let tree = Tree::adopt(&mut child).map_err(|e| {
         Exit::new(
@@ -221,33 +228,7 @@ pub fn run(
         terminal.give(tree.pid());
     }
     started(tree.pid());
-
-    let mut streams = Streams::default();
-    let max = spec.max_output;
-    match (&spec.io, log_pipe) {
-        (Io::Log(path), Some(pipe)) => {
-            streams.stdout = Some(stdout);
-            let (sender, path) = (events.clone(), path.clone());
-            thread::spawn(move || {
-                let _ = sender.send(Event::Stderr(log::append(pipe, &path, max)));
-            });
-        }
-        (Io::Capture, _) => {
-            let out = child.stdout.take().expect("stdout is piped");
-            let sender = events.clone();
-            thread::spawn(move || stream_stdout(out, stdout, max, sender));
-            let err = child.stderr.take().expect("stderr is piped");
-            let (sender, pass) = (events.clone(), spec.pass_stderr);
-            thread::spawn(move || {
-                let _ = sender.send(Event::Stderr(tee_stderr(err, pass)));
-            });
-        }
-        _ => {
-            streams.stdout = Some(stdout);
-            streams.stderr_tail = Some(Vec::new());
-        }
-    }
-    spawn_waiter(child, events);
+    helpers.hand_over(child);
 
     // Time the user holds the run stopped (Ctrl-Z) does not count against --timeout.
     #[cfg_attr(not(unix), allow(unused_mut))]
@@ -404,19 +385,99 @@ fn spawn_error(program: &OsString, error: &io::Error) -> anyhow::Error {
     let program = program.to_string_lossy();
     let (status, what) = match error.kind() {
         io::ErrorKind::NotFound => (Status::NotFound, "command not found"),
+        // EAGAIN or ENOMEM from fork: the machine is out of processes or memory.
+        io::ErrorKind::WouldBlock | io::ErrorKind::OutOfMemory => (
+            Status::CannotExecute,
+            "cannot start the command: the system refused a new process",
+        ),
         _ => (Status::CannotExecute, "cannot execute"),
     };
-    Exit::new(status, format!("{what}: {program}: {error}")).into()
+    Exit::not_run(status, format!("{what}: {program}: {error}")).into()
 }
 
-fn spawn_waiter(mut child: Child, events: Sender<Event>) {
-    thread::spawn(move || {
-        #[cfg(unix)]
-        while let reap::terminal::Seen::Stopped = reap::terminal::wait_stop_or_exit(child.id()) {
-            let _ = events.send(Event::Stopped);
+/// The threads of a run, started before its command: the readers of its streams and
+/// the one that waits for its end, each waiting for what it works on.
+struct Helpers {
+    stdout: Option<Sender<ChildStdout>>,
+    stderr: Option<Sender<ChildStderr>>,
+    waiter: Sender<Child>,
+}
+
+impl Helpers {
+    /// Starts them for `spec.io`; what needs no thread goes straight into `streams`.
+    fn start(
+        spec: &RunSpec,
+        log_pipe: Option<io::PipeReader>,
+        stdout: EntryWriter,
+        events: &Sender<Event>,
+        streams: &mut Streams,
+    ) -> anyhow::Result<Helpers> {
+        let refused = |e: io::Error| not_started("read the command's output", &e);
+        let (max, pass) = (spec.max_output, spec.pass_stderr);
+        let (mut out, mut err) = (None, None);
+        match (&spec.io, log_pipe) {
+            (Io::Log(path), Some(pipe)) => {
+                streams.stdout = Some(stdout);
+                let (sender, path) = (events.clone(), path.clone());
+                threads::start("log", move || {
+                    let _ = sender.send(Event::Stderr(log::append(pipe, &path, max)));
+                })
+                .map_err(refused)?;
+            }
+            (Io::Capture, _) => {
+                let sender = events.clone();
+                out = Some(
+                    threads::start_waiting("stdout", move |pipe| {
+                        stream_stdout(pipe, stdout, max, sender)
+                    })
+                    .map_err(refused)?,
+                );
+                let sender = events.clone();
+                err = Some(
+                    threads::start_waiting("stderr", move |pipe| {
+                        let _ = sender.send(Event::Stderr(tee_stderr(pipe, pass)));
+                    })
+                    .map_err(refused)?,
+                );
+            }
+            _ => {
+                streams.stdout = Some(stdout);
+                streams.stderr_tail = Some(Vec::new());
+            }
         }
-        let _ = events.send(Event::Exited(child.wait()));
-    });
+        let events = events.clone();
+        let waiter = threads::start_waiting("wait", move |mut child: Child| {
+            #[cfg(unix)]
+            while let reap::terminal::Seen::Stopped = reap::terminal::wait_stop_or_exit(child.id())
+            {
+                let _ = events.send(Event::Stopped);
+            }
+            let _ = events.send(Event::Exited(child.wait()));
+        })
+        .map_err(|e| not_started("wait for the command", &e))?;
+        Ok(Helpers {
+            stdout: out,
+            stderr: err,
+            waiter,
+        })
+    }
+
+    /// Gives the started command's pipes and the command itself to their threads.
+    fn hand_over(self, mut child: Child) {
+        if let (Some(thread), Some(pipe)) = (self.stdout, child.stdout.take()) {
+            let _ = thread.send(pipe);
+        }
+        if let (Some(thread), Some(pipe)) = (self.stderr, child.stderr.take()) {
+            let _ = thread.send(pipe);
+        }
+        let _ = self.waiter.send(child);
+    }
+}
+
+/// A thread the run needs was refused: nothing of the run was started.
+fn not_started(what: &str, error: &io::Error) -> anyhow::Error {
+    let why = threads::refused(what, error);
+    Exit::not_run(Status::Internal, format!("{why}; the command was not run")).into()
 }
 
 fn outcome_of(status: io::Result<ExitStatus>) -> Outcome {

@@ -4,8 +4,6 @@
 
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
-#[cfg(unix)]
-use std::thread;
 
 use super::Event;
 use crate::exit::Status;
@@ -44,7 +42,9 @@ pub(super) struct SignalForwarder {
 }
 
 impl SignalForwarder {
-    pub(super) fn start(events: Sender<Event>) -> SignalForwarder {
+    /// Fails only where the OS refuses the thread that forwards them; the signals keep
+    /// their default action then.
+    pub(super) fn start(events: Sender<Event>) -> std::io::Result<SignalForwarder> {
         let events = Arc::new(Mutex::new(Some(events)));
         #[cfg(unix)]
         {
@@ -53,12 +53,13 @@ impl SignalForwarder {
             // dies, and the death signal and the next winner stop the tree.
             // A signal ignored when we started stays ignored (`nohup singleflight …`, a
             // background job of a script): the classic `if (signal(…) != SIG_IGN)`.
-            let wanted = [SIGINT, SIGTERM, SIGHUP]
+            let wanted: Vec<i32> = [SIGINT, SIGTERM, SIGHUP]
                 .into_iter()
-                .filter(|&s| !ignored(s));
-            if let Ok(mut signals) = signal_hook::iterator::Signals::new(wanted) {
+                .filter(|&s| !ignored(s))
+                .collect();
+            if let Ok(mut signals) = signal_hook::iterator::Signals::new(&wanted) {
                 let events = Arc::clone(&events);
-                thread::spawn(move || {
+                let forwarding = crate::threads::start("signals", move || {
                     for signal in signals.forever() {
                         let slot = events.lock().unwrap_or_else(|e| e.into_inner());
                         let sent = slot
@@ -69,6 +70,14 @@ impl SignalForwarder {
                         }
                     }
                 });
+                if let Err(e) = forwarding {
+                    for signal in wanted {
+                        // SAFETY: restores the default action, as if no handler had
+                        // been installed; nothing is left to forward to.
+                        unsafe { libc::signal(signal, libc::SIG_DFL) };
+                    }
+                    return Err(e);
+                }
             }
         }
         #[cfg(windows)]
@@ -81,7 +90,7 @@ impl SignalForwarder {
                 }
             })));
         }
-        SignalForwarder { events }
+        Ok(SignalForwarder { events })
     }
 
     /// Ends forwarding; returns the signals that came before and are still queued.

@@ -166,11 +166,13 @@ impl Flight {
             .saturating_duration_since(Instant::now());
         let limit = self.opts.max_output.saturating_add(HAND_BACK_HEAD + 4096);
         let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let reading = move || {
             let mut bytes = Vec::new();
             let read = (&mut reader).take(limit).read_to_end(&mut bytes);
             let _ = sender.send(read.map(|_| bytes));
-        });
+        };
+        // Without a thread to read on (the OS refused one), the cache is read instead.
+        crate::threads::start("hand-back", reading).ok()?;
         let bytes = receiver.recv_timeout(left).ok()?.ok()?;
         let (status, rest) = bytes.split_first_chunk::<4>()?;
         let (reason_len, rest) = rest.split_first_chunk::<4>()?;

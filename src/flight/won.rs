@@ -144,7 +144,10 @@ impl Flight {
             &self.meta(i32::MIN, u64::MAX, Duration::MAX),
         );
         let finished =
-            self.run_under_lock(held, Io::Capture, self.opts.timeout, cap.bytes, writer)?;
+            match self.run_under_lock(held, Io::Capture, self.opts.timeout, cap.bytes, writer) {
+                Ok(finished) => finished,
+                Err(error) => return self.not_run(error, last, held),
+            };
         let outcome = finished.outcome;
         let status = outcome.exit_status().code();
         let what = self.describe_outcome(outcome, finished.duration, cap);
@@ -217,6 +220,28 @@ impl Flight {
             }
         };
         Ok((status, body))
+    }
+
+    /// The command was not run: the OS refused a thread or a process for it, or it
+    /// could not be executed. One that could not be executed is recorded as a failed
+    /// run, so that a storm of callers backs off instead of forking again (one not
+    /// found is not: that is a typo to fix, not a storm to wait out). The caller is
+    /// served the last good result, as after a failed run, with the reason said.
+    fn not_run(&self, error: anyhow::Error, last: Look, held: &Held) -> Result<(i32, Body)> {
+        let Some(exit) = error.downcast_ref::<Exit>().filter(|exit| exit.not_run) else {
+            return Err(error);
+        };
+        if exit.status == Status::CannotExecute {
+            self.record_failure_to_start(&error, held);
+        }
+        match last.entry {
+            Some(entry) => {
+                self.say
+                    .error(format_args!("{exit}; serving the last good result"));
+                Ok((exit.status.code(), entry.body))
+            }
+            None => Err(error),
+        }
     }
 
     /// Runs the command holding `held`, with a run record for the run's lifetime (so
