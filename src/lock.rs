@@ -183,14 +183,20 @@ pub fn exclusive_within(path: &Path, limit: Duration) -> io::Result<Option<LockG
     if let Some(guard) = try_exclusive(path)? {
         return Ok(Some(guard));
     }
-    let path = path.to_owned();
+    let queued = path.to_owned();
     // flock has no timeout: block on a thread and stop listening at the deadline. A
     // lock the thread takes after that is let go at once: its send fails and the
-    // guard drops.
+    // guard drops. A thread that cannot be started (EAGAIN under a pids limit) is
+    // no failure: try the lock again and again instead, unqueued.
     let (sender, receiver) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = sender.send(exclusive(&path));
-    });
+    let queue = thread::Builder::new()
+        .name("lock-queue".to_owned())
+        .spawn(move || {
+            let _ = sender.send(exclusive(&queued));
+        });
+    if queue.is_err() {
+        return try_exclusive_for(path, limit);
+    }
     match receiver.recv_timeout(limit) {
         Ok(result) => result.map(Some),
         Err(_) => Ok(None),
@@ -199,8 +205,8 @@ pub fn exclusive_within(path: &Path, limit: Duration) -> io::Result<Option<LockG
 
 /// Takes the exclusive lock, trying for up to `limit`; `None` if it stayed held. For
 /// the Windows refresher, which cannot inherit its caller's lock and takes it over
-/// once the caller lets go.
-#[cfg(windows)]
+/// once the caller lets go; and for [`exclusive_within`] when it cannot start the
+/// thread that queues.
 pub fn try_exclusive_for(path: &Path, limit: Duration) -> io::Result<Option<LockGuard>> {
     let deadline = crate::values::later(std::time::Instant::now(), limit);
     loop {
