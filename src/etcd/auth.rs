@@ -8,12 +8,13 @@
 //!
 //! With a cache dir ([`Auth::keeping_token_in`]) the token outlives the call: the
 //! first request tries the one a call before kept (see `token_file`), and each login
-//! keeps its token for the next call.
+//! keeps its token for the next call. The callers of one cache dir log in one at a
+//! time (see `login_lock`), so a herd logs in once per machine, not once per caller.
 
 use std::fmt;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::json;
@@ -160,11 +161,33 @@ impl Auth {
             Some(_) => held.token = None,
             None => {}
         }
-        let fresh = self.login(transport, deadline)?;
-        if let Some(file) = &self.file {
-            file.save(&fresh, &self.credentials.password);
-        }
+        let fresh = match &self.file {
+            Some(file) => self.login_in_turn(file, transport, stale, deadline)?,
+            None => self.login(transport, deadline)?,
+        };
         held.token = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// In this cache dir's turn to log in: the token kept in `file`, if the caller
+    /// before us just logged in (any token but `stale`); else a new one from a login,
+    /// kept in `file` for the callers after us. Without a turn, the same unguarded.
+    fn login_in_turn(
+        &self,
+        file: &TokenFile,
+        transport: &Transport,
+        stale: Option<&str>,
+        deadline: Option<Instant>,
+    ) -> Result<String, EtcdError> {
+        let _turn = file.login_lock().turn(turn_limit(transport, deadline));
+        let password = &self.credentials.password;
+        if let Some(kept) = file.load(password)
+            && Some(kept.as_str()) != stale
+        {
+            return Ok(kept);
+        }
+        let fresh = self.login(transport, deadline)?;
+        file.save(&fresh, password);
         Ok(fresh)
     }
 
@@ -198,6 +221,24 @@ impl Auth {
             });
         }
         Ok(response.token)
+    }
+}
+
+/// How long a caller waits for its turn to log in: as long as the login before it
+/// may take (each member asked once, each for up to the backend timeout), and one
+/// timeout more for the callers queued before it (who only read the kept token), but
+/// never past the request's `deadline`. The wait is not the backend timeout's: a
+/// login under way is etcd answering, not etcd unreachable, and the caller's own
+/// requests get their whole timeout after it. A turn that does not come in that time
+/// (a holder stopped with Ctrl-Z) is not waited for: the caller logs in without it.
+fn turn_limit(transport: &Transport, deadline: Option<Instant>) -> Duration {
+    let members = u32::try_from(transport.endpoints().members().len()).unwrap_or(u32::MAX);
+    let limit = transport
+        .timeout()
+        .saturating_mul(members.saturating_add(1));
+    match deadline {
+        Some(deadline) => limit.min(deadline.saturating_duration_since(Instant::now())),
+        None => limit,
     }
 }
 

@@ -23,6 +23,8 @@ mod error;
 #[cfg(feature = "etcd")]
 mod keeper;
 #[cfg(feature = "etcd")]
+mod login_lock;
+#[cfg(feature = "etcd")]
 mod tls;
 #[cfg(feature = "etcd")]
 mod token_file;

@@ -20,6 +20,7 @@ use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
 
 use super::endpoints::Endpoints;
+use super::login_lock::LoginLock;
 use crate::store::{self, Opened, Store};
 use crate::values::Name;
 
@@ -102,6 +103,12 @@ impl TokenFile {
                 .store
                 .write_atomically(&name, &self.path, &bytes, false);
         }
+    }
+
+    /// The lock that makes the callers of this cache dir log in to this etcd as this
+    /// user one at a time: `etcd-<hash>.login`, beside this file.
+    pub fn login_lock(&self) -> LoginLock {
+        LoginLock::new(self.store.clone(), self.path.with_extension("login"))
     }
 
     fn message(&self, token: &str) -> Vec<u8> {

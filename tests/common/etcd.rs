@@ -261,6 +261,12 @@ impl Etcd {
         self.log_text().matches("authenticated a user").count()
     }
 
+    /// [`Etcd::logins`] where etcd logs them ([`Options::debug_log`]), else `None`:
+    /// for a message that says how many there were, whatever the etcd.
+    pub fn logins_if_logged(&self) -> Option<usize> {
+        self.options.debug_log.then(|| self.logins())
+    }
+
     /// The whole log of every member, for a test that waits for a line in it.
     pub fn log_text(&self) -> String {
         self.members
