@@ -49,8 +49,7 @@ impl Flight {
                 if let Some(check) = ready
                     && self.is_ready(check, left.min(self.opts.timeout))
                 {
-                    let reason = "--ready passed with no instance of ours running; \
-                                  nothing was started";
+                    let reason = "--ready passed already; nothing was started";
                     self.decide(DecisionKind::ReadyUnsupervised, reason, None);
                     drop(held);
                     self.say
@@ -142,7 +141,7 @@ impl Flight {
             OnServiceStart::Restart => {
                 // It was up: the crash that ended it starts no count of crashes in a row.
                 held.forget_failure();
-                let reason = format!("the last instance was up, then ended: {last_end}");
+                let reason = format!("{last_end}, once it was up");
                 (DecisionKind::Restarted, reason)
             }
             OnServiceStart::Retry(why) => {
