@@ -28,6 +28,8 @@ set edit:completion:arg-completer[singleflight] = {|@words|
             cand --key-env 'The result belongs to this variable''s value (set and unset differ); repeatable'
             cand --key-file 'The result belongs to this file''s state: a change (write, rename over it, deletion) makes the next call a miss; repeatable'
             cand --ready 'With --service: a shell command that succeeds once the instance is ready (e.g. `curl -sf localhost:8080/health`); callers return once it does, or exit 75 when --wait runs out'
+            cand --start-limit 'With --service: an instance that was up (passed --ready; without one, lived 1s) and then ended is started again by the next caller at once, unless this many started within --start-window: that, or an instance that ended before it was up, is a crash loop, backed off as a failed run (--retry-after, --retry-max)'
+            cand --start-window 'With --service: the window of --start-limit'
             cand --max-output 'Cap on captured stdout; past it the run is killed and fails'
             cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
             cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'

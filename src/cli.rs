@@ -246,6 +246,23 @@ pub struct RunArgs {
     #[arg(long, value_name = "CHECK", requires = "service")]
     pub ready: Option<OsString>,
 
+    /// With --service: an instance that was up (passed --ready; without one, lived 1s)
+    /// and then ended is started again by the next caller at once, unless this many
+    /// started within --start-window: that, or an instance that ended before it was
+    /// up, is a crash loop, backed off as a failed run (--retry-after, --retry-max)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "5",
+        value_parser = clap::value_parser!(u32).range(1..=1000),
+        requires = "service"
+    )]
+    pub start_limit: u32,
+
+    /// With --service: the window of --start-limit
+    #[arg(long, value_name = "D", default_value = "10s", value_parser = parse_duration, requires = "service")]
+    pub start_window: Duration,
+
     /// A run that exits non-zero replaces the last good result
     #[arg(long)]
     pub cache_failures: bool,
@@ -366,6 +383,9 @@ pub struct RunOptions {
     pub max_stale: Option<Duration>,
     pub retry_after: Duration,
     pub retry_max: Option<Duration>,
+    /// `--service`: at most this many starts within `start_window` before backing off.
+    pub start_limit: u32,
+    pub start_window: Duration,
     pub keys: KeySpec,
     pub background: bool,
     pub refresher: Option<Refresher>,
@@ -403,6 +423,8 @@ impl RunArgs {
                 .unwrap_or(self.timeout.saturating_add(self.kill_after)),
             retry_after: self.retry_after.unwrap_or(self.ttl),
             retry_max: self.retry_max,
+            start_limit: self.start_limit,
+            start_window: self.start_window,
             keys: KeySpec {
                 cwd: self.key_cwd,
                 env: self.key_env,

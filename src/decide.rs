@@ -116,6 +116,72 @@ pub fn backoff(
     grown.mul_f64(factor).min(max)
 }
 
+/// What the last `--service` instance did, as judged by the caller that holds the free
+/// lock and found `--ready` not passing.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceHistory {
+    /// Whether any instance was started before.
+    pub started_before: bool,
+    /// The last instance was up: passed `--ready` (without one: lived [`UP_AFTER`]).
+    pub was_up: bool,
+    /// How many instances started within `--start-window`.
+    pub starts_in_window: usize,
+    /// How long ago the crash loop's back-off began (the last failure; without one,
+    /// the last start), if it did.
+    pub since: Option<Duration>,
+    /// The back-off from then.
+    pub backoff: Duration,
+}
+
+/// An instance without `--ready` that lived this long was up: its end is a crash to
+/// restart from at once, not a crash loop (supervisord's `startsecs` default).
+pub const UP_AFTER: Duration = Duration::from_secs(1);
+
+/// Why a `--service` NAME is in a crash loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashLoop {
+    /// The last instance ended before it was up.
+    NotUp,
+    /// `--start-limit` instances started within `--start-window` already.
+    TooManyStarts,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum OnServiceStart {
+    /// The first instance.
+    Start,
+    /// The last instance was up and then ended: a new one at once.
+    Restart,
+    /// A crash loop whose back-off has passed: one more try.
+    Retry(CrashLoop),
+    /// A crash loop still backing off for this long.
+    BackOff { left: Duration, why: CrashLoop },
+}
+
+/// systemd's `Restart=` with `StartLimitBurst=`/`StartLimitIntervalSec=`, on demand: an
+/// instance that was up and ended is started again at once; one that ended before it
+/// was up, or one more than `start_limit` within the window, is a crash loop, backed
+/// off as a failed run is.
+pub fn on_service_start(history: ServiceHistory, start_limit: u32) -> OnServiceStart {
+    if !history.started_before {
+        return OnServiceStart::Start;
+    }
+    let why = if history.starts_in_window >= start_limit as usize {
+        CrashLoop::TooManyStarts
+    } else if !history.was_up {
+        CrashLoop::NotUp
+    } else {
+        return OnServiceStart::Restart;
+    };
+    match history.since {
+        Some(ago) if ago < history.backoff => OnServiceStart::BackOff {
+            left: history.backoff - ago,
+            why,
+        },
+        _ => OnServiceStart::Retry(why),
+    }
+}
+
 /// A jitter draw in -1..=1 from `seed` (the failure's time and pid): no random number
 /// generator needed for ±10%.
 pub fn jitter_from(seed: u64) -> f64 {
@@ -244,6 +310,37 @@ mod tests {
         assert_eq!(backoff(S(u64::MAX / 2), max, 40, 0.0), S(60));
         // A cap below --retry-after caps the first wait too.
         assert_eq!(backoff(S(10), Some(ms(500)), 1, 0.0), ms(500));
+    }
+
+    #[test]
+    fn a_service_that_was_up_restarts_at_once_and_a_crash_loop_backs_off() {
+        let history = |was_up, starts_in_window, since: Option<u64>| ServiceHistory {
+            started_before: true,
+            was_up,
+            starts_in_window,
+            since: since.map(S),
+            backoff: S(30),
+        };
+        let first = ServiceHistory {
+            started_before: false,
+            ..history(false, 9, Some(0))
+        };
+        assert_eq!(on_service_start(first, 5), OnServiceStart::Start);
+        // Up, then killed 0s ago, with a failure record: at once.
+        let restart = on_service_start(history(true, 1, Some(0)), 5);
+        assert_eq!(restart, OnServiceStart::Restart);
+        let left = |left, why| OnServiceStart::BackOff { left: S(left), why };
+        let not_up = on_service_start(history(false, 1, Some(1)), 5);
+        assert_eq!(not_up, left(29, CrashLoop::NotUp));
+        let too_many = on_service_start(history(true, 5, Some(10)), 5);
+        assert_eq!(too_many, left(20, CrashLoop::TooManyStarts));
+        let under = on_service_start(history(true, 4, Some(10)), 5);
+        assert_eq!(under, OnServiceStart::Restart);
+        // The back-off has passed, or there is none (an instance that exited 0).
+        let passed = on_service_start(history(false, 1, Some(30)), 5);
+        assert_eq!(passed, OnServiceStart::Retry(CrashLoop::NotUp));
+        let none = on_service_start(history(false, 1, None), 5);
+        assert_eq!(none, OnServiceStart::Retry(CrashLoop::NotUp));
     }
 
     #[test]

@@ -52,6 +52,39 @@ pub struct ServiceRecord {
     pub starts: u64,
     /// The last instance that ended, if one did.
     pub last_exit: Option<ServiceExit>,
+    /// When the latest instances started (ms since the epoch), oldest first: as many
+    /// as the `--start-limit` of the supervisor that wrote it.
+    #[serde(default)]
+    pub started_at_ms: Vec<u64>,
+    /// What the last caller that found no instance running decided, for `status`.
+    #[serde(default)]
+    pub decision: Option<ServiceDecision>,
+}
+
+/// A caller's decision on finding no instance running (holding the NAME's lock).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceDecision {
+    pub at_ms: u64,
+    pub kind: DecisionKind,
+    /// In words: why the instance was (re)started or not.
+    pub reason: String,
+    /// Backing off: when the next start may be.
+    pub next_start_at_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// The first instance.
+    Started,
+    /// The last instance was up (passed `--ready`, or lived a second without one) and
+    /// then ended: a new one was started at once.
+    Restarted,
+    /// A crash loop (an instance ended before it was up, or too many started within
+    /// `--start-window`): none is started until the back-off has passed.
+    BackingOff,
+    /// `--ready` already passed with no instance of ours running: nothing was started.
+    ReadyUnsupervised,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -61,6 +94,10 @@ pub struct ServiceExit {
     /// In words: `exit status 1 after 2.0s`, `killed by signal 9 after 1h`.
     pub reason: String,
     pub uptime_ms: u64,
+    /// Which instance it was (the record's `starts` when it started); 0 in records
+    /// written before it was kept.
+    #[serde(default)]
+    pub instance: u64,
 }
 
 /// The identity of a run in flight, written by its winner before the command starts

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::backend::{Backend, Cleared, Read};
 use crate::exit::{Exit, Status};
 use crate::key::{KeyValue, SlotId};
-use crate::record::ServiceExit;
+use crate::record::{DecisionKind, ServiceDecision, ServiceExit};
 use crate::say::Say;
 use crate::store::Store;
 use crate::values::{Name, format_duration, format_size};
@@ -89,6 +89,12 @@ pub struct ServiceStatus {
     pub uptime_ms: Option<u64>,
     /// The last instance that ended: `{"at_ms", "exit_code", "reason", "uptime_ms"}`.
     pub last_exit: Option<ServiceExit>,
+    /// What the last caller that found no instance running decided:
+    /// `{"at_ms", "kind", "reason", "next_start_at_ms"}`, `kind` one of `started`,
+    /// `restarted` (the last instance was up, then ended: started again at once),
+    /// `backing_off` (a crash loop: none starts before `next_start_at_ms`) and
+    /// `ready_unsupervised` (`--ready` passed already: nothing was started).
+    pub decision: Option<ServiceDecision>,
 }
 
 /// The last failed run of a NAME (key `last_failure` of [`NameStatus`]).
@@ -232,6 +238,7 @@ fn look(
                 .filter(|_| status.in_flight)
                 .map(|at| now_ms.saturating_sub(at)),
             last_exit: service.last_exit,
+            decision: service.decision,
         });
     }
     let exists = status.state != "none"
@@ -239,6 +246,31 @@ fn look(
         || status.last_failure.is_some()
         || status.service.is_some();
     Ok(exists.then_some(status))
+}
+
+/// `  service: restarted after a crash 3s ago: …`, and the like.
+fn decision_line(decision: &ServiceDecision) -> String {
+    let now_ms = crate::entry::now_ms(SystemTime::now());
+    let ago = |at: u64| format_duration(Duration::from_millis(now_ms.saturating_sub(at)));
+    let what = match decision.kind {
+        DecisionKind::Started => "started",
+        DecisionKind::Restarted => "restarted after a crash",
+        DecisionKind::BackingOff => "backing off in a crash loop",
+        DecisionKind::ReadyUnsupervised => "ready but not supervised",
+    };
+    let mut text = format!(
+        "  service: {what} ({} ago): {}",
+        ago(decision.at_ms),
+        decision.reason
+    );
+    if let Some(next) = decision.next_start_at_ms {
+        let left = Duration::from_millis(next.saturating_sub(now_ms));
+        match left.is_zero() {
+            true => text.push_str("; next start now"),
+            false => text.push_str(&format!("; next start in {}", format_duration(left))),
+        }
+    }
+    text
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -307,6 +339,9 @@ fn write_table(out: &mut impl Write, statuses: &[NameStatus]) -> io::Result<()> 
                 text.push_str(&format!("; last exit: {}", last.reason));
             }
             writeln!(out, "{}", truncate(&text, TABLE_WIDTH))?;
+            if let Some(decision) = &service.decision {
+                writeln!(out, "{}", truncate(&decision_line(decision), TABLE_WIDTH))?;
+            }
         }
         if let Some(failure) = &status.last_failure {
             let ago = format_duration(Duration::from_millis(failure.age_ms));

@@ -43,6 +43,12 @@ impl Paths {
         self.result.with_extension("service")
     }
 
+    /// A `--service` NAME's mark that its running instance passed `--ready`
+    /// (`NAME.ready`: the instance's number), written by the callers that saw it pass.
+    pub fn ready(&self) -> PathBuf {
+        self.result.with_extension("ready")
+    }
+
     /// A `--service` NAME's log, its instance's stdout and stderr (`NAME.log`).
     pub fn log(&self) -> PathBuf {
         self.result.with_extension("log")

@@ -61,6 +61,22 @@ impl Service {
         all[0].clone()
     }
 
+    /// `kill -9` of the running instance (as the OOM killer would), and the file its
+    /// `--ready` checks for with it; returns once its supervisor let go.
+    fn kill_instance(&self) {
+        wait_until("the instance runs", || alive(&self.marker).len() == 1);
+        let pid = alive(&self.marker)[0];
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid as i32).expect("pid"),
+            rustix::process::Signal::KILL,
+        )
+        .expect("kill the instance");
+        fs::remove_file(self.env.path("ready")).expect("remove ready");
+        wait_until("its supervisor let go", || {
+            self.status()["in_flight"] == false
+        });
+    }
+
     fn stop(&self) {
         let out = self.env.run(["stop", "w"]);
         assert_status(&out, 0);
@@ -107,23 +123,13 @@ fn thirty_concurrent_service_callers_leave_one_instance_and_return_once_it_is_re
 }
 
 #[test]
-fn an_instance_that_died_is_started_again_by_the_next_callers_once() {
+fn a_ready_instance_killed_with_kill_9_is_started_again_at_once_by_one_of_the_next_callers() {
+    // Default options: the failure the kill leaves (30s of --retry-after) is no crash loop.
     let service = Service::new();
     service.open_gate();
-    assert_status(&finish(service.spawn(&["--retry-after", "0s"])), 0);
-    wait_until("the instance runs", || alive(&service.marker).len() == 1);
-    let pid = alive(&service.marker)[0];
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid as i32).expect("pid"),
-        rustix::process::Signal::KILL,
-    )
-    .expect("kill the instance");
-    wait_until("its supervisor let go", || {
-        service.status()["in_flight"] == false
-    });
-    let callers: Vec<Child> = (0..10)
-        .map(|_| service.spawn(&["--retry-after", "0s"]))
-        .collect();
+    assert_status(&finish(service.spawn(&[])), 0);
+    service.kill_instance();
+    let callers: Vec<Child> = (0..10).map(|_| service.spawn(&[])).collect();
     for caller in callers {
         assert_status(&finish(caller), 0);
     }
@@ -135,21 +141,34 @@ fn an_instance_that_died_is_started_again_by_the_next_callers_once() {
         .as_str()
         .unwrap_or("");
     assert!(last.contains("signal 9"), "{status}");
+    let decision = &status["service"]["decision"];
+    assert_eq!(decision["kind"], "restarted", "{status}");
+    assert!(
+        decision["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("signal 9"),
+        "{status}"
+    );
+    let text = service.env.run(["status", "w"]);
+    assert!(
+        stdout(&text).contains("restarted after a crash"),
+        "{}",
+        stdout(&text)
+    );
     service.stop();
 }
 
 #[test]
 fn a_crash_looping_instance_backs_off() {
     let env = TestEnv::new();
-    let crash = ["--service", "c", "--retry-after", "1h", "--", "sh", "-c"];
     let script = "echo $$ >> starts; echo boom >&2; exit 3";
     let run = |ready: bool| {
-        let mut args: Vec<&str> = crash[..4].to_vec();
+        let mut args = vec!["--service", "c"];
         if ready {
             args.extend(["--ready", "false", "--wait", "30s"]);
         }
-        args.extend(&crash[4..]);
-        args.push(script);
+        args.extend(["--", "sh", "-c", script]);
         env.run(args)
     };
     // The caller that starts it sees it end before it was ready.
@@ -160,11 +179,15 @@ fn a_crash_looping_instance_backs_off() {
         "{}",
         stderr(&first)
     );
-    // The next ones do not start it again within --retry-after.
-    for _ in 0..3 {
-        let again = run(false);
+    // The next ones do not start it again within --retry-after (the --ttl, 30s).
+    for ready in [true, false, false] {
+        let again = run(ready);
         assert_status(&again, 75);
-        assert!(stderr(&again).contains("not started"), "{}", stderr(&again));
+        assert!(
+            stderr(&again).contains("not started: a crash loop"),
+            "{}",
+            stderr(&again)
+        );
     }
     let starts = fs::read_to_string(env.path("starts")).unwrap_or_default();
     assert_eq!(starts.lines().count(), 1, "starts: {starts}");
@@ -172,6 +195,72 @@ fn a_crash_looping_instance_backs_off() {
     assert!(
         log.contains("boom"),
         "the log has the instance's stderr: {log:?}"
+    );
+    let status = env.run(["status", "--json", "c"]);
+    let all: Value = serde_json::from_slice(&status.stdout).expect("json");
+    let decision = &all[0]["service"]["decision"];
+    assert_eq!(decision["kind"], "backing_off", "{}", all[0]);
+    assert!(decision["next_start_at_ms"].is_u64(), "{}", all[0]);
+    let text = env.run(["status", "c"]);
+    assert!(
+        stdout(&text).contains("backing off in a crash loop"),
+        "{}",
+        stdout(&text)
+    );
+}
+
+#[test]
+fn more_than_start_limit_starts_within_the_start_window_back_off() {
+    let service = Service::new();
+    service.open_gate();
+    let limit = ["--start-limit", "2", "--start-window", "1h"];
+    for start in 1..=2 {
+        assert_status(&finish(service.spawn(&limit)), 0);
+        assert_eq!(service.starts(), start);
+        service.kill_instance();
+    }
+    // Each was up (ready) before it was killed, but two started within the hour.
+    let third = finish(service.spawn(&limit));
+    assert_status(&third, 75);
+    assert!(
+        stderr(&third).contains("--start-limit 2"),
+        "{}",
+        stderr(&third)
+    );
+    assert_eq!(service.starts(), 2, "a third instance started");
+    let status = service.status();
+    assert_eq!(
+        status["service"]["decision"]["kind"], "backing_off",
+        "{status}"
+    );
+    // A larger limit lets the next one start.
+    let more = ["--start-limit", "3", "--start-window", "1h"];
+    assert_status(&finish(service.spawn(&more)), 0);
+    assert_eq!(service.starts(), 3);
+    service.stop();
+}
+
+#[test]
+fn a_ready_check_that_passes_already_starts_nothing() {
+    // A worker started by hand (or by an older version) answers already.
+    let service = Service::new();
+    fs::write(service.env.path("ready"), "").expect("ready");
+    for _ in 0..3 {
+        assert_status(&finish(service.spawn(&[])), 0);
+    }
+    assert_eq!(service.starts(), 0, "an instance was started");
+    let status = service.status();
+    assert_eq!(status["in_flight"], false, "{status}");
+    assert_eq!(status["service"]["starts"], 0, "{status}");
+    assert_eq!(
+        status["service"]["decision"]["kind"], "ready_unsupervised",
+        "{status}"
+    );
+    let text = service.env.run(["status", "w"]);
+    assert!(
+        stdout(&text).contains("ready but not supervised"),
+        "{}",
+        stdout(&text)
     );
 }
 

@@ -245,12 +245,13 @@ impl Place for LocalPlace {
                 lock::exclusive(&paths.lock).with_context(context)?
             }
         };
-        let (service, log) = (paths.service(), paths.log());
+        let (service, ready, log) = (paths.service(), paths.ready(), paths.log());
         remove_all(&[
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
             (&paths.key, "key values"),
             (&service, "service record"),
+            (&ready, "ready mark"),
             (&log, "log"),
         ])
     }
@@ -298,7 +299,7 @@ impl Place for LocalPlace {
         if let Some(run) = record::load::<RunRecord>(&paths.run) {
             reap::kill_remains(&run);
         }
-        let (service, log) = (paths.service(), paths.log());
+        let (service, ready, log) = (paths.service(), paths.ready(), paths.log());
         #[cfg_attr(windows, allow(unused_mut))]
         let mut files = vec![
             (&paths.result, "result"),
@@ -306,6 +307,7 @@ impl Place for LocalPlace {
             (&paths.run, "run record"),
             (&paths.key, "key values"),
             (&service, "service record"),
+            (&ready, "ready mark"),
             (&log, "log"),
         ];
         #[cfg(unix)]
