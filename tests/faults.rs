@@ -111,7 +111,9 @@ fn survives(path: Path) {
     });
     let left = alive(&marker);
     if !left.is_empty() {
-        failures.push(format!("processes of a run still alive 1.5 s later: {left:?}"));
+        failures.push(format!(
+            "processes of a run still alive 1.5 s later: {left:?}"
+        ));
     }
     assert!(
         failures.is_empty(),
@@ -177,7 +179,11 @@ fn one_case(
     }
     let shown = env.run(["status", name]);
     if status(&shown) != 0 {
-        return Err(format!("status exited {:?}: {}", shown.status, stderr(&shown)));
+        return Err(format!(
+            "status exited {:?}: {}",
+            shown.status,
+            stderr(&shown)
+        ));
     }
     Ok(())
 }
