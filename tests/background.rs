@@ -5,7 +5,7 @@
 //! Linux only: the refresher and its descriptors are found in /proc.
 #![cfg(target_os = "linux")]
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! cache dir + `singleflight` ($XDG_CACHE_HOME or ~/.cache on Linux).
 #![cfg(target_os = "linux")]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

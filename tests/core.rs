@@ -1,7 +1,7 @@
 //! The core runner as a user meets it: fresh hits, herds, stale serving, failures,
 //! timeouts, output capture, atomic results and bad input (issue 3).
 
-mod common;
+use crate::common;
 
 use std::fs;
 #[cfg(unix)]

@@ -6,7 +6,7 @@
 // The ones that send signals (and `Running`, which does) are Unix-only.
 #![cfg_attr(not(target_os = "linux"), allow(dead_code, unused_imports))]
 
-mod common;
+use crate::common;
 
 use std::fs;
 #[cfg(unix)]

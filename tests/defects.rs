@@ -1,7 +1,7 @@
 //! Regression tests for the defects of issue 12: each names a defect that a user
 //! found by trying to break singleflight, and fails if it comes back.
 
-mod common;
+use crate::common;
 
 use std::fs;
 

@@ -7,7 +7,7 @@
 //! and return; in CI (`CI` set) that is a failure.
 #![cfg(target_os = "linux")]
 
-mod common;
+use crate::common;
 
 #[cfg(feature = "etcd")]
 use std::fs;

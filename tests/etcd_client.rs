@@ -3,7 +3,7 @@
 //! nothing, the lease keeper notices a frozen etcd, and no call hangs.
 #![cfg(all(unix, feature = "etcd"))]
 
-mod common;
+use crate::common;
 
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier};

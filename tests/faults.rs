@@ -7,7 +7,7 @@
 //! Run alone: `cargo test --test faults` (needs `strace`; `.ci/run` installs it).
 #![cfg(target_os = "linux")]
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

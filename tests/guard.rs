@@ -4,7 +4,7 @@
 //! next winner ever signals a process that is not provably of the run.
 #![cfg(target_os = "linux")]
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::process::{Child, Command};

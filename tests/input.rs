@@ -1,7 +1,7 @@
 //! Bad input and an unusable cache dir: one clear line on stderr, the documented exit
 //! status, the command not run, and nothing cached lost.
 
-mod common;
+use crate::common;
 
 use std::fs;
 #[cfg(unix)]

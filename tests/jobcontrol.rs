@@ -4,7 +4,7 @@
 //! against --timeout. Needs tmux: under CI=true a missing tmux fails.
 #![cfg(target_os = "linux")]
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -22,11 +22,7 @@ impl Tmux {
     /// `None` (the test skips) where tmux is missing, outside CI.
     fn start(env: &TestEnv) -> Option<Tmux> {
         if Command::new("tmux").arg("-V").output().is_err() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "tmux is missing, and CI=true"
-            );
-            eprintln!("skipped: tmux is not installed");
+            common::skip("tmux is not installed");
             return None;
         }
         let tmux = Tmux {

@@ -3,7 +3,7 @@
 //! evicting each other), a changed file is a miss, and `--retry-max` grows the back-off
 //! after failures in a row and resets it after a success.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! `--exclusive` (every caller's own command, one at a time). Real processes, counted.
 #![cfg(target_os = "linux")]
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::process::Child;

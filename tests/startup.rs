@@ -3,7 +3,7 @@
 //! a crash, and the command runs with SIGPIPE at its default.
 #![cfg(unix)]
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;

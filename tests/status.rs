@@ -2,7 +2,7 @@
 //! in-flight and failed NAMEs, the 100-column table, unknown NAMEs, and clears that
 //! wait for the run in flight (issue 5).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::PathBuf;
