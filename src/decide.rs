@@ -223,6 +223,176 @@ pub fn after_wait(cached: Cached, fresh_from_run: bool, policy: Policy) -> After
     }
 }
 
+/// At most this many trips back to the lock after waits that ended with nothing to
+/// serve and no failure: a bound on the loop that the `--wait` deadline bounds too.
+pub const MAX_RETRIES: u32 = 100;
+
+/// What a call of the run form saw at its last step: what [`next`] decides from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// The call arrived and read the cache.
+    Arrived { cached: Cached },
+    /// It holds the NAME's lock and read the cache again, and the last failed run of
+    /// this argv, if one failed since the last good one.
+    Won {
+        cached: Cached,
+        failed: Option<Failed>,
+    },
+    /// Another caller holds the lock: a run is in flight.
+    Lost { cached: Cached },
+    /// `--background`: it handed the lock to a detached refresher, or could not start
+    /// one.
+    RefresherStarted { cached: Cached, started: bool },
+    /// The wait for the run in flight ended: `released` in time or not; what is cached
+    /// now, and whether the run waited for wrote it.
+    Waited {
+        released: bool,
+        cached: Cached,
+        fresh_from_run: bool,
+    },
+    /// The run waited for left nothing to serve; why, as far as the call can tell.
+    NothingLeft { why: Nothing },
+    /// It queued for the lock for what was left of `--wait`: got it or not, and what is
+    /// cached now.
+    Queued {
+        got: bool,
+        cached: Cached,
+        fresh_from_run: bool,
+    },
+}
+
+/// The last failed run of this argv: how long ago it ended, and how long its back-off
+/// is (by the call's `--retry-after` and `--retry-max`, and the failures in a row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failed {
+    pub ago: Duration,
+    pub backoff: Duration,
+}
+
+/// Why a run waited for left nothing to serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nothing {
+    /// Our own refresher may have handed its unsaved result back through its pipe.
+    HandedBack,
+    /// The holder let go with no failure recorded (a `clear`, a run that was
+    /// stopped): worth going back to the lock, for the `retries`th time.
+    NoFailure { retries: u32 },
+    /// The run failed, or this call cannot do better by going back: its own runs save
+    /// nothing (a newer version's result is cached) or it started the refresher.
+    Final,
+}
+
+/// What a call of the run form does next. `flight` carries out each step, and what it
+/// sees there decides the one after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Print the result looked at last and exit with its status.
+    Serve,
+    /// Try the lock without blocking.
+    TryLock,
+    /// Holding the lock (queued for it): look again, as a caller that won it.
+    LookAgain,
+    /// Holding the lock: run the command in the foreground.
+    Run,
+    /// Holding the lock: hand it to a detached refresher (`--background`).
+    StartRefresher,
+    /// Holding the lock inside `--retry-after` of a failed run: no run; serve the last
+    /// good result, or give up with nothing to serve.
+    BackOff { serve: bool },
+    /// Wait for the run in flight, for what is left of `--wait`.
+    Wait,
+    /// The run waited for left nothing: find out why.
+    AskWhy,
+    /// Read what our refresher handed back.
+    TakeHandedBack,
+    /// Queue for the lock itself (not back to `TryLock`: a `clear` in a loop could
+    /// take every turn).
+    Queue,
+    /// Exit 75, or the refresher's error.
+    GiveUp(GiveUp),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GiveUp {
+    /// `--wait` ran out with the run still in flight.
+    WaitRanOut,
+    /// The run waited for failed and nothing is cached.
+    NothingProduced,
+    /// The lock was let go [`MAX_RETRIES`] times with nothing to serve.
+    TooManyRetries,
+    /// No refresher could be started, and nothing is cached to serve meanwhile.
+    NoRefresher,
+}
+
+/// The step after what was seen: the whole decision of the run form, one transition
+/// at a time. `background`: `--background`, whose caller never runs the command.
+pub fn next(seen: Seen, policy: Policy, background: bool) -> Step {
+    let serve_or_wait = |cached: Cached| match on_lost(cached, policy) {
+        OnLost::ServeStale => Step::Serve,
+        OnLost::Wait => Step::Wait,
+    };
+    let served_after_wait =
+        |cached, fresh_from_run| after_wait(cached, fresh_from_run, policy) == AfterWait::Serve;
+    match seen {
+        Seen::Arrived { cached } => match on_arrival(cached, background) {
+            OnArrival::ServeFresh => Step::Serve,
+            OnArrival::TryLock | OnArrival::StartRefresher => Step::TryLock,
+        },
+        Seen::Won { cached, failed } => match on_won(
+            cached,
+            failed.map(|f| f.ago),
+            Policy {
+                retry_after: failed.map_or(policy.retry_after, |f| f.backoff),
+                ..policy
+            },
+        ) {
+            OnWon::Serve(NoRun::Fresh) => Step::Serve,
+            OnWon::Serve(NoRun::BackOff { serve }) => Step::BackOff { serve },
+            OnWon::Run if background => Step::StartRefresher,
+            OnWon::Run => Step::Run,
+        },
+        Seen::Lost { cached } => serve_or_wait(cached),
+        Seen::RefresherStarted {
+            cached,
+            started: true,
+        } => serve_or_wait(cached),
+        Seen::RefresherStarted {
+            cached,
+            started: false,
+        } => match on_lost(cached, policy) {
+            OnLost::ServeStale => Step::Serve,
+            OnLost::Wait => Step::GiveUp(GiveUp::NoRefresher),
+        },
+        Seen::Waited {
+            released: false, ..
+        } => Step::GiveUp(GiveUp::WaitRanOut),
+        Seen::Waited {
+            cached,
+            fresh_from_run,
+            ..
+        } if served_after_wait(cached, fresh_from_run) => Step::Serve,
+        Seen::Waited { .. } => Step::AskWhy,
+        Seen::NothingLeft { why } => match why {
+            Nothing::HandedBack => Step::TakeHandedBack,
+            Nothing::NoFailure { retries } if retries >= MAX_RETRIES => {
+                Step::GiveUp(GiveUp::TooManyRetries)
+            }
+            // A `--background` caller goes back as it came: for a refresher.
+            Nothing::NoFailure { .. } if background => Step::TryLock,
+            Nothing::NoFailure { .. } => Step::Queue,
+            Nothing::Final => Step::GiveUp(GiveUp::NothingProduced),
+        },
+        Seen::Queued { got: false, .. } => Step::GiveUp(GiveUp::WaitRanOut),
+        // A run that ended while this caller queued left what it waited for.
+        Seen::Queued {
+            cached,
+            fresh_from_run,
+            ..
+        } if served_after_wait(cached, fresh_from_run && cached != Cached::Missing) => Step::Serve,
+        Seen::Queued { .. } => Step::LookAgain,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,5 +553,87 @@ mod tests {
         assert_eq!(after_wait(stale(5), true, p), AfterWait::Serve);
         assert_eq!(after_wait(stale(5), false, p), AfterWait::GiveUp);
         assert_eq!(after_wait(Cached::Missing, true, p), AfterWait::GiveUp);
+    }
+
+    /// Every transition of [`next`], as a table: what was seen, with or without
+    /// `--background`, and the step it leads to.
+    #[test]
+    fn every_step_of_a_call() {
+        use GiveUp::*;
+        let p = policy(None);
+        let bounded = policy(Some(10));
+        let won = |cached, failed_ago: Option<u64>| Seen::Won {
+            cached,
+            failed: failed_ago.map(|ago| Failed {
+                ago: S(ago),
+                backoff: S(30),
+            }),
+        };
+        let waited = |released, cached, fresh_from_run| Seen::Waited {
+            released,
+            cached,
+            fresh_from_run,
+        };
+        let queued = |got, cached, fresh_from_run| Seen::Queued {
+            got,
+            cached,
+            fresh_from_run,
+        };
+        let left = |why| Seen::NothingLeft { why };
+        let started = |cached, started| Seen::RefresherStarted { cached, started };
+        let missing = Cached::Missing;
+        let fresh = Cached::Fresh;
+        #[rustfmt::skip]
+        let table: &[(Seen, Policy, bool, Step)] = &[
+            // Arriving: a fresh hit is served; anything else goes for the lock.
+            (Seen::Arrived { cached: fresh }, p, false, Step::Serve),
+            (Seen::Arrived { cached: fresh }, p, true, Step::Serve),
+            (Seen::Arrived { cached: stale(60) }, p, false, Step::TryLock),
+            (Seen::Arrived { cached: missing }, p, true, Step::TryLock),
+            // Holding the lock: refreshed meanwhile, backing off, or run (or refresh).
+            (won(fresh, None), p, false, Step::Serve),
+            (won(stale(60), Some(5)), p, false, Step::BackOff { serve: true }),
+            (won(missing, Some(5)), p, false, Step::BackOff { serve: false }),
+            (won(missing, Some(31)), p, false, Step::Run),
+            // The failure's own back-off (grown by --retry-max) counts, not --retry-after.
+            (Seen::Won { cached: missing, failed: Some(Failed { ago: S(31), backoff: S(60) }) }, p, false, Step::BackOff { serve: false }),
+            (won(stale(60), None), p, false, Step::Run),
+            (won(stale(60), None), p, true, Step::StartRefresher),
+            (won(missing, Some(5)), p, true, Step::BackOff { serve: false }),
+            // Lost: serve stale within --max-stale, else wait.
+            (Seen::Lost { cached: stale(60) }, p, false, Step::Serve),
+            (Seen::Lost { cached: stale(60) }, bounded, false, Step::Wait),
+            (Seen::Lost { cached: missing }, p, false, Step::Wait),
+            // A refresher started, or not.
+            (started(stale(60), true), p, true, Step::Serve),
+            (started(missing, true), p, true, Step::Wait),
+            (started(stale(60), false), p, true, Step::Serve),
+            (started(missing, false), p, true, Step::GiveUp(NoRefresher)),
+            // A wait ended.
+            (waited(false, stale(60), false), p, false, Step::GiveUp(WaitRanOut)),
+            (waited(true, stale(60), true), bounded, false, Step::Serve),
+            (waited(true, stale(60), false), p, false, Step::Serve),
+            (waited(true, stale(60), false), bounded, false, Step::AskWhy),
+            (waited(true, missing, false), p, false, Step::AskWhy),
+            // Why nothing was left.
+            (left(Nothing::HandedBack), p, false, Step::TakeHandedBack),
+            (left(Nothing::NoFailure { retries: 0 }), p, false, Step::Queue),
+            (left(Nothing::NoFailure { retries: 0 }), p, true, Step::TryLock),
+            (left(Nothing::NoFailure { retries: MAX_RETRIES }), p, false, Step::GiveUp(TooManyRetries)),
+            (left(Nothing::Final), p, false, Step::GiveUp(NothingProduced)),
+            // Queued for the lock.
+            (queued(false, missing, false), p, false, Step::GiveUp(WaitRanOut)),
+            (queued(true, stale(60), true), bounded, false, Step::Serve),
+            (queued(true, missing, true), p, false, Step::LookAgain),
+            (queued(true, stale(60), false), bounded, false, Step::LookAgain),
+        ];
+        for &(seen, policy, background, step) in table {
+            assert_eq!(
+                next(seen, policy, background),
+                step,
+                "{seen:?} (background: {background}, max_stale: {:?})",
+                policy.max_stale
+            );
+        }
     }
 }

@@ -8,52 +8,44 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use super::{Flight, Look};
+use super::{Call, Flight};
 use crate::backend::Held;
-use crate::decide::{self, OnLost, OnWon};
+use crate::decide::{self, OnLost, Seen, Step};
 use crate::entry::Body;
-use crate::exit::{Exit, Status};
 use crate::values::Refresher;
 
 /// The head of a handed-back result: its status and the length of its reason.
 const HAND_BACK_HEAD: u64 = 8;
 
 impl Flight {
-    /// `--background`: make sure one detached refresher runs, then serve stale or wait.
-    /// Only the caller that wins the lock starts one, and hands the lock over to it, so
-    /// there is at most one refresher per NAME however many callers arrive.
-    pub(super) fn background(&self, look: Look) -> Result<i32> {
-        self.slot.store().ensure()?;
-        let servable = decide::on_lost(look.cached, self.policy()) == OnLost::ServeStale;
-        let refresh = match self.slot.try_lock()? {
-            None => "a run is already in flight".to_owned(),
-            // Inside --retry-after of a failed run, or refreshed meanwhile: no refresher.
-            Some(held) => match self.won_decision()? {
-                (OnWon::Run, _) => {
-                    // Our hold of the lock goes in there: the refresher's is the only
-                    // one left, and a wait below must not wait for ourselves.
-                    match self.start_refresher(held, !servable) {
-                        Ok(pid) => format!("refresh started in background (pid {pid})"),
-                        Err(e) if servable => {
-                            self.say.warn(format_args!("{e:#}; serving stale"));
-                            "no refresh started".to_owned()
-                        }
-                        Err(e) => return Err(Exit::new(Status::Internal, format!("{e:#}")).into()),
-                    }
-                }
-                (OnWon::Serve(decision), look) => {
-                    drop(held);
-                    return self.serve_without_run(decision, look);
-                }
-            },
+    /// `--background`, holding the lock: hand it to one detached refresher. Only a
+    /// caller that wins the lock starts one, so there is at most one refresher per
+    /// NAME however many callers arrive. A caller that will wait for it (nothing to
+    /// serve meanwhile) keeps the read end of its hand-back pipe.
+    pub(super) fn refresh_in_background(&self, call: &mut Call) -> Seen {
+        let cached = call.look.cached;
+        let Some(held) = call.held.take() else {
+            return Seen::RefresherStarted {
+                cached,
+                started: false,
+            };
         };
-        let why = format!("{}; {refresh}", self.describe(look.cached));
-        if servable {
-            self.say.decided(format_args!("{why}; serving stale"));
-            self.serve(look)
-        } else {
-            self.wait_for_run(&look, &why)
-        }
+        let serving = decide::on_lost(cached, self.policy()) == OnLost::ServeStale;
+        let started = match self.start_refresher(held, !serving) {
+            Ok((pid, hand_back)) => {
+                call.refresher = Some(pid);
+                call.hand_back = hand_back;
+                true
+            }
+            Err(e) => {
+                if serving {
+                    self.say.warn(format_args!("{e:#}; serving stale"));
+                }
+                call.refresher_error = Some(e);
+                false
+            }
+        };
+        Seen::RefresherStarted { cached, started }
     }
 
     /// Starts `singleflight --refresher=FD <the same arguments>` (with etcd:
@@ -67,7 +59,12 @@ impl Flight {
     /// write end of a pipe (`--hand-back=FD`): a run whose result cannot be saved (a
     /// full disk) comes back through it, so the waiter is served what a foreground
     /// winner would print.
-    pub(super) fn start_refresher(&self, held: Held, wait: bool) -> Result<u32> {
+    /// Returns the refresher's pid, and the read end of the hand-back pipe.
+    pub(super) fn start_refresher(
+        &self,
+        held: Held,
+        wait: bool,
+    ) -> Result<(u32, Option<io::PipeReader>)> {
         use std::process::Stdio;
         let mut command = refresher_command()?;
         command
@@ -75,13 +72,14 @@ impl Flight {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         #[cfg(unix)]
-        let pipe = if wait {
+        let (hand_back, pipe) = if wait {
             let (reader, writer) = io::pipe().context("cannot make a pipe for the refresher")?;
-            *self.hand_back.borrow_mut() = Some(reader);
-            Some(writer)
+            (Some(reader), Some(writer))
         } else {
-            None
+            (None, None)
         };
+        #[cfg(not(unix))]
+        let hand_back = None;
         #[cfg(not(unix))]
         let _ = wait;
         #[cfg(unix)]
@@ -118,17 +116,16 @@ impl Flight {
         // Our copy of the write end goes now: the pipe ends when the refresher does.
         #[cfg(unix)]
         drop(pipe);
-        self.started_refresher.set(true);
         let pid = child.id();
         held.hand_over(child);
-        Ok(pid)
+        Ok((pid, hand_back))
     }
 
     /// The detached refresher: holds the lock it was handed and runs if still needed.
     /// A run that cannot even start leaves a failure record too, so that `status`
     /// shows why and `--retry-after` keeps callers from starting refresher after
     /// refresher.
-    pub(super) fn refresh(&self, handover: Refresher) -> Result<i32> {
+    pub(super) fn refresh(&self, call: &mut Call, handover: Refresher) -> Result<i32> {
         // Taken first, so that it is close-on-exec before the command starts: a
         // process of the run holding it would keep the caller waiting.
         let hand_back = self.opts.hand_back.and_then(adopt_pipe);
@@ -137,15 +134,17 @@ impl Flight {
         let Some(held) = (unsafe { self.slot.place().take_handed(handover)? }) else {
             return Ok(0);
         };
-        match self.won_decision()? {
-            (OnWon::Run, look) => {
+        let seen = self.look_again(call)?;
+        match decide::next(seen, self.policy(), false) {
+            Step::Run => {
+                let look = std::mem::take(&mut call.look);
                 let ran = self
-                    .run_and_store(look, &held)
+                    .run_and_store(look, &held, call)
                     .inspect_err(|e| self.record_failure_to_start(e, &held));
                 drop(held);
                 let (status, body) = ran?;
                 match hand_back {
-                    Some(pipe) => self.hand_back(pipe, status, body),
+                    Some(pipe) => hand_back_to(pipe, status, body, call.unsaved.take()),
                     None => self.print(body)?,
                 }
                 Ok(status)
@@ -157,13 +156,10 @@ impl Flight {
     /// What our refresher handed back through its pipe: the status and output of a run
     /// whose result it could not save. Read until the refresher closes it, within what
     /// is left of `--wait`.
-    pub(super) fn handed_back(&self) -> Option<(i32, Body)> {
+    pub(super) fn handed_back(&self, call: &mut Call) -> Option<(i32, Body)> {
         use std::io::Read as _;
-        let mut reader = self.hand_back.borrow_mut().take()?;
-        let left = self
-            .wait_ends
-            .get()?
-            .saturating_duration_since(Instant::now());
+        let mut reader = call.hand_back.take()?;
+        let left = call.wait_ends?.saturating_duration_since(Instant::now());
         let limit = self.opts.max_output.saturating_add(HAND_BACK_HEAD + 4096);
         let (sender, receiver) = std::sync::mpsc::channel();
         let reading = move || {
@@ -186,22 +182,22 @@ impl Flight {
         let end = bytes.len();
         Some((status, Body::Memory { bytes, start, end }))
     }
+}
 
-    /// Hands an unsaved result back to the waiting caller (see [`Self::handed_back`]):
-    /// status, the length of the reason, the reason, the output. Best effort: a caller
-    /// that stopped waiting has closed its end. A saved result is not handed back:
-    /// closing the pipe empty tells the caller to read the cache.
-    fn hand_back(&self, mut pipe: fs::File, status: i32, body: Body) {
-        let Some(reason) = self.unsaved.take() else {
-            return;
-        };
-        let mut head = Vec::new();
-        head.extend_from_slice(&status.to_le_bytes());
-        head.extend_from_slice(&(reason.len() as u32).to_le_bytes());
-        head.extend_from_slice(reason.as_bytes());
-        if io::Write::write_all(&mut pipe, &head).is_ok() {
-            let _ = body.print(&mut pipe);
-        }
+/// Hands an unsaved result back to the waiting caller (see [`Flight::handed_back`]):
+/// status, the length of the reason (why it was `unsaved`), the reason, the output.
+/// Best effort: a caller that stopped waiting has closed its end. A saved result is
+/// not handed back: closing the pipe empty tells the caller to read the cache.
+fn hand_back_to(mut pipe: fs::File, status: i32, body: Body, unsaved: Option<String>) {
+    let Some(reason) = unsaved else {
+        return;
+    };
+    let mut head = Vec::new();
+    head.extend_from_slice(&status.to_le_bytes());
+    head.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+    head.extend_from_slice(reason.as_bytes());
+    if io::Write::write_all(&mut pipe, &head).is_ok() {
+        let _ = body.print(&mut pipe);
     }
 }
 

@@ -14,49 +14,83 @@ mod service;
 mod wait;
 mod won;
 
-use std::cell::{Cell, RefCell};
 use std::io;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 
-use crate::backend::{Read, Slot};
+use crate::backend::{Held, Read, Slot};
 use crate::cli::{Mode, RunOptions};
-use crate::decide::{self, Cached, OnArrival, Policy};
+use crate::decide::{self, Cached, Policy, Seen, Step};
 use crate::entry::{self, Body, Entry, Invalid};
 use crate::say::Say;
 use crate::values::format_duration as human;
 
+/// One call of the run form: what it was asked to do, where, and how it talks.
+/// Nothing here changes during the call; what does is in [`Call`].
 pub struct Flight {
     opts: RunOptions,
     slot: Slot,
     digest: String,
     say: Say,
-    /// A damaged result is reported once per call, not at every look.
-    reported_invalid: Cell<bool>,
-    /// The cached result is of a newer format version: this call must not replace it.
-    newer_cached: Cell<bool>,
-    /// Why the result of a run that succeeded (or is to be cached) was not saved,
-    /// for a caller it is handed back to.
-    unsaved: RefCell<Option<String>>,
-    /// Whether this call started a refresher already.
-    started_refresher: Cell<bool>,
-    /// The read end of the pipe a refresher hands back an unsaved result through.
-    hand_back: RefCell<Option<io::PipeReader>>,
-    /// When `--wait` runs out, counted from the first wait: a caller that waits again
-    /// (see [`Flight::wait_for_run`]) waits no longer in all.
-    wait_ends: Cell<Option<Instant>>,
-    /// How many times this call went back to the lock after a wait.
-    retries: Cell<u32>,
     /// When this call began (ms since the epoch): a failure recorded since is of the
     /// run it waited for, or of one that ended meanwhile.
     arrived_ms: u64,
+}
+
+/// What one call has seen and holds as it moves from step to step. Each step is
+/// handed it as `&mut`: who changes what can be read off the signatures.
+#[derive(Default)]
+struct Call {
+    /// What the cache held at the last look: what a `Serve` step prints.
+    look: Look,
+    /// The NAME's lock, from the step that takes it to the one that runs or lets go.
+    held: Option<Held>,
+    /// When the result looked at before the wait was written: a result written since
+    /// is the awaited run's.
+    before_wait: Option<u64>,
+    /// What the call knew when it began to wait, for the `-v` line.
+    why: String,
+    /// A damaged result is reported once per call, not at every look.
+    reported_invalid: bool,
+    /// The cached result is of a newer format version: this call must not replace it.
+    newer_cached: bool,
+    /// Why the result of a run that succeeded (or is to be cached) was not saved,
+    /// for a caller it is handed back to.
+    unsaved: Option<String>,
+    /// The refresher this call started, if it did.
+    refresher: Option<u32>,
+    /// Why no refresher could be started.
+    refresher_error: Option<anyhow::Error>,
+    /// The read end of the pipe a refresher hands back an unsaved result through.
+    hand_back: Option<io::PipeReader>,
+    /// When `--wait` runs out, counted from the first wait: a caller that waits again
+    /// waits no longer in all.
+    wait_ends: Option<Instant>,
+    /// How many times this call went back to the lock after a wait.
+    retries: u32,
 }
 
 /// What the cache holds, read and judged at one moment.
 struct Look {
     cached: Cached,
     entry: Option<Entry>,
+}
+
+impl Default for Look {
+    fn default() -> Look {
+        Look {
+            cached: Cached::Missing,
+            entry: None,
+        }
+    }
+}
+
+impl Look {
+    /// When its result was written, if there is one.
+    fn written(&self) -> Option<u64> {
+        self.entry.as_ref().map(|e| e.meta.written_at_ms)
+    }
 }
 
 impl Flight {
@@ -66,48 +100,102 @@ impl Flight {
             opts,
             slot,
             say,
-            reported_invalid: Cell::new(false),
-            newer_cached: Cell::new(false),
-            unsaved: RefCell::new(None),
-            started_refresher: Cell::new(false),
-            hand_back: RefCell::new(None),
-            wait_ends: Cell::new(None),
-            retries: Cell::new(0),
             arrived_ms: entry::now_ms(SystemTime::now()),
         }
     }
 
-    /// Runs the whole decision of one call; returns the exit status.
+    /// Runs the whole decision of one call; returns the exit status. The run form is
+    /// one loop: `decide::next` says the step from what the last one saw, and each
+    /// step's I/O says what it saw in turn, until a step ends the call.
     pub fn fly(self) -> Result<i32> {
+        let mut call = Call::default();
         match (&self.opts.mode, self.opts.refresher) {
-            (Mode::Cached, Some(handover)) => return self.refresh(handover),
+            (Mode::Cached, Some(handover)) => return self.refresh(&mut call, handover),
             (Mode::Cached, None) => {}
             (Mode::Exclusive, _) => return self.exclusive(),
             (Mode::Service { .. }, Some(handover)) => return self.supervise(handover),
             (Mode::Service { ready }, None) => return self.service(ready.as_deref()),
         }
-        let look = if self.slot.place().exists()? {
-            self.look()?
-        } else {
-            self.nothing()
-        };
-        match decide::on_arrival(look.cached, self.opts.background) {
-            OnArrival::ServeFresh => {
-                if self.say.is_verbose() {
-                    let why = self.describe(look.cached);
-                    self.say.decided(format_args!("{why}: served"));
-                }
-                self.serve(look)
-            }
-            OnArrival::TryLock => {
-                self.slot.store().ensure()?;
-                match self.slot.try_lock()? {
-                    Some(held) => self.won(held),
-                    None => self.lost(),
-                }
-            }
-            OnArrival::StartRefresher => self.background(look),
+        let mut seen = self.arrive(&mut call)?;
+        loop {
+            seen = match decide::next(seen, self.policy(), self.opts.background) {
+                Step::Serve => return self.serve_seen(seen, &mut call),
+                Step::TryLock => self.try_lock(&mut call)?,
+                Step::LookAgain => self.look_again(&mut call)?,
+                Step::Run => return self.execute(&mut call),
+                Step::StartRefresher => self.refresh_in_background(&mut call),
+                Step::BackOff { serve } => return self.back_off(serve, &mut call),
+                Step::Wait => self.wait(&mut call)?,
+                Step::AskWhy => self.ask_why(&mut call)?,
+                Step::TakeHandedBack => match self.handed_back(&mut call) {
+                    Some((status, body)) => {
+                        self.print(body)?;
+                        return Ok(status);
+                    }
+                    None => self.ask_why(&mut call)?,
+                },
+                Step::Queue => self.queue(&mut call)?,
+                Step::GiveUp(why) => return Err(self.give_up(why, &mut call)),
+            };
         }
+    }
+
+    /// The first look, before any lock (and before the cache dir is made).
+    fn arrive(&self, call: &mut Call) -> Result<Seen> {
+        if self.slot.place().exists()? {
+            call.look = self.look(call)?;
+        }
+        Ok(Seen::Arrived {
+            cached: call.look.cached,
+        })
+    }
+
+    /// Tries the lock: won, the call looks again under it; lost, a run is in flight.
+    fn try_lock(&self, call: &mut Call) -> Result<Seen> {
+        self.slot.store().ensure()?;
+        match self.slot.try_lock()? {
+            Some(held) => {
+                call.held = Some(held);
+                self.look_again(call)
+            }
+            None => {
+                call.look = self.look(call)?;
+                Ok(Seen::Lost {
+                    cached: call.look.cached,
+                })
+            }
+        }
+    }
+
+    /// Prints the last look's result. Serving is no business of the lock: a caller
+    /// that holds it (refreshed meanwhile, or queued for it) lets go first.
+    fn serve_seen(&self, seen: Seen, call: &mut Call) -> Result<i32> {
+        drop(call.held.take());
+        if self.say.is_verbose() {
+            let what = self.describe(call.look.cached);
+            let how = match seen {
+                Seen::Arrived { .. } => format!("{what}: served"),
+                Seen::Won { .. } => format!("{what} after taking the lock: served"),
+                Seen::Lost { .. } if self.opts.background => {
+                    format!("{what}; a run is already in flight; serving stale")
+                }
+                Seen::Lost { .. } => {
+                    format!("{what}; a run is in flight: serving the stale result")
+                }
+                Seen::RefresherStarted { .. } => {
+                    format!("{what}; {}; serving stale", refresh_note(call))
+                }
+                Seen::Waited { .. } | Seen::NothingLeft { .. } => format!(
+                    "{}; waited for the run in flight: served its result",
+                    call.why
+                ),
+                Seen::Queued { .. } => {
+                    format!("{what}; queued for the lock: served the result of the run before")
+                }
+            };
+            self.say.decided(format_args!("{how}"));
+        }
+        self.serve(std::mem::take(&mut call.look))
     }
 
     fn policy(&self) -> Policy {
@@ -117,16 +205,9 @@ impl Flight {
         }
     }
 
-    fn nothing(&self) -> Look {
-        Look {
-            cached: Cached::Missing,
-            entry: None,
-        }
-    }
-
     /// Reads the result; one that is corrupt or of another argv counts as none. An
     /// error is the backend's (etcd unreachable): the call cannot go on.
-    fn look(&self) -> Result<Look> {
+    fn look(&self, call: &mut Call) -> Result<Look> {
         Ok(match self.slot.place().read_result()? {
             Read::Found(entry) if entry.meta.argv_digest == self.digest => {
                 let now = SystemTime::now();
@@ -143,34 +224,34 @@ impl Flight {
                     entry: Some(entry),
                 }
             }
-            Read::Found(_) | Read::Missing => self.nothing(),
+            Read::Found(_) | Read::Missing => Look::default(),
             // Two versions sharing a cache dir or prefix must not throw away each
             // other's results: a newer one is a miss that this call leaves in place.
             Read::Invalid(Invalid::Newer(version)) => {
-                self.newer_cached.set(true);
-                if !self.reported_invalid.replace(true) {
+                call.newer_cached = true;
+                if !std::mem::replace(&mut call.reported_invalid, true) {
                     self.say.warn(format_args!(
                         "the cached result is of a newer format (version {version}, {}): \
                          left alone; this call runs the command and saves nothing",
                         self.slot.place().result_location()
                     ));
                 }
-                self.nothing()
+                Look::default()
             }
             Read::Invalid(invalid) => {
-                if !self.reported_invalid.replace(true) {
+                if !std::mem::replace(&mut call.reported_invalid, true) {
                     self.say.warn(format_args!(
                         "ignoring the cached result: it is {} ({}); the next run replaces it",
                         invalid.as_str(),
                         self.slot.place().result_location()
                     ));
                 }
-                self.nothing()
+                Look::default()
             }
             Read::Unreadable(e) => {
                 self.say
                     .warn(format_args!("cannot read the cached result: {e}"));
-                self.nothing()
+                Look::default()
             }
         })
     }
@@ -186,7 +267,9 @@ impl Flight {
     }
 
     fn serve(&self, look: Look) -> Result<i32> {
-        let entry = look.entry.expect("a servable result is present");
+        let entry = look
+            .entry
+            .context("internal error: no result to serve (a decision served a missing one)")?;
         let status = entry.meta.exit_code;
         self.print(entry.body)?;
         Ok(status)
@@ -198,6 +281,14 @@ impl Flight {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
             other => other.context("cannot write to stdout"),
         }
+    }
+}
+
+/// What the `-v` line says of the refresher this call started, or did not.
+fn refresh_note(call: &Call) -> String {
+    match call.refresher {
+        Some(pid) => format!("refresh started in background (pid {pid})"),
+        None => "no refresh started".to_owned(),
     }
 }
 

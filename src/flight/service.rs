@@ -165,7 +165,7 @@ impl Flight {
             }
         };
         self.decide(kind, &reason, None);
-        let pid = self.start_refresher(held, false)?;
+        let (pid, _) = self.start_refresher(held, false)?;
         self.say.decided(format_args!(
             "no instance was running ({reason}); started one (supervisor pid {pid})"
         ));

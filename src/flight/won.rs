@@ -4,12 +4,12 @@
 use std::fs;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
-use super::{Flight, Look};
+use super::{Call, Flight, Look};
 use crate::backend::{Held, OutputCap, Unsaved};
 use crate::command::{self, Finished, Io, Outcome, RunSpec};
-use crate::decide::{self, NoRun, OnWon, Policy};
+use crate::decide::{self, Failed, Seen};
 use crate::entry::{self, Body, EntryWriter, Meta};
 use crate::exit::{Exit, Status};
 use crate::reap;
@@ -17,30 +17,19 @@ use crate::record::{self, Failure, RunRecord};
 use crate::values::{format_duration as human, format_size, millis};
 
 impl Flight {
-    /// Holding the lock: look again, then run, serve, or back off after a failure.
-    pub(super) fn won(&self, held: Held) -> Result<i32> {
-        match self.won_decision()? {
-            (OnWon::Run, look) => self.execute(look, held),
-            (OnWon::Serve(decision), look) => {
-                // Nothing to run: serving is no business of the lock (see `execute`).
-                drop(held);
-                self.serve_without_run(decision, look)
-            }
-        }
-    }
-
-    pub(super) fn won_decision(&self) -> Result<(OnWon, Look)> {
+    /// Holding the lock: cleans up after crashed runs, looks again, and at the last
+    /// failure of this argv, whose back-off is judged by this call's options.
+    pub(super) fn look_again(&self, call: &mut Call) -> Result<Seen> {
         self.clean_up_after_crashes();
-        let look = self.look()?;
-        let failure = self.last_failure()?;
-        let failed_ago = failure.as_ref().map(|f| f.age(SystemTime::now()));
-        let policy = Policy {
-            retry_after: failure
-                .as_ref()
-                .map_or(self.opts.retry_after, |f| self.backoff(f)),
-            ..self.policy()
-        };
-        Ok((decide::on_won(look.cached, failed_ago, policy), look))
+        call.look = self.look(call)?;
+        let failed = self.last_failure()?.map(|failure| Failed {
+            ago: failure.age(SystemTime::now()),
+            backoff: self.backoff(&failure),
+        });
+        Ok(Seen::Won {
+            cached: call.look.cached,
+            failed,
+        })
     }
 
     /// How long no run starts after this failure, by this call's options.
@@ -49,31 +38,24 @@ impl Flight {
         decide::backoff(after, max, failure.consecutive, failure.jitter)
     }
 
-    pub(super) fn serve_without_run(&self, decision: NoRun, look: Look) -> Result<i32> {
-        match decision {
-            NoRun::Fresh => {
-                self.say.decided(format_args!(
-                    "{} after taking the lock: served",
-                    self.describe(look.cached)
-                ));
-                self.serve(look)
-            }
-            NoRun::BackOff { serve } => {
-                let why = self.backing_off()?;
-                if serve {
-                    self.say.decided(format_args!(
-                        "{}; {why}; serving the last good result",
-                        self.describe(look.cached)
-                    ));
-                    self.serve(look)
-                } else {
-                    Err(Exit::new(
-                        Status::NothingToServe,
-                        format!("{}: nothing cached; {why}", self.opts.name),
-                    )
-                    .into())
-                }
-            }
+    /// Holding the lock inside the back-off of a failed run: no run. The lock is let
+    /// go; the last good result is served (`serve`), or the call gives up.
+    pub(super) fn back_off(&self, serve: bool, call: &mut Call) -> Result<i32> {
+        drop(call.held.take());
+        let look = std::mem::take(&mut call.look);
+        let why = self.backing_off()?;
+        if serve {
+            self.say.decided(format_args!(
+                "{}; {why}; serving the last good result",
+                self.describe(look.cached)
+            ));
+            self.serve(look)
+        } else {
+            Err(Exit::new(
+                Status::NothingToServe,
+                format!("{}: nothing cached; {why}", self.opts.name),
+            )
+            .into())
         }
     }
 
@@ -119,8 +101,13 @@ impl Flight {
     /// over: the lock is let go before printing, so that a slow reader of our stdout
     /// (`| less`, a stalled pipe, a terminal paused with Ctrl-S) holds up no other
     /// caller, refresher or `clear`.
-    fn execute(&self, last: Look, held: Held) -> Result<i32> {
-        let ran = self.run_and_store(last, &held);
+    pub(super) fn execute(&self, call: &mut Call) -> Result<i32> {
+        let held = call
+            .held
+            .take()
+            .context("internal error: a run without the lock")?;
+        let last = std::mem::take(&mut call.look);
+        let ran = self.run_and_store(last, &held, call);
         drop(held);
         let (status, body) = ran?;
         self.print(body)?;
@@ -129,7 +116,12 @@ impl Flight {
 
     /// Runs the command under the lock and stores its outcome; returns the exit
     /// status and the stdout the caller is to print.
-    pub(super) fn run_and_store(&self, last: Look, held: &Held) -> Result<(i32, Body)> {
+    pub(super) fn run_and_store(
+        &self,
+        last: Look,
+        held: &Held,
+        call: &mut Call,
+    ) -> Result<(i32, Body)> {
         let writer = EntryWriter::create(self.slot.store(), &self.opts.name);
         if let Some(e) = writer.error()
             && self.slot.place().results_in_cache_dir()
@@ -173,10 +165,10 @@ impl Flight {
         }
         let cache_it =
             outcome.succeeded() || (self.opts.cache_failures && outcome.is_own_failure());
-        if cache_it && self.newer_cached.get() {
-            self.unsaved.replace(Some(format!(
+        if cache_it && call.newer_cached {
+            call.unsaved = Some(format!(
                 "{what}, but a newer singleflight's result is cached, which this one leaves alone"
-            )));
+            ));
             self.say.decided(format_args!(
                 "{}; ran the command: {what}; not cached (a newer version's result is kept)",
                 self.describe(last.cached)
@@ -201,7 +193,7 @@ impl Flight {
                     };
                     let why = format!("{what}, but the result could not be saved ({reason})");
                     self.say.warn(format_args!("{why}; {kept}"));
-                    self.unsaved.replace(Some(why));
+                    call.unsaved = Some(why);
                     body
                 }
             };
