@@ -3,7 +3,8 @@
 # the tests are compiled, not run) and a release build of x86_64-pc-windows-gnu (the target
 # and mingw-w64 are installed if missing). With SINGLEFLIGHT_WINE_SMOKE=1, also a smoke
 # test of the built .exe under wine64: a miss, a hit, four concurrent callers sharing one
-# run, a timeout that kills a command's child, and singleflight killed with its tree.
+# run, a timeout that kills a command's child, singleflight killed with its tree, and
+# `stop` of a --service instance (and its refusal when the creation time does not match).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -83,6 +84,38 @@ wait "$sf_pid" 2>/dev/null || true
 for _ in $(seq 50); do [ -z "$(tree_pids)" ] && break; sleep 0.1; done
 [ -z "$(tree_pids)" ] || fail "left alive after singleflight was killed: $(tree_pids)"
 echo "wine smoke: singleflight SIGKILLed, its Job Object killed the tree: ok"
+
+# stop: a --service instance (tree.exe and its child, in the supervisor's Job Object).
+# Live singleflight.exe processes (a supervisor).
+sf_pids() { ps -eo pid=,stat=,args= | awk '$3 ~ /singleflight\.exe$/ && $2 !~ /^Z/ { print $1 }'; }
+sf --service svc -- "$tree" parent >"$work/svc" 2>&1 || fail "service: $(cat "$work/svc")"
+for _ in $(seq 100); do [ "$(tree_pids | wc -l)" = 2 ] && break; sleep 0.1; done
+[ "$(tree_pids | wc -l)" = 2 ] || fail "the service's tree did not start"
+[ "$(sf_pids | wc -l)" = 1 ] || fail "not one supervisor: $(sf_pids)"
+run=$(find "$WINEPREFIX/drive_c" -name svc.run)
+[ -f "$run" ] || fail "no run record for svc"
+grep -Eq '"owner_start_ticks":[1-9]' "$run" || fail "no creation time recorded: $(cat "$run")"
+# A record whose creation time is not the supervisor's (its pid reused): nothing is killed.
+cp "$run" "$work/run.kept"
+sed -Ei 's/"owner_start_ticks":([0-9]+)/"owner_start_ticks":1\1/' "$run"
+status=0
+sf stop svc 2>"$work/err" || status=$?
+[ "$status" != 0 ] || fail "stop of a reused pid exited 0"
+grep -q 'is another process now.*nothing was signalled' "$work/err" || fail "stop: $(cat "$work/err")"
+[ "$(tree_pids | wc -l)" = 2 ] && [ "$(sf_pids | wc -l)" = 1 ] ||
+    fail "stop of a reused pid killed something"
+echo "wine smoke: stop refuses a pid whose creation time is not the record's: ok ($(tr -d '\r' <"$work/err"))"
+cp "$work/run.kept" "$run"
+sf -v stop svc 2>"$work/err" || fail "stop exited $?: $(cat "$work/err")"
+grep -Eq 'svc: stopped \(singleflight pid [0-9]+\)' "$work/err" || fail "stop: $(cat "$work/err")"
+said=$(tr -d '\r' <"$work/err")
+for _ in $(seq 50); do [ -z "$(tree_pids)$(sf_pids)" ] && break; sleep 0.1; done
+[ -z "$(tree_pids)" ] || fail "the instance is alive after stop: $(tree_pids)"
+[ -z "$(sf_pids)" ] || fail "the supervisor is alive after stop: $(sf_pids)"
+[ ! -e "$run" ] || fail "the run record is left after stop"
+sf -v stop svc 2>"$work/err" || fail "second stop exited $?"
+grep -q 'svc: nothing running' "$work/err" || fail "second stop: $(cat "$work/err")"
+echo "wine smoke: stop of a --service instance: supervisor and its tree gone: ok ($said)"
 
 /usr/lib/wine/wineserver64 -k 2>/dev/null || true
 rm -rf "$work"

@@ -3,7 +3,9 @@
 //! command's tree as on a timeout (TERM, its `--kill-after`, KILL) and lets go of the
 //! lock. One that has not let go after `--kill-after` is killed (its guard then kills
 //! the tree), and what is left is cleaned up holding the lock. A process is signalled
-//! only while it provably is the run's singleflight: pid and start time.
+//! only while it provably is the run's singleflight: pid and start time. On Windows
+//! (start time: the creation time) there is no TERM to another console: the
+//! singleflight is terminated at once, and its Job Object kills the command's tree.
 
 use std::fs;
 use std::time::Duration;
@@ -55,11 +57,8 @@ fn stop_slot(slot: &Slot, kill_after: Duration) -> Result<Option<u32>> {
     };
     let (pid, start) = (run.owner_pid, run.owner_start_ticks);
     if run.boot_id != reap::boot_id() || !reap::signal_process(pid, start, Stop::Term) {
-        let message = format!(
-            "cannot stop the run of pid {pid}: it cannot be proven to be the run's \
-             singleflight (gone, another process now, or a platform where singleflight \
-             cannot tell); nothing was signalled"
-        );
+        let why = reap::unproven(pid, start);
+        let message = format!("cannot stop the run of pid {pid}: {why}; nothing was signalled");
         return Err(Exit::new(Status::Internal, message).into());
     }
     let held = match place.lock_within(kill_after)? {

@@ -134,9 +134,25 @@ pub struct Known {
 
 /// Sends `stop` to the one process `pid`, if it provably still is the process that
 /// started at `start` (a run's singleflight, for `stop`); whether it was sent. Never
-/// sent where the start time is unknown (0), which is every pid on Windows for now.
+/// sent where the start time is unknown (0). On Windows both stops terminate the
+/// process (its Job Object then kills its command's tree) and wait until it is gone.
 pub fn signal_process(pid: u32, start: u64, stop: Stop) -> bool {
     start != 0 && sys::signal_process(pid, start, stop)
+}
+
+/// Why [`signal_process`] sent nothing to `pid`, in words, for `stop`'s one line.
+#[cfg(unix)]
+pub fn unproven(_pid: u32, _start: u64) -> String {
+    "it cannot be proven to be the run's singleflight (gone, another process now, or a \
+     platform where singleflight cannot tell)"
+        .to_owned()
+}
+
+/// Why [`signal_process`] sent nothing to `pid`, in words, for `stop`'s one line: gone,
+/// or another process now (its creation time is not the recorded one).
+#[cfg(windows)]
+pub fn unproven(pid: u32, start: u64) -> String {
+    sys::unproven(pid, start)
 }
 
 /// The kernel's boot id, to tell records of an earlier boot apart ("" where there is
@@ -146,7 +162,8 @@ pub fn boot_id() -> String {
 }
 
 /// The start time of `pid`, 0 if unknown: on Linux in clock ticks since boot, on
-/// macOS in microseconds since the epoch. Only ever compared with itself.
+/// macOS in microseconds since the epoch, on Windows its creation time in 100 ns since
+/// 1601. Only ever compared with itself.
 pub fn start_ticks(pid: u32) -> u64 {
     sys::start_ticks(pid)
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use super::Stop;
 use crate::record::RunRecord;
 
-use windows_sys::Win32::Foundation::{FALSE, HANDLE, INVALID_HANDLE_VALUE, TRUE};
+use windows_sys::Win32::Foundation::{
+    FALSE, FILETIME, HANDLE, INVALID_HANDLE_VALUE, TRUE, WAIT_TIMEOUT,
+};
 use windows_sys::Win32::System::Console::{
     CTRL_BREAK_EVENT, CTRL_C_EVENT, GenerateConsoleCtrlEvent, SetConsoleCtrlHandler,
 };
@@ -27,7 +29,9 @@ use windows_sys::Win32::System::JobObjects::{
     QueryInformationJobObject, SetInformationJobObject, TerminateJobObject,
 };
 use windows_sys::Win32::System::Threading::{
-    CREATE_NEW_PROCESS_GROUP, CREATE_SUSPENDED, OpenThread, ResumeThread, THREAD_SUSPEND_RESUME,
+    CREATE_NEW_PROCESS_GROUP, CREATE_SUSPENDED, GetProcessTimes, OpenProcess, OpenThread,
+    PROCESS_ACCESS_RIGHTS, PROCESS_QUERY_LIMITED_INFORMATION, PROCESS_SYNCHRONIZE,
+    PROCESS_TERMINATE, ResumeThread, THREAD_SUSPEND_RESUME, TerminateProcess, WaitForSingleObject,
 };
 
 /// A run's command: suspended until it is in its job, and the root of a console
@@ -38,6 +42,9 @@ pub const RUN_FLAGS: u32 = CREATE_SUSPENDED | CREATE_NEW_PROCESS_GROUP;
 const KILLED: u32 = 1;
 /// How long a terminated job may take to empty before singleflight goes on.
 const EMPTY_PATIENCE: Duration = Duration::from_secs(10);
+/// How long `stop` waits for a terminated singleflight to be gone (its handles, its
+/// job's among them, closed) before it goes on to wait for the lock.
+const EXIT_PATIENCE: Duration = Duration::from_secs(10);
 
 fn check(ok: i32) -> io::Result<()> {
     if ok == 0 {
@@ -163,19 +170,89 @@ pub fn prepare(command: &mut Command) {
 /// Nothing remains: the Job Object died with singleflight and took the tree with it.
 pub fn kill_remains(_record: &RunRecord) {}
 
-/// Not done: a process's identity is not checked here yet (see `start_ticks`).
-pub fn signal_process(_pid: u32, _start: u64, _stop: Stop) -> bool {
-    false
+/// Kills `pid` if it provably still is the process created at `start` (its creation
+/// time, see [`start_ticks`]): the check and the kill go through one handle, which
+/// keeps the pid from being reused in between. There is no asking a process in another
+/// console to stop, so [`Stop::Term`] kills too: singleflight is terminated, its handles
+/// close, the last one to its command's Job Object among them, and the job kills the
+/// command's whole tree (`JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE`). Waits (bounded) until
+/// singleflight is gone.
+pub fn signal_process(pid: u32, start: u64, _stop: Stop) -> bool {
+    let access = PROCESS_QUERY_LIMITED_INFORMATION | PROCESS_TERMINATE | PROCESS_SYNCHRONIZE;
+    let Some(process) = open(pid, access) else {
+        return false;
+    };
+    if created(&process) != Some(start) || !alive(&process) {
+        return false;
+    }
+    // SAFETY: the handle is open, with PROCESS_TERMINATE and SYNCHRONIZE.
+    unsafe {
+        if TerminateProcess(process.as_raw_handle(), KILLED) == 0 {
+            return false;
+        }
+        WaitForSingleObject(process.as_raw_handle(), EXIT_PATIENCE.as_millis() as u32);
+    }
+    true
 }
 
-/// No boot id to read.
+/// Why [`signal_process`] would not kill `pid`, in words for `stop`.
+pub fn unproven(pid: u32, start: u64) -> String {
+    if start == 0 {
+        return "its record has no creation time (written by an older singleflight); \
+                it cannot be proven to be the run's singleflight"
+            .to_owned();
+    }
+    let process = open(pid, PROCESS_QUERY_LIMITED_INFORMATION | PROCESS_SYNCHRONIZE);
+    match process.as_ref().map(|p| (created(p), alive(p))) {
+        Some((Some(created), true)) if created != start => format!(
+            "pid {pid} is another process now (created at {created}, the run's singleflight \
+             at {start}, in 100 ns since 1601)"
+        ),
+        Some((Some(_), true)) => "it could not be terminated".to_owned(),
+        Some((None, true)) => "its creation time cannot be read".to_owned(),
+        _ => "it is gone".to_owned(),
+    }
+}
+
+fn open(pid: u32, access: PROCESS_ACCESS_RIGHTS) -> Option<OwnedHandle> {
+    // SAFETY: a plain Win32 call; the handle is owned from here on.
+    unsafe {
+        let handle = OpenProcess(access, FALSE, pid);
+        (!handle.is_null()).then(|| OwnedHandle::from_raw_handle(handle))
+    }
+}
+
+/// A process's creation time, in 100 ns since 1601 (never 0 for a real process).
+fn created(process: &OwnedHandle) -> Option<u64> {
+    // SAFETY: the handle is open with PROCESS_QUERY_LIMITED_INFORMATION; the out
+    // buffers are plain structs.
+    unsafe {
+        let mut times: [FILETIME; 4] = std::mem::zeroed();
+        let [creation, exit, kernel, user] = &mut times;
+        let ok = GetProcessTimes(process.as_raw_handle(), creation, exit, kernel, user);
+        let at = (u64::from(creation.dwHighDateTime) << 32) | u64::from(creation.dwLowDateTime);
+        (ok != 0 && at != 0).then_some(at)
+    }
+}
+
+/// Whether the process has not exited (a handle keeps an exited one around).
+fn alive(process: &OwnedHandle) -> bool {
+    // SAFETY: the handle is open with SYNCHRONIZE.
+    let waited = unsafe { WaitForSingleObject(process.as_raw_handle(), 0) };
+    waited == WAIT_TIMEOUT
+}
+
+/// No boot id to read (creation times are absolute: one from an earlier boot names
+/// no process of this one).
 pub fn boot_id() -> String {
     String::new()
 }
 
-/// Not known (records are only compared with themselves).
-pub fn start_ticks(_pid: u32) -> u64 {
-    0
+/// The creation time of `pid` (`GetProcessTimes`), in 100 ns since 1601; 0 if unknown.
+pub fn start_ticks(pid: u32) -> u64 {
+    open(pid, PROCESS_QUERY_LIMITED_INFORMATION)
+        .and_then(|process| created(&process))
+        .unwrap_or(0)
 }
 
 /// Resumes the threads of a process created suspended (there is one: the main
