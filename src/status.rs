@@ -230,6 +230,10 @@ fn look(
         });
     }
     if let Some(service) = snapshot.service {
+        // A service caches no result: its command is the one of its instance.
+        if status.command.is_none() && !service.command.is_empty() {
+            status.command = Some(service.command.clone());
+        }
         let now_ms = crate::entry::now_ms(now);
         status.service = Some(ServiceStatus {
             starts: service.starts,

@@ -34,6 +34,8 @@ pub struct Flight {
     say: Say,
     /// A damaged result is reported once per call, not at every look.
     reported_invalid: Cell<bool>,
+    /// A result of another command under this NAME is said once per call, not at every look.
+    reported_other: Cell<bool>,
     /// The cached result is of a newer format version: this call must not replace it.
     newer_cached: Cell<bool>,
     /// Why the result of a run that succeeded (or is to be cached) was not saved,
@@ -67,6 +69,7 @@ impl Flight {
             slot,
             say,
             reported_invalid: Cell::new(false),
+            reported_other: Cell::new(false),
             newer_cached: Cell::new(false),
             unsaved: RefCell::new(None),
             started_refresher: Cell::new(false),
@@ -143,7 +146,20 @@ impl Flight {
                     entry: Some(entry),
                 }
             }
-            Read::Found(_) | Read::Missing => self.nothing(),
+            Read::Found(other) => {
+                // The same command with other key values (a changed --key-file) is no
+                // surprise; another command is: two commands under one NAME evict each
+                // other at every call.
+                let command = entry::display_command(&self.opts.command);
+                if other.meta.command != command && !self.reported_other.replace(true) {
+                    self.say.warn(format_args!(
+                        "holds a result of another command ({}); running this one replaces it",
+                        other.meta.command
+                    ));
+                }
+                self.nothing()
+            }
+            Read::Missing => self.nothing(),
             // Two versions sharing a cache dir or prefix must not throw away each
             // other's results: a newer one is a miss that this call leaves in place.
             Read::Invalid(Invalid::Newer(version)) => {
