@@ -49,6 +49,13 @@ impl Paths {
         self.result.with_extension("ready")
     }
 
+    /// The mark `singleflight stop` leaves for the run it stops (`NAME.stopping`: the
+    /// pid of the singleflight it signals, and its own), so that the run records that
+    /// it was stopped, and by what, rather than "got signal 15".
+    pub fn stopping(&self) -> PathBuf {
+        self.result.with_extension("stopping")
+    }
+
     /// A `--service` NAME's log, its instance's stdout and stderr (`NAME.log`).
     pub fn log(&self) -> PathBuf {
         self.result.with_extension("log")

@@ -24,9 +24,15 @@ impl Drop for Running<'_> {
 
 fn running_service(env: &TestEnv) -> Running<'_> {
     let marker = marker();
-    let out = env.call("w", &["--service"], &["sleep", &marker]);
+    let up = env.path("up");
+    let script = env.script(
+        "instance.sh",
+        &format!("echo up > '{}'; exec sleep 100000", up.display()),
+    );
+    let command = [script.display().to_string(), marker.clone()];
+    let out = env.call("w", &["--service"], &command);
     assert_status(&out, 0);
-    wait_until("the instance runs", || alive(&marker).len() == 1);
+    wait_until("the instance runs", || up.exists());
     Running { env, marker }
 }
 
@@ -60,8 +66,9 @@ fn a_service_asked_for_another_command_is_refused() {
     assert!(err.contains("runs another command"), "{err}");
     assert!(err.contains("singleflight stop w"), "{err}");
     // The same command is still just "running".
+    let script = env.path("instance.sh").display().to_string();
     assert_status(
-        &env.call("w", &["--service"], &["sleep", &service.marker]),
+        &env.call("w", &["--service"], &[script, service.marker.clone()]),
         0,
     );
 }
@@ -143,7 +150,7 @@ fn status_shows_a_services_command_and_a_stop_as_a_stop() {
     assert_status(&out, 0);
     let table = stdout(&out);
     assert!(
-        table.contains(&format!("sleep {}", service.marker)),
+        table.contains(&format!("instance.sh {}", service.marker)),
         "{table}"
     );
     assert_status(&env.run(["stop", "w"]), 0);
