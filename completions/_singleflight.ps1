@@ -22,7 +22,7 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
     $completions = @(switch ($command) {
         'singleflight' {
             [CompletionResult]::new('--ttl', '--ttl', [CompletionResultType]::ParameterName, 'A result younger than this is fresh')
-            [CompletionResult]::new('--timeout', '--timeout', [CompletionResultType]::ParameterName, 'Hard limit on one run of the command')
+            [CompletionResult]::new('--timeout', '--timeout', [CompletionResultType]::ParameterName, 'Hard limit on one run of the command; 0 (or off, none) for no limit')
             [CompletionResult]::new('--kill-after', '--kill-after', [CompletionResultType]::ParameterName, 'Grace between SIGTERM and SIGKILL of the command''s process tree')
             [CompletionResult]::new('--wait', '--wait', [CompletionResultType]::ParameterName, 'How long a caller with nothing servable waits for the in-flight run [default: timeout + kill-after]')
             [CompletionResult]::new('--max-stale', '--max-stale', [CompletionResultType]::ParameterName, 'The oldest result served while another run is in flight [default: unlimited]')

@@ -19,7 +19,7 @@ set edit:completion:arg-completer[singleflight] = {|@words|
     var completions = [
         &'singleflight'= {
             cand --ttl 'A result younger than this is fresh'
-            cand --timeout 'Hard limit on one run of the command'
+            cand --timeout 'Hard limit on one run of the command; 0 (or off, none) for no limit'
             cand --kill-after 'Grace between SIGTERM and SIGKILL of the command''s process tree'
             cand --wait 'How long a caller with nothing servable waits for the in-flight run [default: timeout + kill-after]'
             cand --max-stale 'The oldest result served while another run is in flight [default: unlimited]'

@@ -25,7 +25,7 @@ function __fish_singleflight_using_subcommand
 end
 
 complete -c singleflight -n "__fish_singleflight_needs_command" -l ttl -d 'A result younger than this is fresh' -r
-complete -c singleflight -n "__fish_singleflight_needs_command" -l timeout -d 'Hard limit on one run of the command' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l timeout -d 'Hard limit on one run of the command; 0 (or off, none) for no limit' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l kill-after -d 'Grace between SIGTERM and SIGKILL of the command\'s process tree' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l wait -d 'How long a caller with nothing servable waits for the in-flight run [default: timeout + kill-after]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l max-stale -d 'The oldest result served while another run is in flight [default: unlimited]' -r

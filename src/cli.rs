@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::backend;
 use crate::etcd::{Endpoints, Prefix, parse_backend, parse_lease_ttl};
 use crate::key::KeySpec;
-use crate::values::{LeaseHandover, Name, Refresher, parse_duration, parse_size};
+use crate::values::{LeaseHandover, Name, Refresher, parse_duration, parse_size, parse_timeout};
 
 /// The examples of `--help` and of the man page: what each does, then the command line.
 pub const EXAMPLES: &[(&str, &str)] = &[
@@ -183,33 +183,33 @@ pub struct RunArgs {
     pub name: Option<Name>,
 
     /// A result younger than this is fresh
-    #[arg(long, value_name = "D", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "D", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub ttl: Duration,
 
-    /// Hard limit on one run of the command
-    #[arg(long, value_name = "D", default_value = "60s", value_parser = parse_duration)]
+    /// Hard limit on one run of the command; 0 (or off, none) for no limit
+    #[arg(long, value_name = "D", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub timeout: Duration,
 
     /// Grace between SIGTERM and SIGKILL of the command's process tree
-    #[arg(long, value_name = "D", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "D", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub kill_after: Duration,
 
     /// How long a caller with nothing servable waits for the in-flight run
     /// [default: timeout + kill-after]
-    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true)]
     pub wait: Option<Duration>,
 
     /// The oldest result served while another run is in flight [default: unlimited]
-    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true)]
     pub max_stale: Option<Duration>,
 
     /// After a failed run, no new run starts for this long [default: the --ttl]
-    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true)]
     pub retry_after: Option<Duration>,
 
     /// Back-off that grows: each failed run in a row doubles the wait before the next
     /// run, from --retry-after up to this, with ±10% jitter; a good run resets it
-    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true)]
     pub retry_max: Option<Duration>,
 
     /// The result belongs to the current directory: each directory has its own
@@ -260,7 +260,7 @@ pub struct RunArgs {
     pub start_limit: u32,
 
     /// With --service: the window of --start-limit
-    #[arg(long, value_name = "D", default_value = "10s", value_parser = parse_duration, requires = "service")]
+    #[arg(long, value_name = "D", default_value = "10s", value_parser = parse_duration, requires = "service", allow_hyphen_values = true)]
     pub start_window: Duration,
 
     /// A run that exits non-zero replaces the last good result
@@ -316,10 +316,11 @@ pub enum Verb {
         names: Vec<Name>,
         /// How long to wait for it to let go before it is killed (its guard then kills
         /// the tree)
-        #[arg(long, value_name = "D", default_value = "10s", value_parser = parse_duration)]
+        #[arg(long, value_name = "D", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
         kill_after: Duration,
     },
     /// Remove results, waiting for any run in flight
+    #[command(override_usage = "singleflight clear (<NAME>... | --all) [--older-than D]")]
     Clear {
         /// The NAMEs to clear
         #[arg(value_parser = Name::parse, required_unless_present_any = ["all", "older_than"])]
@@ -330,7 +331,7 @@ pub enum Verb {
         /// Only NAMEs not written for this long (of every NAME, unless NAMEs are given):
         /// their results, failure records and lock files go; a NAME with a run in
         /// flight is left alone
-        #[arg(long, value_name = "D", value_parser = parse_duration)]
+        #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true)]
         older_than: Option<Duration>,
     },
 }
@@ -340,7 +341,10 @@ impl Cli {
     /// options may come before a verb (`singleflight -v status`), but a NAME may not.
     pub fn parse_args() -> Cli {
         use clap::{CommandFactory, Parser, error::ErrorKind};
-        let cli = Cli::parse();
+        let cli = Cli::try_parse().unwrap_or_else(|error| match first_hour_advice(&error) {
+            Some((kind, message)) => Cli::command().error(kind, message).exit(),
+            None => error.exit(),
+        });
         if let (Some(verb), Some(name)) = (&cli.verb, &cli.run.name) {
             let verb = match verb {
                 Verb::Status { .. } => "status",
@@ -356,6 +360,45 @@ impl Cli {
                 .exit();
         }
         cli
+    }
+}
+
+/// A clearer line than clap's for the usage errors a new user makes first: an empty
+/// `SINGLEFLIGHT_CACHE_DIR`, a command without `--` before it.
+fn first_hour_advice(error: &clap::Error) -> Option<(clap::error::ErrorKind, String)> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let invalid = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg.clone(),
+        _ => String::new(),
+    };
+    match error.kind() {
+        ErrorKind::InvalidValue
+            if invalid.starts_with("--cache-dir")
+                && !args.iter().any(|a| a.starts_with("--cache-dir"))
+                && std::env::var_os("SINGLEFLIGHT_CACHE_DIR").is_some_and(|v| v.is_empty()) =>
+        {
+            let message = "SINGLEFLIGHT_CACHE_DIR is set but empty: unset it (for the default \
+                           cache dir) or set it to a directory";
+            Some((ErrorKind::InvalidValue, message.to_owned()))
+        }
+        ErrorKind::UnknownArgument if !args.iter().any(|a| a == "--") => {
+            let at = args.iter().position(|a| *a == invalid)?;
+            if invalid.starts_with('-') || at == 0 {
+                return None;
+            }
+            let message = format!(
+                "unexpected argument '{invalid}': put the command after `--`: \
+                 `singleflight {} -- {}`",
+                args[..at].join(" "),
+                args[at..].join(" ")
+            );
+            Some((ErrorKind::UnknownArgument, message))
+        }
+        _ => None,
     }
 }
 

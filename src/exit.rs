@@ -85,6 +85,9 @@ pub struct Exit {
     /// The command was never started (the OS refused a thread or a process for it, or
     /// it could not be executed): a caller may serve the last good result instead.
     pub not_run: bool,
+    /// Nothing was run or served because another run is in flight (a skipped cron
+    /// tick): the status stays, but its line is a warning, which `-q` silences.
+    pub skipped: bool,
 }
 
 impl Exit {
@@ -94,6 +97,15 @@ impl Exit {
             message: message.into(),
             signal: None,
             not_run: false,
+            skipped: false,
+        }
+    }
+
+    /// Another run is in flight; see [`Exit::skipped`].
+    pub fn skipped(status: Status, message: impl Into<String>) -> Self {
+        Exit {
+            skipped: true,
+            ..Exit::new(status, message)
         }
     }
 
@@ -112,6 +124,7 @@ impl Exit {
             message: String::new(),
             signal: Some(signal),
             not_run: false,
+            skipped: false,
         }
     }
 }

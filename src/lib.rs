@@ -75,7 +75,10 @@ pub fn run(cli: Cli) -> Result<i32> {
     let store = Store::locate(global.cache_dir)?;
     let backend = backend::open(config, &store)?;
     match cli.verb {
-        Some(Verb::Status { names, json }) => status::status(&*backend, &store, names, json),
+        Some(Verb::Status { names, json }) => {
+            let say = Say::new(None, global.verbose, global.quiet);
+            status::status(&*backend, &store, names, json, &say)
+        }
         Some(Verb::Stop { names, kill_after }) => {
             let say = Say::new(None, global.verbose, global.quiet);
             stop::stop(&*backend, &store, names, kill_after, &say)

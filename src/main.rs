@@ -17,6 +17,7 @@ fn parse_and_run() -> u8 {
         return guard_main();
     }
     let cli = Cli::parse_args();
+    let quiet = cli.global.quiet;
     let status = match singleflight::run(cli) {
         Ok(status) => status,
         // A reader that went away (`status | head`) is not worth a word.
@@ -25,6 +26,8 @@ fn parse_and_run() -> u8 {
         Err(error) if killed_by(&error).is_some() => {
             singleflight::die_of(killed_by(&error).unwrap_or_default())
         }
+        // A skipped tick (another run in flight) is a warning: `-q` keeps cron quiet.
+        Err(error) if quiet && is_skipped(&error) => exit::status_of(&error).code(),
         Err(error) => {
             // Not eprintln!, which panics when stderr is gone (a closed terminal).
             let _ = writeln!(std::io::stderr(), "singleflight: {error:#}");
@@ -37,6 +40,12 @@ fn parse_and_run() -> u8 {
 
 fn killed_by(error: &anyhow::Error) -> Option<i32> {
     error.downcast_ref::<exit::Exit>()?.signal
+}
+
+fn is_skipped(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<exit::Exit>()
+        .is_some_and(|exit| exit.skipped)
 }
 
 fn is_broken_pipe(error: &anyhow::Error) -> bool {

@@ -59,6 +59,13 @@ pub struct ServiceRecord {
     /// What the last caller that found no instance running decided, for `status`.
     #[serde(default)]
     pub decision: Option<ServiceDecision>,
+    /// The command of the instance last started (as `status` shows it) and its digest,
+    /// written by the caller that starts it before the instance runs: a caller with
+    /// another command is refused while it runs. Empty when written by an older version.
+    #[serde(default)]
+    pub command: String,
+    #[serde(default)]
+    pub argv_digest: String,
 }
 
 /// A caller's decision on finding no instance running (holding the NAME's lock).

@@ -122,7 +122,13 @@ pub struct FailureStatus {
     pub next_run_at_ms: Option<u64>,
 }
 
-pub fn status(backend: &dyn Backend, store: &Store, names: Vec<Name>, json: bool) -> Result<i32> {
+pub fn status(
+    backend: &dyn Backend,
+    store: &Store,
+    names: Vec<Name>,
+    json: bool,
+    say: &Say,
+) -> Result<i32> {
     backend.verify(store)?;
     let now = SystemTime::now();
     let asked = !names.is_empty();
@@ -149,6 +155,25 @@ pub fn status(backend: &dyn Backend, store: &Store, names: Vec<Name>, json: bool
         write_table(&mut out, &statuses)?;
     }
     out.flush()?;
+    // Which cache dir (or etcd) was read, on stderr: stdout stays the table or the
+    // array, and an empty one is no longer a mystery.
+    let shown = statuses
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    if unknown.is_empty() {
+        say.warn(format_args!(
+            "read {}{}: {shown} NAME{}",
+            if backend.is_cache_dir() {
+                "cache dir "
+            } else {
+                ""
+            },
+            backend.describe(store),
+            if shown == 1 { "" } else { "s" }
+        ));
+    }
     if asked && !unknown.is_empty() {
         let message = format!(
             "no such NAME in {}: {} (nothing cached, nothing failed, no run in flight)",
@@ -230,6 +255,10 @@ fn look(
         });
     }
     if let Some(service) = snapshot.service {
+        // A service caches no result: its command is the one of its instance.
+        if status.command.is_none() && !service.command.is_empty() {
+            status.command = Some(service.command.clone());
+        }
         let now_ms = crate::entry::now_ms(now);
         status.service = Some(ServiceStatus {
             starts: service.starts,

@@ -30,22 +30,60 @@ pub fn stop(
     kill_after: Duration,
     say: &Say,
 ) -> Result<i32> {
-    if !backend.verify(store)? {
-        return Ok(0);
-    }
-    for id in backend.slots_of(store, &names)? {
-        let slot = backend.slot(store.clone(), &id);
-        match stop_slot(&slot, kill_after)? {
-            Some(pid) => say.decided(format_args!("{id}: stopped (singleflight pid {pid})")),
-            None => say.decided(format_args!("{id}: nothing running")),
+    let verified = backend.verify(store)?;
+    let mut idle = Vec::new();
+    let slots = if verified {
+        backend.slots_of(store, &names)?
+    } else {
+        Vec::new()
+    };
+    for name in &names {
+        let mut stopped = false;
+        for id in slots.iter().filter(|id| &id.name == name) {
+            let slot = backend.slot(store.clone(), id);
+            // A NAME never run here has no lock file: looking must not make one.
+            if backend.is_cache_dir() && !slot.paths().lock.exists() {
+                continue;
+            }
+            if let Some(stop) = stop_slot(&slot, name, kill_after)? {
+                stopped = true;
+                say.warn(format_args!("{id}: stopped {stop}"));
+            }
+        }
+        if !stopped {
+            idle.push(name.to_string());
         }
     }
-    Ok(0)
+    if idle.is_empty() {
+        return Ok(0);
+    }
+    // As `status typo` does: a NAME with nothing to stop is most likely a typo.
+    let message = format!("{}: nothing running", idle.join(", "));
+    Err(Exit::new(Status::UnknownName, message).into())
 }
 
-/// Stops the run of one slot; the pid of the singleflight that ran it, `None` if none
-/// ran.
-fn stop_slot(slot: &Slot, kill_after: Duration) -> Result<Option<u32>> {
+/// What a stop did, for its one line.
+struct Stopped {
+    pid: u32,
+    killed_after: Option<Duration>,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.killed_after {
+            None => write!(f, "pid {} (its singleflight) with TERM", self.pid),
+            Some(after) => write!(
+                f,
+                "pid {} (its singleflight) with KILL: TERM had not stopped it after --kill-after {}",
+                self.pid,
+                human(after)
+            ),
+        }
+    }
+}
+
+/// Stops the run of one slot; what was stopped, `None` if nothing ran.
+fn stop_slot(slot: &Slot, name: &Name, kill_after: Duration) -> Result<Option<Stopped>> {
     let place = slot.place();
     if place.try_lock()?.is_some() {
         return Ok(None);
@@ -56,14 +94,21 @@ fn stop_slot(slot: &Slot, kill_after: Duration) -> Result<Option<u32>> {
         return Ok(None);
     };
     let (pid, start) = (run.owner_pid, run.owner_start_ticks);
+    // Best effort: without the mark the run records the bare signal.
+    let mark = format!("{pid} {}\n", std::process::id());
+    let _ = slot
+        .store()
+        .write_atomically(name, &slot.paths().stopping(), mark.as_bytes(), false);
     if run.boot_id != reap::boot_id() || !reap::signal_process(pid, start, Stop::Term) {
         let why = reap::unproven(pid, start);
         let message = format!("cannot stop the run of pid {pid}: {why}; nothing was signalled");
         return Err(Exit::new(Status::Internal, message).into());
     }
+    let mut killed_after = None;
     let held = match place.lock_within(kill_after)? {
         Some(held) => held,
         None => {
+            killed_after = Some(kill_after);
             reap::signal_process(pid, start, Stop::Kill);
             place.lock_within(AFTER_KILL)?.ok_or_else(|| {
                 let message = format!(
@@ -82,6 +127,7 @@ fn stop_slot(slot: &Slot, kill_after: Duration) -> Result<Option<u32>> {
         reap::kill_remains(&left);
         let _ = fs::remove_file(&slot.paths().run);
     }
+    let _ = fs::remove_file(slot.paths().stopping());
     drop(held);
-    Ok(Some(pid))
+    Ok(Some(Stopped { pid, killed_after }))
 }

@@ -49,6 +49,13 @@ impl Paths {
         self.result.with_extension("ready")
     }
 
+    /// The mark `singleflight stop` leaves for the run it stops (`NAME.stopping`: the
+    /// pid of the singleflight it signals, and its own), so that the run records that
+    /// it was stopped, and by what, rather than "got signal 15".
+    pub fn stopping(&self) -> PathBuf {
+        self.result.with_extension("stopping")
+    }
+
     /// A `--service` NAME's log, its instance's stdout and stderr (`NAME.log`).
     pub fn log(&self) -> PathBuf {
         self.result.with_extension("log")
@@ -134,9 +141,15 @@ impl Store {
                 )));
             }
             let mode = meta.mode() & 0o7777;
-            if mode & 0o022 != 0 {
+            let writers = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+                (true, true) => Some("its group and others"),
+                (true, false) => Some("its group"),
+                (false, true) => Some("others"),
+                (false, false) => None,
+            };
+            if let Some(writers) = writers {
                 return Err(self.unusable(&format!(
-                    "it is writable by others (mode {mode:04o}); run chmod 700 on it"
+                    "it is writable by {writers} (mode {mode:04o}); run chmod 700 on it"
                 )));
             }
         }

@@ -50,6 +50,11 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let bad = || {
         format!("invalid duration {value:?}: use e.g. 500ms, 30s, 5m, 1h30m or a number of seconds")
     };
+    if value.starts_with('-') {
+        return Err(format!(
+            "invalid duration {value:?}: durations are not negative"
+        ));
+    }
     let duration = if value.starts_with(|c: char| c.is_ascii_digit())
         && value.bytes().all(|b| b.is_ascii_digit() || b == b'.')
     {
@@ -64,6 +69,20 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         ));
     }
     Ok(duration)
+}
+
+/// `--timeout`: a duration, where `0`, `off` and `none` mean no limit (as `timeout 0`
+/// does), held as [`MAX_DURATION`] so that every deadline formed from it still fits.
+pub fn parse_timeout(value: &str) -> Result<Duration, String> {
+    if matches!(value.trim(), "off" | "none") {
+        return Ok(MAX_DURATION);
+    }
+    let duration = parse_duration(value)?;
+    Ok(if duration.is_zero() {
+        MAX_DURATION
+    } else {
+        duration
+    })
 }
 
 /// `start + duration`, or `None` where that is past what an `Instant` holds (never,

@@ -14,6 +14,7 @@ mod defects;
 mod etcd;
 mod etcd_client;
 mod faults;
+mod first_hour;
 mod generated;
 mod guard;
 mod input;

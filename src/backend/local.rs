@@ -68,7 +68,15 @@ impl LocalPlace {
     }
 
     fn lock_error(&self, error: io::Error) -> anyhow::Error {
-        let message = format!("cannot lock {}: {error}", self.paths().lock.display());
+        let message = if error.kind() == io::ErrorKind::PermissionDenied {
+            let dir = self.files.store.dir().display();
+            format!(
+                "cache dir {dir} is not writable by you ({error}): the command was not run; \
+                 run chmod u+w on it, or give another with --cache-dir or SINGLEFLIGHT_CACHE_DIR"
+            )
+        } else {
+            format!("cannot lock {}: {error}", self.paths().lock.display())
+        };
         Exit::new(Status::Internal, message).into()
     }
 

@@ -30,7 +30,7 @@ impl Flight {
                         self.opts.name,
                         human(self.opts.wait)
                     );
-                    Exit::new(Status::NothingToServe, message)
+                    Exit::skipped(Status::NothingToServe, message)
                 })?
             }
         };

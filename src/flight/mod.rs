@@ -53,6 +53,8 @@ struct Call {
     why: String,
     /// A damaged result is reported once per call, not at every look.
     reported_invalid: bool,
+    /// A result of another command under this NAME is said once per call.
+    reported_other: bool,
     /// The cached result is of a newer format version: this call must not replace it.
     newer_cached: bool,
     /// Why the result of a run that succeeded (or is to be cached) was not saved,
@@ -224,7 +226,22 @@ impl Flight {
                     entry: Some(entry),
                 }
             }
-            Read::Found(_) | Read::Missing => Look::default(),
+            Read::Found(other) => {
+                // The same command with other key values (a changed --key-file) is no
+                // surprise; another command is: two commands under one NAME evict each
+                // other at every call.
+                let command = entry::display_command(&self.opts.command);
+                if other.meta.command != command
+                    && !std::mem::replace(&mut call.reported_other, true)
+                {
+                    self.say.warn(format_args!(
+                        "holds a result of another command ({}); running this one replaces it",
+                        other.meta.command
+                    ));
+                }
+                Look::default()
+            }
+            Read::Missing => Look::default(),
             // Two versions sharing a cache dir or prefix must not throw away each
             // other's results: a newer one is a miss that this call leaves in place.
             Read::Invalid(Invalid::Newer(version)) => {

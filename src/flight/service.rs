@@ -60,9 +60,14 @@ impl Flight {
                 if ready.is_none() {
                     return Ok(0);
                 }
-            } else if ready.is_none() {
-                self.say.decided(format_args!("running"));
-                return Ok(0);
+            } else {
+                if started.is_none() {
+                    self.refuse_another_command()?;
+                }
+                if ready.is_none() {
+                    self.say.decided(format_args!("running"));
+                    return Ok(0);
+                }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if let Some(check) = ready
@@ -217,9 +222,29 @@ impl Flight {
         record::load::<ServiceRecord>(&self.slot.paths().service()).unwrap_or_default()
     }
 
+    /// An instance runs: one of another command is not this caller's to serve, nor to
+    /// replace behind the back of whoever started it (exit 2, the way out named).
+    fn refuse_another_command(&self) -> Result<()> {
+        let service = self.service_record();
+        if service.argv_digest.is_empty() || service.argv_digest == self.digest {
+            return Ok(());
+        }
+        let name = &self.opts.name;
+        let message = format!(
+            "{name} runs another command ({}); this one was not started: \
+             `singleflight stop {name}` first to replace it",
+            service.command
+        );
+        Err(Exit::new(Status::Usage, message).into())
+    }
+
     /// Records a decision of the caller holding the lock (no supervisor writes then).
     fn decide(&self, kind: DecisionKind, reason: &str, next_start_at_ms: Option<u64>) {
         let mut service = self.service_record();
+        if kind != DecisionKind::ReadyUnsupervised {
+            service.command = entry::display_command(&self.opts.command);
+            service.argv_digest = self.digest.clone();
+        }
         service.decision = Some(ServiceDecision {
             at_ms: entry::now_ms(SystemTime::now()),
             kind,

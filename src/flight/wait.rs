@@ -104,7 +104,11 @@ impl Flight {
         let (name, wait) = (&self.opts.name, human(self.opts.wait));
         let message = match why {
             GiveUp::WaitRanOut => {
-                format!("{name}: a run is in flight and --wait {wait} ran out; nothing to serve")
+                let message = format!(
+                    "{name}: a run is in flight and --wait {wait} ran out; nothing to serve"
+                );
+                // A skipped tick (cron): `-q` silences it, the status stays.
+                return Exit::skipped(Status::NothingToServe, message).into();
             }
             GiveUp::NothingProduced => format!(
                 "{name}: the run in flight produced nothing to serve (see `singleflight status {name}`)"

@@ -65,10 +65,12 @@ impl Flight {
                 let ago = failure.age(SystemTime::now());
                 let next = self.backoff(&failure).saturating_sub(ago);
                 format!(
-                    "the last run failed {} ago ({}); next try in {}",
+                    "the last run failed {} ago ({}); next try in {}, or at once after \
+                     `singleflight clear {}`",
                     human(ago),
                     failure.reason,
-                    human(next)
+                    human(next),
+                    self.opts.name
                 )
             }
             None => "the last run failed".to_owned(),
@@ -323,11 +325,24 @@ impl Flight {
                 "stdout went over --max-output {}; the run was killed",
                 format_size(self.opts.max_output)
             ),
-            Outcome::Interrupted(signal) => {
-                format!("singleflight got signal {signal}; the run was stopped")
-            }
+            Outcome::Interrupted(signal) => match self.stopped_by() {
+                Some(stopper) => format!(
+                    "stopped by `singleflight stop` (pid {stopper}) after {}",
+                    human(took)
+                ),
+                None => format!("singleflight got signal {signal}; the run was stopped"),
+            },
             Outcome::LeaseLost => "the etcd lock was lost; the run was stopped".to_owned(),
         }
+    }
+
+    /// The pid of the `singleflight stop` that stopped this process's run, if one did
+    /// (see `Paths::stopping`).
+    fn stopped_by(&self) -> Option<u32> {
+        let mark = fs::read_to_string(self.slot.paths().stopping()).ok()?;
+        let (stopped, stopper) = mark.trim().split_once(' ')?;
+        (stopped.parse::<u32>().ok()? == std::process::id()).then_some(())?;
+        stopper.parse().ok()
     }
 
     fn write_run_record(&self, run: &RunRecord) {
