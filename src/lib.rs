@@ -5,7 +5,7 @@
 //! call is in `decide`, carried out by `flight` with the cache (`store`, `entry`), the
 //! lock (`lock`) and the process tree (`command`, `reap`). With `--backend etcd://…` the
 //! lock and the result live in etcd instead (`etcd`): `backend` is the one interface
-//! with an implementation for each (`backend/local.rs`, `backend/fleet.rs`).
+//! with an implementation for each (`backend/local.rs`, `backend/fleet/`).
 //!
 //! The modules are private: the crate is an executable first, and its library is
 //! what `main`, the tests and the example need, listed below, nothing else.

@@ -4,7 +4,7 @@
 //! or hangs, an exit 0 prints the whole result, nothing of the run is alive 1.5 s
 //! later, and the next call and `status` work.
 //!
-//! Run alone: `cargo test --test faults` (needs `strace`; `.ci/run` installs it).
+//! Run alone: `cargo test --test tests faults::` (needs `strace`; `.ci/run` installs it).
 #![cfg(target_os = "linux")]
 
 use crate::common;

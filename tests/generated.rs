@@ -1,6 +1,6 @@
 //! The shell completions in `completions/` and the man page `man/singleflight.1`, generated
 //! from the clap definition and committed. This test fails when they are stale;
-//! `SINGLEFLIGHT_REGENERATE=1 cargo test --test generated` rewrites them.
+//! `SINGLEFLIGHT_REGENERATE=1 cargo test --test tests generated::` rewrites them.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -86,7 +86,7 @@ fn completions_and_man_page_are_up_to_date() {
     assert!(
         stale.is_empty(),
         "stale generated files: {}\nthe clap definition changed; regenerate them with\n  \
-         {REGENERATE}=1 cargo test --test generated\nand commit the result",
+         {REGENERATE}=1 cargo test --test tests generated::\nand commit the result",
         stale.join(", ")
     );
 }
@@ -181,4 +181,100 @@ fn the_exit_tables_of_the_readme_and_the_man_page_are_the_status_enum() {
         .collect();
     // The man page says the result's own status in its opening sentence.
     assert_eq!(tags, labels[1..], "the man page");
+}
+
+/// Every relative link in the README and `docs/` names a file that exists, and an
+/// anchor names a heading of it (GitHub's slugs). Links to the web are not followed.
+#[test]
+fn every_relative_link_in_the_readme_and_docs_resolves() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md"), root.join("CHANGELOG.md")];
+    let docs = fs::read_dir(root.join("docs")).expect("docs/");
+    pages.extend(
+        docs.flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "md")),
+    );
+    let mut broken = Vec::new();
+    for page in &pages {
+        let text = fs::read_to_string(page).expect("a page");
+        for target in links(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (file, anchor) = target.split_once('#').unwrap_or((&target, ""));
+            let file = match file {
+                "" => page.clone(),
+                file => page.parent().expect("a dir").join(file),
+            };
+            let shown = format!(
+                "{}: ({target})",
+                page.strip_prefix(root).unwrap_or(page).display()
+            );
+            if !file.exists() {
+                broken.push(format!("{shown}: no such file"));
+            } else if !anchor.is_empty() && file.extension().is_some_and(|x| x == "md") {
+                let headings = slugs(&fs::read_to_string(&file).expect("the target"));
+                if !headings.iter().any(|h| h == anchor) {
+                    broken.push(format!("{shown}: no heading #{anchor}"));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+/// The targets of `[text](target)` links outside code blocks and code spans.
+fn links(markdown: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut fenced = false;
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        // Code spans hold examples, not links.
+        let prose: String = line.split('`').step_by(2).collect::<Vec<_>>().join(" ");
+        let mut rest = prose.as_str();
+        while let Some(at) = rest.find("](") {
+            let after = &rest[at + 2..];
+            let Some(end) = after.find(')') else { break };
+            found.push(after[..end].to_owned());
+            rest = &after[end..];
+        }
+    }
+    found
+}
+
+/// The anchors GitHub gives a page's headings: lower case, spaces to `-`, and
+/// anything but letters, digits, `-` and `_` dropped; a repeated one gets `-1`, `-2`.
+fn slugs(markdown: &str) -> Vec<String> {
+    let (mut seen, mut bases): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    let mut fenced = false;
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        let Some(title) = line.strip_prefix('#').filter(|_| !fenced) else {
+            continue;
+        };
+        let title = title.trim_start_matches('#').trim();
+        let slug: String = title
+            .to_lowercase()
+            .chars()
+            .filter_map(|c| match c {
+                ' ' => Some('-'),
+                c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                _ => None,
+            })
+            .collect();
+        let n = bases.iter().filter(|s| **s == slug).count();
+        seen.push(if n == 0 { slug.clone() } else { format!("{slug}-{n}") });
+        bases.push(slug);
+    }
+    seen
 }

@@ -1,5 +1,5 @@
 //! Where a NAME's lock, result and failure record live: the local cache dir (flock and
-//! files, `local.rs`), or etcd (a leased key and values shared by a fleet, `fleet.rs`)
+//! files, `local.rs`), or etcd (a leased key and values shared by a fleet, `fleet/`)
 //! with `--backend`.
 //!
 //! A backend is three traits: [`Backend`] (every NAME: list them, open one), [`Place`]
