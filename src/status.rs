@@ -14,7 +14,7 @@ use crate::key::{KeyValue, SlotId};
 use crate::record::{DecisionKind, ServiceDecision, ServiceExit};
 use crate::say::Say;
 use crate::store::Store;
-use crate::values::{Name, format_duration, format_size};
+use crate::values::{Name, format_duration, format_size, millis};
 
 /// The human table fits this many columns.
 const TABLE_WIDTH: usize = 100;
@@ -24,6 +24,31 @@ const TAIL_LINES: usize = 3;
 /// One NAME as `status --json` shows it: one object of the array. The keys are a
 /// stable interface: keys may be added, none is renamed or removed. Times are in
 /// milliseconds (`*_at_ms` since the Unix epoch); `null` means "none" or "not known".
+
+/// What a slot's result is, as `status` says it (`state` in `--json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Fresh,
+    Stale,
+    /// No result.
+    None,
+    /// Damaged, or of a newer format version: never served.
+    Invalid,
+}
+
+impl State {
+    /// The word the table shows, the same as the JSON's.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Fresh => "fresh",
+            State::Stale => "stale",
+            State::None => "none",
+            State::Invalid => "invalid",
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct NameStatus {
     /// The NAME.
@@ -40,7 +65,7 @@ pub struct NameStatus {
     /// there is no result; `invalid` when the result file is truncated, corrupt, not
     /// a singleflight result or not a regular file (it is never served, and the next
     /// run replaces it), or of a newer format version (never served, never replaced).
-    pub state: &'static str,
+    pub state: State,
     /// How long ago the result was written; `null` without a result, or when it is
     /// dated in the future (which counts as stale).
     pub age_ms: Option<u64>,
@@ -199,7 +224,7 @@ fn look(
         name: slot.name.to_string(),
         slot: slot.to_string(),
         keys: snapshot.key_values.filter(|_| slot.key.is_some()),
-        state: "none",
+        state: State::None,
         age_ms: None,
         ttl_ms: None,
         size_bytes: None,
@@ -220,7 +245,7 @@ fn look(
             let meta = &found.meta;
             let age = meta.age(now);
             let fresh = age.is_some_and(|age| age.as_millis() < u128::from(meta.ttl_ms));
-            status.state = if fresh { "fresh" } else { "stale" };
+            status.state = if fresh { State::Fresh } else { State::Stale };
             status.age_ms = age.map(millis);
             status.ttl_ms = Some(meta.ttl_ms);
             status.size_bytes = Some(found.body.len());
@@ -230,7 +255,7 @@ fn look(
             status.command = Some(meta.command.clone());
         }
         Read::Missing => {}
-        Read::Invalid(_) | Read::Unreadable(_) => status.state = "invalid",
+        Read::Invalid(_) | Read::Unreadable(_) => status.state = State::Invalid,
     }
     if let Some(run) = snapshot.in_flight {
         status.in_flight = true;
@@ -270,7 +295,7 @@ fn look(
             decision: service.decision,
         });
     }
-    let exists = status.state != "none"
+    let exists = status.state != State::None
         || status.in_flight
         || status.last_failure.is_some()
         || status.service.is_some();
@@ -300,10 +325,6 @@ fn decision_line(decision: &ServiceDecision) -> String {
         }
     }
     text
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The table's columns: header and the most a cell may take. The command, last,
@@ -413,7 +434,7 @@ fn row(s: &NameStatus) -> [String; 8] {
     };
     [
         s.name.clone(),
-        s.state.to_owned(),
+        s.state.as_str().to_owned(),
         ms(s.age_ms),
         ms(s.ttl_ms),
         s.size_bytes.map_or("-".to_owned(), format_size),
@@ -471,10 +492,6 @@ pub fn clear(
 ) -> Result<i32> {
     if !backend.verify(store)? {
         return Ok(0);
-    }
-    if older_than.is_some() && !backend.is_cache_dir() {
-        let message = "clear --older-than works on the cache dir only, not with --backend";
-        return Err(Exit::new(Status::Usage, message).into());
     }
     let slots = if all {
         backend.slots(store)?

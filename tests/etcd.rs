@@ -614,6 +614,19 @@ fn status_and_clear_see_the_fleet_from_any_machine() {
         "the run's result was cleared after it"
     );
 
+    // --older-than prunes the cache dir's files: a usage error with etcd, one line,
+    // and nothing cleared.
+    let out = b.run(["clear", "--older-than", "1s", "ok"]);
+    assert_status(&out, 2);
+    assert_eq!(
+        stderr(&out),
+        "singleflight: clear --older-than works on the cache dir only, not with --backend\n"
+    );
+    assert_eq!(
+        b.status_json(&["ok"]).expect("ok is kept")[0]["state"],
+        "fresh"
+    );
+
     let out = a.run(["clear", "--all"]);
     assert_status(&out, 0);
     assert_eq!(

@@ -273,7 +273,11 @@ fn slugs(markdown: &str) -> Vec<String> {
             })
             .collect();
         let n = bases.iter().filter(|s| **s == slug).count();
-        seen.push(if n == 0 { slug.clone() } else { format!("{slug}-{n}") });
+        seen.push(if n == 0 {
+            slug.clone()
+        } else {
+            format!("{slug}-{n}")
+        });
         bases.push(slug);
     }
     seen

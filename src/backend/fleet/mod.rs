@@ -19,10 +19,10 @@ use crate::exit::{Exit, Status};
 use crate::key::SlotId;
 use crate::store::Store;
 
-mod held;
-mod slot;
+mod lock;
+mod place;
 
-use slot::FleetSlot;
+use place::FleetPlace;
 
 /// The `--lease-ttl` default: how long the etcd lock outlives a singleflight that can
 /// no longer renew it (killed, cut off).
@@ -88,7 +88,7 @@ impl Fleet {
 
 impl Backend for Fleet {
     fn place(&self, store: Store, id: &SlotId) -> Box<dyn Place> {
-        Box::new(FleetSlot::new(self.clone(), store, id))
+        Box::new(FleetPlace::new(self.clone(), store, id))
     }
 
     fn verify(&self, _: &Store) -> Result<bool> {

@@ -7,19 +7,22 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::slot::FleetSlot;
 use crate::abort::Abort;
 use crate::backend::{Lock, Unsaved};
 use crate::entry::{self, Body, EntryWriter, Meta};
-use crate::etcd::{FencingToken, LeaseId, LeaseKeeper, Write, check_size};
+use crate::etcd::{Client, FencingToken, Keys, LeaseId, LeaseKeeper, Write, check_size};
 use crate::record::Failure;
 use crate::values::LeaseHandover;
 
 /// A held etcd lock: a lease renewed by a keeper, and the fencing token. Dropping it
 /// stops the keeper and revokes the lease, which deletes the lock key if it is still
 /// there.
-pub(super) struct FleetHeld {
-    pub(super) slot: FleetSlot,
+pub(super) struct FleetLock {
+    /// What the lock needs of its place, and no more: the client, the NAME's keys, the
+    /// largest value etcd takes.
+    pub(super) client: Client,
+    pub(super) keys: Keys,
+    pub(super) max_value: u64,
     pub(super) lease: LeaseId,
     pub(super) token: FencingToken,
     pub(super) keeper: Option<LeaseKeeper>,
@@ -31,7 +34,7 @@ pub(super) struct FleetHeld {
     pub(super) forgetting_failure: Cell<bool>,
 }
 
-impl Lock for FleetHeld {
+impl Lock for FleetLock {
     /// Stores the result and releases the lock in one transaction, if the lock is
     /// still ours: waiters see the lock gone and the new result at the same revision.
     /// A failure record to forget goes in the same transaction (one round, one fsync,
@@ -50,13 +53,13 @@ impl Lock for FleetHeld {
         }
         let value = entry::to_bytes(&bytes, meta);
         let out = memory(bytes);
-        if let Err(too_large) = check_size(value.len() as u64, self.slot.fleet.max_value) {
+        if let Err(too_large) = check_size(value.len() as u64, self.max_value) {
             return Err(Unsaved {
                 reason: too_large.to_string(),
                 body: out,
             });
         }
-        let keys = &self.slot.keys;
+        let keys = &self.keys;
         let mut writes = vec![Write::Put {
             key: &keys.result,
             value: &value,
@@ -65,11 +68,7 @@ impl Lock for FleetHeld {
             writes.push(Write::Delete { key: &keys.failure });
         }
         writes.push(Write::Delete { key: &keys.lock });
-        match self
-            .slot
-            .client()
-            .write_if_holder(&keys.lock, self.token, &writes)
-        {
+        match self.client.write_if_holder(&keys.lock, self.token, &writes) {
             Ok(true) => {
                 self.forgetting_failure.set(false);
                 Ok(out)
@@ -89,12 +88,9 @@ impl Lock for FleetHeld {
 
     fn save_failure(&self, failure: &Failure) -> Result<()> {
         let bytes = crate::record::to_bytes(failure);
-        let stored = self.slot.client().put_if_holder(
-            &self.slot.keys.failure,
-            &bytes,
-            &self.slot.keys.lock,
-            self.token,
-        )?;
+        let stored =
+            self.client
+                .put_if_holder(&self.keys.failure, &bytes, &self.keys.lock, self.token)?;
         if !stored {
             anyhow::bail!("the etcd lock was lost (its lease expired or was revoked)");
         }
@@ -108,12 +104,9 @@ impl Lock for FleetHeld {
 
     /// Records the key values of a keyed slot (best effort: they are for `status`).
     fn save_key_values(&self, bytes: &[u8]) {
-        let _ = self.slot.client().put_if_holder(
-            &self.slot.keys.key,
-            bytes,
-            &self.slot.keys.lock,
-            self.token,
-        );
+        let _ = self
+            .client
+            .put_if_holder(&self.keys.key, bytes, &self.keys.lock, self.token);
     }
 
     fn env(&self) -> &[(OsString, OsString)] {
@@ -141,16 +134,16 @@ impl Lock for FleetHeld {
     }
 }
 
-impl Drop for FleetHeld {
+impl Drop for FleetLock {
     fn drop(&mut self) {
         if let Some(keeper) = self.keeper.take() {
             keeper.stop();
         }
         // A lease reported lost is gone, or etcd cannot be reached to revoke it.
         if !self.handed_over && self.abort.reason().is_none() {
-            let client = self.slot.client();
+            let client = &self.client;
             if self.forgetting_failure.get() {
-                let keys = &self.slot.keys;
+                let keys = &self.keys;
                 let _ = client.delete_if_holder(&keys.failure, &keys.lock, self.token);
             }
             let _ = client.revoke(self.lease);

@@ -1,6 +1,6 @@
 //! One NAME (or keyed slot) in etcd: its keys, reading its result and failure
 //! record, taking and waiting for its lock, `status` and `clear`. A taken lock is a
-//! [`FleetHeld`].
+//! [`FleetLock`].
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -11,7 +11,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use super::Fleet;
-use super::held::FleetHeld;
+use super::lock::FleetLock;
 use crate::abort::Abort;
 use crate::backend::{Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Place, Read, Snapshot};
 use crate::entry::{self, Meta};
@@ -45,7 +45,7 @@ struct Owner {
 /// One slot of a NAME in etcd, with its files in the local cache dir; its held lock
 /// keeps a copy.
 #[derive(Clone)]
-pub(super) struct FleetSlot {
+pub(super) struct FleetPlace {
     files: Rc<Files>,
     pub(super) fleet: Fleet,
     /// The slot, for messages and key names: `NAME` or `NAME@<key>`.
@@ -57,9 +57,9 @@ pub(super) struct FleetSlot {
     delivered: RefCell<Option<Vec<u8>>>,
 }
 
-impl FleetSlot {
-    pub(super) fn new(fleet: Fleet, store: Store, id: &SlotId) -> FleetSlot {
-        FleetSlot {
+impl FleetPlace {
+    pub(super) fn new(fleet: Fleet, store: Store, id: &SlotId) -> FleetPlace {
+        FleetPlace {
             files: Rc::new(Files {
                 paths: store.paths(id),
                 store,
@@ -139,8 +139,10 @@ impl FleetSlot {
     /// run's abort.
     fn hold(&self, lease: Lease, token: FencingToken) -> Result<Held> {
         let abort = Arc::new(Abort::default());
-        let mut held = FleetHeld {
-            slot: self.clone(),
+        let mut held = FleetLock {
+            client: self.client().clone(),
+            keys: self.keys.clone(),
+            max_value: self.fleet.max_value,
             lease: lease.id,
             token,
             keeper: None,
@@ -202,7 +204,7 @@ impl FleetSlot {
     }
 }
 
-impl Place for FleetSlot {
+impl Place for FleetPlace {
     fn files(&self) -> &Files {
         &self.files
     }
