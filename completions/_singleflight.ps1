@@ -34,11 +34,11 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--start-limit', '--start-limit', [CompletionResultType]::ParameterName, 'With --service: an instance that was up (passed --ready; without one, lived 1s) and then ended is started again by the next caller at once, unless this many started within --start-window: that, or an instance that ended before it was up, is a crash loop, backed off as a failed run (--retry-after, --retry-max)')
             [CompletionResult]::new('--start-window', '--start-window', [CompletionResultType]::ParameterName, 'With --service: the window of --start-limit')
             [CompletionResult]::new('--max-output', '--max-output', [CompletionResultType]::ParameterName, 'Cap on captured stdout; past it the run is killed and fails')
+            [CompletionResult]::new('--lease-ttl', '--lease-ttl', [CompletionResultType]::ParameterName, 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]')
             [CompletionResult]::new('--cache-dir', '--cache-dir', [CompletionResultType]::ParameterName, 'Where locks and results live [default: the platform cache dir + /singleflight]')
             [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]')
             [CompletionResult]::new('--etcd-prefix', '--etcd-prefix', [CompletionResultType]::ParameterName, 'The etcd key prefix of singleflight''s keys [default: /singleflight/]')
             [CompletionResult]::new('--backend-timeout', '--backend-timeout', [CompletionResultType]::ParameterName, 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]')
-            [CompletionResult]::new('--lease-ttl', '--lease-ttl', [CompletionResultType]::ParameterName, 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]')
             [CompletionResult]::new('--etcd-cacert', '--etcd-cacert', [CompletionResultType]::ParameterName, 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla''s root certificates]')
             [CompletionResult]::new('--etcd-cert', '--etcd-cert', [CompletionResultType]::ParameterName, 'Show etcd this client certificate (PEM), for its --client-cert-auth')
             [CompletionResult]::new('--etcd-key', '--etcd-key', [CompletionResultType]::ParameterName, 'The private key (PEM) of --etcd-cert')
@@ -53,8 +53,8 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
             [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
             [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
-            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
-            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('status', 'status', [CompletionResultType]::ParameterValue, 'Show each NAME''s result, age, last run and whether a run is in flight')
@@ -68,7 +68,6 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]')
             [CompletionResult]::new('--etcd-prefix', '--etcd-prefix', [CompletionResultType]::ParameterName, 'The etcd key prefix of singleflight''s keys [default: /singleflight/]')
             [CompletionResult]::new('--backend-timeout', '--backend-timeout', [CompletionResultType]::ParameterName, 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]')
-            [CompletionResult]::new('--lease-ttl', '--lease-ttl', [CompletionResultType]::ParameterName, 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]')
             [CompletionResult]::new('--etcd-cacert', '--etcd-cacert', [CompletionResultType]::ParameterName, 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla''s root certificates]')
             [CompletionResult]::new('--etcd-cert', '--etcd-cert', [CompletionResultType]::ParameterName, 'Show etcd this client certificate (PEM), for its --client-cert-auth')
             [CompletionResult]::new('--etcd-key', '--etcd-key', [CompletionResultType]::ParameterName, 'The private key (PEM) of --etcd-cert')
@@ -79,8 +78,8 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
             [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
             [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
-            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
-            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             break
         }
         'singleflight;stop' {
@@ -89,7 +88,6 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]')
             [CompletionResult]::new('--etcd-prefix', '--etcd-prefix', [CompletionResultType]::ParameterName, 'The etcd key prefix of singleflight''s keys [default: /singleflight/]')
             [CompletionResult]::new('--backend-timeout', '--backend-timeout', [CompletionResultType]::ParameterName, 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]')
-            [CompletionResult]::new('--lease-ttl', '--lease-ttl', [CompletionResultType]::ParameterName, 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]')
             [CompletionResult]::new('--etcd-cacert', '--etcd-cacert', [CompletionResultType]::ParameterName, 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla''s root certificates]')
             [CompletionResult]::new('--etcd-cert', '--etcd-cert', [CompletionResultType]::ParameterName, 'Show etcd this client certificate (PEM), for its --client-cert-auth')
             [CompletionResult]::new('--etcd-key', '--etcd-key', [CompletionResultType]::ParameterName, 'The private key (PEM) of --etcd-cert')
@@ -99,8 +97,8 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
             [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
             [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
-            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
-            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             break
         }
         'singleflight;clear' {
@@ -109,7 +107,6 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]')
             [CompletionResult]::new('--etcd-prefix', '--etcd-prefix', [CompletionResultType]::ParameterName, 'The etcd key prefix of singleflight''s keys [default: /singleflight/]')
             [CompletionResult]::new('--backend-timeout', '--backend-timeout', [CompletionResultType]::ParameterName, 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]')
-            [CompletionResult]::new('--lease-ttl', '--lease-ttl', [CompletionResultType]::ParameterName, 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]')
             [CompletionResult]::new('--etcd-cacert', '--etcd-cacert', [CompletionResultType]::ParameterName, 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla''s root certificates]')
             [CompletionResult]::new('--etcd-cert', '--etcd-cert', [CompletionResultType]::ParameterName, 'Show etcd this client certificate (PEM), for its --client-cert-auth')
             [CompletionResult]::new('--etcd-key', '--etcd-key', [CompletionResultType]::ParameterName, 'The private key (PEM) of --etcd-cert')
@@ -120,8 +117,8 @@ Register-ArgumentCompleter -Native -CommandName 'singleflight' -ScriptBlock {
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'Say on stderr what was decided and why')
             [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
             [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'No warnings on stderr (errors still print)')
-            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
-            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             break
         }
         'singleflight;help' {

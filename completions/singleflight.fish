@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_singleflight_global_optspecs
-    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= background exclusive service ready= start-limit= start-window= cache-failures max-output= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= lease-ttl= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
+    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= background exclusive service ready= start-limit= start-window= cache-failures max-output= lease-ttl= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
 end
 
 function __fish_singleflight_needs_command
@@ -37,11 +37,11 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l ready -d 'Wit
 complete -c singleflight -n "__fish_singleflight_needs_command" -l start-limit -d 'With --service: an instance that was up (passed --ready; without one, lived 1s) and then ended is started again by the next caller at once, unless this many started within --start-window: that, or an instance that ended before it was up, is a crash loop, backed off as a failed run (--retry-after, --retry-max)' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l start-window -d 'With --service: the window of --start-limit' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l max-output -d 'Cap on captured stdout; past it the run is killed and fails' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l lease-ttl -d 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
 complete -c singleflight -n "__fish_singleflight_needs_command" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
-complete -c singleflight -n "__fish_singleflight_needs_command" -l lease-ttl -d 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
 complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-cert -d 'Show etcd this client certificate (PEM), for its --client-cert-auth' -r -F
 complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-key -d 'The private key (PEM) of --etcd-cert' -r -F
@@ -54,7 +54,7 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l service -d 'K
 complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-failures -d 'A run that exits non-zero replaces the last good result'
 complete -c singleflight -n "__fish_singleflight_needs_command" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_needs_command" -s q -l quiet -d 'No warnings on stderr (errors still print)'
-complete -c singleflight -n "__fish_singleflight_needs_command" -s h -l help -d 'Print help'
+complete -c singleflight -n "__fish_singleflight_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c singleflight -n "__fish_singleflight_needs_command" -s V -l version -d 'Print version'
 complete -c singleflight -n "__fish_singleflight_needs_command" -a "status" -d 'Show each NAME\'s result, age, last run and whether a run is in flight'
 complete -c singleflight -n "__fish_singleflight_needs_command" -a "stop" -d 'Stop the run in flight of each NAME (a --service instance, say): TERM to the singleflight that runs it, which stops the command\'s tree (TERM, then KILL after its --kill-after)'
@@ -64,7 +64,6 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l cac
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
-complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l lease-ttl -d 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-cert -d 'Show etcd this client certificate (PEM), for its --client-cert-auth' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-key -d 'The private key (PEM) of --etcd-cert' -r -F
@@ -73,13 +72,12 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etc
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l json -d 'One JSON array with stable snake_case keys'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s q -l quiet -d 'No warnings on stderr (errors still print)'
-complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s h -l help -d 'Print help'
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l kill-after -d 'How long to wait for it to let go before it is killed (its guard then kills the tree)' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
-complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l lease-ttl -d 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-cert -d 'Show etcd this client certificate (PEM), for its --client-cert-auth' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-key -d 'The private key (PEM) of --etcd-cert' -r -F
@@ -87,13 +85,12 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-password-file -d 'The --etcd-user\'s password: the first line of this file' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s q -l quiet -d 'No warnings on stderr (errors still print)'
-complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s h -l help -d 'Print help'
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l older-than -d 'Only NAMEs not written for this long (of every NAME, unless NAMEs are given): their results, failure records and lock files go; a NAME with a run in flight is left alone' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
-complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l lease-ttl -d 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-cert -d 'Show etcd this client certificate (PEM), for its --client-cert-auth' -r -F
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-key -d 'The private key (PEM) of --etcd-cert' -r -F
@@ -102,7 +99,7 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l all -d 'Clear every NAME'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s v -l verbose -d 'Say on stderr what was decided and why'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s q -l quiet -d 'No warnings on stderr (errors still print)'
-complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s h -l help -d 'Print help'
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status stop clear help" -f -a "status" -d 'Show each NAME\'s result, age, last run and whether a run is in flight'
 complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status stop clear help" -f -a "stop" -d 'Stop the run in flight of each NAME (a --service instance, say): TERM to the singleflight that runs it, which stops the command\'s tree (TERM, then KILL after its --kill-after)'
 complete -c singleflight -n "__fish_singleflight_using_subcommand help; and not __fish_seen_subcommand_from status stop clear help" -f -a "clear" -d 'Remove results, waiting for any run in flight'

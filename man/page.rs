@@ -40,35 +40,50 @@ pub fn man_page() -> Vec<u8> {
 /// clap_mangen's synopsis has no place for `--` and lists options without values.
 fn synopsis(roff: &mut Roff) {
     heading(roff, "SYNOPSIS");
-    let lines: [&[_]; 3] = [
-        &[
+    let run = |mode: &'static str| {
+        vec![
             bold("singleflight"),
-            roman(" [OPTIONS] "),
+            roman(mode),
             italic("NAME"),
             roman(" -- "),
             italic("COMMAND"),
             roman(" ["),
             italic("ARG"),
             roman("]..."),
-        ],
-        &[
+        ]
+    };
+    let lines: Vec<Vec<_>> = vec![
+        run(" [OPTIONS] "),
+        run(" --exclusive [OPTIONS] "),
+        run(" --service [--ready CHECK] [OPTIONS] "),
+        vec![
             bold("singleflight status"),
             roman(" ["),
             italic("NAME"),
             roman("]... [--json]"),
         ],
-        &[
+        vec![
+            bold("singleflight stop"),
+            roman(" [--kill-after "),
+            italic("D"),
+            roman("] "),
+            italic("NAME"),
+            roman("..."),
+        ],
+        vec![
             bold("singleflight clear"),
             roman(" ("),
             italic("NAME"),
-            roman("... | --all)"),
+            roman("... | --all) [--older-than "),
+            italic("D"),
+            roman("]"),
         ],
     ];
     for (i, line) in lines.into_iter().enumerate() {
         if i > 0 {
             roff.control("br", []);
         }
-        roff.text(line.to_vec());
+        roff.text(line);
     }
 }
 
@@ -92,11 +107,20 @@ fn verbs(roff: &mut Roff, command: &clap::Command) {
             .get_arguments()
             .filter(|a| !a.is_global_set() && !a.is_hide_set())
         {
-            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let mut help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            if let Some(default) = arg.get_default_values().first() {
+                help.push_str(&format!(" [default: {}]", default.to_string_lossy()));
+            }
+            let value = arg
+                .get_value_names()
+                .and_then(|names| names.first())
+                .map(|name| format!(" {name}"))
+                .filter(|_| arg.get_action().takes_values())
+                .unwrap_or_default();
             match arg.get_long() {
                 Some(long) => {
-                    line.push(roman(format!(" [--{long}]")));
-                    options.push((format!("--{long}"), help));
+                    line.push(roman(format!(" [--{long}{value}]")));
+                    options.push((format!("--{long}{value}"), help));
                 }
                 None => {
                     line.push(roman(" ["));
@@ -138,6 +162,17 @@ until --retry-after has passed (with --retry-max, a wait that doubles with each 
 run in a row, up to --retry-max, with ±10% jitter; a good run resets it); \
 --cache-failures caches the failed run's output instead. stdin of the command is /dev/null; its stderr passes through when the caller \
 runs it in the foreground, and the tail of a failed run's stderr is kept for status.
+
+Two more shapes share the lock, the limits and the tree kill. --exclusive runs every \
+caller's own command (with singleflight's stdin, stdout and stderr), one at a time per \
+NAME, each waiting up to --wait for its turn; nothing is cached: flock(1) with a timeout \
+and a tree kill. --service keeps one long-lived instance per NAME: the caller that finds \
+none starts a detached supervisor, whose instance writes to NAME.log in the cache dir; \
+with --ready CHECK every caller returns once the check passes. An instance that was up \
+and then ended is started again by the next caller at once; only a crash loop (an \
+instance that ended before it was up, or more than --start-limit starts within \
+--start-window) backs off. singleflight stop NAME stops it: TERM to its supervisor, then \
+KILL after --kill-after; clear --older-than D prunes NAMEs not written for D.
 
 A result is keyed by NAME, the command line and the values of any keys: --key-cwd \
 (the current directory), --key-env VAR (its value; set and unset differ) and \
@@ -222,16 +257,29 @@ fn files(roff: &mut Roff) {
         "It is created with mode 0700; singleflight refuses (exit 125) one owned by another \
          user or writable by group or others. For each NAME it holds ",
     )]);
-    for (i, (file, what)) in [
+    let each = [
         ("NAME.result", "the cached result"),
-        ("NAME.lock", "the lock, never deleted"),
+        (
+            "NAME.lock",
+            "the lock, never deleted but by clear --older-than",
+        ),
         ("NAME.failure", "the last failed run"),
         ("NAME.run", "the run in flight"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let sep = if i == 3 { "." } else { ", " };
+        ("NAME.log", "a --service instance's stdout and stderr"),
+        ("NAME.service", "a --service NAME's record of its instances"),
+        ("NAME.ready", "the instance that passed --ready"),
+        ("NAME.stopping", "the run singleflight stop stopped"),
+        (
+            "NAME@<16 hex>.*",
+            "the same files of one set of key values, with its .key file (the values, for status)",
+        ),
+        (
+            "etcd-<hash>.token and etcd-<hash>.login",
+            "with --etcd-user, the kept login token (0600) and the lock callers take turns at to log in",
+        ),
+    ];
+    for (i, (file, what)) in each.iter().enumerate() {
+        let sep = if i + 1 == each.len() { "." } else { ", " };
         roff.text([italic(*file), roman(format!(" ({what}){sep}"))]);
     }
 }

@@ -9,14 +9,15 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend;
 use crate::etcd::{Endpoints, Prefix, parse_backend, parse_lease_ttl};
+use crate::exit::Status;
 use crate::key::KeySpec;
 use crate::values::{LeaseHandover, Name, Refresher, parse_duration, parse_size, parse_timeout};
 
 /// The examples of `--help` and of the man page: what each does, then the command line.
 pub const EXAMPLES: &[(&str, &str)] = &[
     (
-        "A status line source: run at most once per 30s however many callers ask",
-        "singleflight ccusage --ttl 30s -- ccusage blocks --json",
+        "A status line source: one run per 30s however many callers ask, the last result at once",
+        "singleflight --background ccusage --ttl 30s -- ccusage blocks --json",
     ),
     (
         "A slow check shared by parallel callers: who comes during a run waits for it",
@@ -33,14 +34,32 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("Forget a result", "singleflight clear ccusage"),
 ];
 
-/// `--help`'s closing section, from [`EXAMPLES`].
-fn examples_help() -> String {
-    let mut text = String::from("Examples:");
+/// `--help`'s closing sections: the value syntax (said once, for every option), the
+/// exit statuses, and the [`EXAMPLES`].
+fn long_help_end() -> String {
+    let mut text = String::from(
+        "Values:\n  \
+         D (a duration): 500ms, 30s, 5m, 1h, 1h30m, 2d, or a number of seconds (30, 0.5); \
+         at most 36500d\n  \
+         SIZE: 64KiB, 16MiB, 1GiB (powers of 1024; K, M, G too), 500KB, 1MB (powers of \
+         1000), or bytes\n  \
+         NAME: 1 to 128 of A-Z a-z 0-9 . _ -, starting with a letter or digit; status, \
+         stop, clear and help are verbs\n\n\
+         Exit status:\n",
+    );
+    for status in Status::ALL {
+        text.push_str(&format!("  {:<16} {}\n", status.label(), status.meaning()));
+    }
+    text.push_str("\nExamples:");
     for (what, line) in EXAMPLES {
         text.push_str(&format!("\n  # {what}\n  {line}"));
     }
     text
 }
+
+/// `-h`'s closing line.
+const SHORT_HELP_END: &str = "-h shows the common options; --help shows them all, with the \
+                              duration and size syntax, the exit statuses and examples.";
 
 /// Run a command at most once at a time per NAME; every other caller gets its last good
 /// result at once.
@@ -48,7 +67,8 @@ fn examples_help() -> String {
 #[command(
     name = "singleflight",
     version,
-    after_help = examples_help(),
+    after_help = SHORT_HELP_END,
+    after_long_help = long_help_end(),
     subcommand_negates_reqs = true,
     override_usage = "singleflight [OPTIONS] <NAME> -- <COMMAND> [ARG]...\n       \
                       singleflight --exclusive <NAME> -- <COMMAND> [ARG]...\n       \
@@ -77,17 +97,25 @@ pub struct GlobalArgs {
     #[arg(
         long,
         value_name = "DIR",
+        hide_env_values = true,
         env = "SINGLEFLIGHT_CACHE_DIR",
-        global = true
+        global = true,
+        help_heading = "Cache and output"
     )]
     pub cache_dir: Option<PathBuf>,
 
     /// Say on stderr what was decided and why
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = "Cache and output")]
     pub verbose: bool,
 
     /// No warnings on stderr (errors still print)
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Cache and output"
+    )]
     pub quiet: bool,
 
     // The backend options have no clap defaults (they are documented in the help and
@@ -98,9 +126,11 @@ pub struct GlobalArgs {
     #[arg(
         long,
         value_name = "URL",
+        hide_env_values = true,
         env = "SINGLEFLIGHT_BACKEND",
         value_parser = parse_backend,
-        global = true
+        global = true,
+        help_heading = "Fleet",
     )]
     pub backend: Option<Endpoints>,
 
@@ -108,30 +138,29 @@ pub struct GlobalArgs {
     #[arg(
         long,
         value_name = "PREFIX",
+        hide_env_values = true,
         env = "SINGLEFLIGHT_ETCD_PREFIX",
         value_parser = Prefix::parse,
-        global = true
+        global = true,
+        help_heading = "Fleet", hide_short_help = true,
     )]
     pub etcd_prefix: Option<Prefix>,
 
     /// How long one request to one etcd member may take; a caller that cannot reach
     /// etcd exits 125 without running the command [default: 2s]
-    #[arg(long, value_name = "D", value_parser = parse_duration, global = true)]
+    #[arg(long, value_name = "D", value_parser = parse_duration, global = true, help_heading = "Fleet", hide_short_help = true)]
     pub backend_timeout: Option<Duration>,
-
-    /// How long the etcd lock outlives a singleflight that can no longer renew it
-    /// (killed, cut off from etcd); renewed every third of it, the run killed when
-    /// renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]
-    #[arg(long, value_name = "D", value_parser = parse_lease_ttl, global = true)]
-    pub lease_ttl: Option<Duration>,
 
     /// Trust the etcd+https:// server certificates this CA (PEM) signed, and only
     /// those [default: Mozilla's root certificates]
     #[arg(
         long,
         value_name = "FILE",
+        hide_env_values = true,
         env = "SINGLEFLIGHT_ETCD_CACERT",
-        global = true
+        global = true,
+        help_heading = "Fleet",
+        hide_short_help = true
     )]
     pub etcd_cacert: Option<PathBuf>,
 
@@ -139,9 +168,12 @@ pub struct GlobalArgs {
     #[arg(
         long,
         value_name = "FILE",
+        hide_env_values = true,
         env = "SINGLEFLIGHT_ETCD_CERT",
         requires = "etcd_key",
-        global = true
+        global = true,
+        help_heading = "Fleet",
+        hide_short_help = true
     )]
     pub etcd_cert: Option<PathBuf>,
 
@@ -149,9 +181,12 @@ pub struct GlobalArgs {
     #[arg(
         long,
         value_name = "FILE",
+        hide_env_values = true,
         env = "SINGLEFLIGHT_ETCD_KEY",
         requires = "etcd_cert",
-        global = true
+        global = true,
+        help_heading = "Fleet",
+        hide_short_help = true
     )]
     pub etcd_key: Option<PathBuf>,
 
@@ -160,8 +195,11 @@ pub struct GlobalArgs {
     #[arg(
         long,
         value_name = "NAME",
+        hide_env_values = true,
         env = "SINGLEFLIGHT_ETCD_USER",
-        global = true
+        global = true,
+        help_heading = "Fleet",
+        hide_short_help = true
     )]
     pub etcd_user: Option<String>,
 
@@ -169,9 +207,12 @@ pub struct GlobalArgs {
     #[arg(
         long,
         value_name = "FILE",
+        hide_env_values = true,
         env = "SINGLEFLIGHT_ETCD_PASSWORD_FILE",
         requires = "etcd_user",
-        global = true
+        global = true,
+        help_heading = "Fleet",
+        hide_short_help = true
     )]
     pub etcd_password_file: Option<PathBuf>,
 }
@@ -183,67 +224,77 @@ pub struct RunArgs {
     pub name: Option<Name>,
 
     /// A result younger than this is fresh
-    #[arg(long, value_name = "D", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "D", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Caching")]
     pub ttl: Duration,
 
     /// Hard limit on one run of the command; 0 (or off, none) for no limit
-    #[arg(long, value_name = "D", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
+    #[arg(long, value_name = "D", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true, help_heading = "Limits")]
     pub timeout: Duration,
 
     /// Grace between SIGTERM and SIGKILL of the command's process tree
-    #[arg(long, value_name = "D", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "D", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Limits", hide_short_help = true)]
     pub kill_after: Duration,
 
     /// How long a caller with nothing servable waits for the in-flight run
     /// [default: timeout + kill-after]
-    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Limits")]
     pub wait: Option<Duration>,
 
     /// The oldest result served while another run is in flight [default: unlimited]
-    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Caching")]
     pub max_stale: Option<Duration>,
 
     /// After a failed run, no new run starts for this long [default: the --ttl]
-    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Caching")]
     pub retry_after: Option<Duration>,
 
     /// Back-off that grows: each failed run in a row doubles the wait before the next
     /// run, from --retry-after up to this, with ±10% jitter; a good run resets it
-    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "D", value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Caching", hide_short_help = true)]
     pub retry_max: Option<Duration>,
 
     /// The result belongs to the current directory: each directory has its own
-    #[arg(long)]
+    #[arg(long, help_heading = "Keys")]
     pub key_cwd: bool,
 
     /// The result belongs to this variable's value (set and unset differ); repeatable
-    #[arg(long, value_name = "VAR")]
+    #[arg(long, value_name = "VAR", help_heading = "Keys")]
     pub key_env: Vec<OsString>,
 
     /// The result belongs to this file's state: a change (write, rename over it,
     /// deletion) makes the next call a miss; repeatable
-    #[arg(long, value_name = "PATH")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        help_heading = "Keys",
+        hide_short_help = true
+    )]
     pub key_file: Vec<PathBuf>,
 
     /// Serve a stale result at once and refresh it in one detached process
-    #[arg(long)]
+    #[arg(long, help_heading = "Modes")]
     pub background: bool,
 
     /// Every caller runs its own command, one at a time per NAME, waiting up to --wait
     /// for its turn; nothing is cached (flock(1) with a timeout and a tree kill)
-    #[arg(long, conflicts_with_all = ["background", "cache_failures", "max_stale", "service"])]
+    #[arg(long, conflicts_with_all = ["background", "cache_failures", "max_stale", "service"], help_heading = "Modes")]
     pub exclusive: bool,
 
     /// Keep one long-lived instance of the command per NAME, started detached by the
     /// caller that finds none and supervised while it lives; output goes to NAME.log
     /// in the cache dir (capped by --max-output). --timeout bounds each --ready check
-    #[arg(long, conflicts_with_all = ["background", "cache_failures", "max_stale"])]
+    #[arg(long, conflicts_with_all = ["background", "cache_failures", "max_stale"], help_heading = "Modes")]
     pub service: bool,
 
     /// With --service: a shell command that succeeds once the instance is ready (e.g.
     /// `curl -sf localhost:8080/health`); callers return once it does, or exit 75
     /// when --wait runs out
-    #[arg(long, value_name = "CHECK", requires = "service")]
+    #[arg(
+        long,
+        value_name = "CHECK",
+        requires = "service",
+        help_heading = "Modes"
+    )]
     pub ready: Option<OsString>,
 
     /// With --service: an instance that was up (passed --ready; without one, lived 1s)
@@ -255,20 +306,21 @@ pub struct RunArgs {
         value_name = "N",
         default_value = "5",
         value_parser = clap::value_parser!(u32).range(1..=1000),
-        requires = "service"
+        requires = "service",
+        help_heading = "Modes", hide_short_help = true,
     )]
     pub start_limit: u32,
 
     /// With --service: the window of --start-limit
-    #[arg(long, value_name = "D", default_value = "10s", value_parser = parse_duration, requires = "service", allow_hyphen_values = true)]
+    #[arg(long, value_name = "D", default_value = "10s", value_parser = parse_duration, requires = "service", allow_hyphen_values = true, help_heading = "Modes", hide_short_help = true)]
     pub start_window: Duration,
 
     /// A run that exits non-zero replaces the last good result
-    #[arg(long)]
+    #[arg(long, help_heading = "Caching")]
     pub cache_failures: bool,
 
     /// Cap on captured stdout; past it the run is killed and fails
-    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size, help_heading = "Limits", hide_short_help = true)]
     pub max_output: u64,
 
     /// Internal: run as the detached refresher started by --background, holding the
@@ -290,6 +342,12 @@ pub struct RunArgs {
     /// (a full disk) to this pipe, for the `--background` caller waiting for it
     #[arg(long, hide = true, value_name = "FD", requires = "refresher")]
     pub hand_back: Option<i32>,
+
+    /// How long the etcd lock outlives a singleflight that can no longer renew it
+    /// (killed, cut off from etcd); renewed every third of it, the run killed when
+    /// renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]
+    #[arg(long, value_name = "D", value_parser = parse_lease_ttl, help_heading = "Fleet", hide_short_help = true)]
+    pub lease_ttl: Option<Duration>,
 
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -445,7 +503,8 @@ impl GlobalArgs {
             endpoints: self.backend.clone(),
             prefix: self.etcd_prefix.clone(),
             timeout: self.backend_timeout,
-            lease_ttl: self.lease_ttl,
+            // A run's (see `RunArgs::lease_ttl`); a verb's lock takes the default.
+            lease_ttl: None,
             cacert: self.etcd_cacert.clone(),
             cert: self.etcd_cert.clone(),
             key: self.etcd_key.clone(),

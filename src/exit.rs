@@ -63,6 +63,28 @@ impl Status {
         }
     }
 
+    /// What it means, in one line (for `--help`; the README and the man page say more).
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Status::Run(_) => "a result was served (fresh, stale or just made): its run's status",
+            Status::UnknownName => "status: a NAME it was asked about has nothing",
+            Status::Usage => "usage error: bad option, NAME, duration or size, or no command",
+            Status::NothingToServe => {
+                "nothing to serve: --wait ran out, or the run failed with nothing cached"
+            }
+            Status::TimedOut => "the command timed out; its process tree was killed",
+            Status::Internal => {
+                "singleflight failed, the command not run (cache dir, disk, etcd, no thread); \
+                 or past --max-output; or the etcd lock lost"
+            }
+            Status::CannotExecute => {
+                "the command could not be executed (or the OS refused a process)"
+            }
+            Status::NotFound => "the command was not found",
+            Status::Signaled(_) => "the command, or singleflight, was killed by signal N",
+        }
+    }
+
     /// How the exit tables write it: its number, or the rule of its family.
     pub fn label(self) -> String {
         match self {

@@ -71,7 +71,8 @@ use crate::store::Store;
 /// Carries out a parsed command line; returns the exit status.
 pub fn run(cli: Cli) -> Result<i32> {
     let global = cli.global;
-    let config = global.backend_config();
+    let mut config = global.backend_config();
+    config.lease_ttl = cli.run.lease_ttl;
     let store = Store::locate(global.cache_dir)?;
     let backend = backend::open(config, &store)?;
     match cli.verb {

@@ -21,10 +21,6 @@ const TABLE_WIDTH: usize = 100;
 /// How many of the last lines of a failed run's stderr the table shows.
 const TAIL_LINES: usize = 3;
 
-/// One NAME as `status --json` shows it: one object of the array. The keys are a
-/// stable interface: keys may be added, none is renamed or removed. Times are in
-/// milliseconds (`*_at_ms` since the Unix epoch); `null` means "none" or "not known".
-
 /// What a slot's result is, as `status` says it (`state` in `--json`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -49,6 +45,9 @@ impl State {
     }
 }
 
+/// One NAME as `status --json` shows it: one object of the array. The keys are a
+/// stable interface: keys may be added, none is renamed or removed. Times are in
+/// milliseconds (`*_at_ms` since the Unix epoch); `null` means "none" or "not known".
 #[derive(Debug, Serialize)]
 pub struct NameStatus {
     /// The NAME.
