@@ -372,7 +372,7 @@ impl Place for FleetSlot {
         Some(
             self.fleet
                 .max_value
-                .saturating_sub(entry::encoded_len(0, meta)),
+                .saturating_sub(entry::encoded_len(0, 0, meta)),
         )
     }
 
