@@ -226,8 +226,9 @@ pub struct RunArgs {
     pub key_file: Vec<PathBuf>,
 
     /// Give the command the caller's stdin (read to its end, at most 1 MiB, before
-    /// anything else) instead of /dev/null; with --background the refresher gets the
-    /// stdin of the caller that started it. More than 1 MiB: exit 2, nothing runs
+    /// anything else) instead of /dev/null; with --background a refresh in the
+    /// background gets the stdin of the caller that started it. More than 1 MiB: exit
+    /// 2, nothing runs
     #[arg(long, conflicts_with = "service")]
     pub stdin: bool,
 

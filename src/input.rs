@@ -24,9 +24,8 @@ pub fn read_stdin(name: &Name) -> Result<Vec<u8>> {
         return Err(Exit::new(Status::Usage, message).into());
     }
     if bytes.len() as u64 > STDIN_MAX {
-        let message = format!(
-            "{name}: --stdin: stdin is over the cap of 1 MiB; the command was not run"
-        );
+        let message =
+            format!("{name}: --stdin: stdin is over the cap of 1 MiB; the command was not run");
         return Err(Exit::new(Status::Usage, message).into());
     }
     Ok(bytes)

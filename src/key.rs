@@ -208,7 +208,13 @@ pub fn resolve(name: &Name, spec: &KeySpec, stdin: Option<&[u8]>) -> Result<Reso
         });
     }
     if spec.stdin || !spec.stdin_json.is_empty() {
-        stdin_keys(name, spec, stdin.unwrap_or_default(), &mut identity, &mut values)?;
+        stdin_keys(
+            name,
+            spec,
+            stdin.unwrap_or_default(),
+            &mut identity,
+            &mut values,
+        )?;
     }
     let mut files: Vec<PathBuf> = spec
         .files
@@ -436,10 +442,16 @@ mod tests {
         let present = resolve(&name(), &spec, None).unwrap();
         assert_eq!(missing.id, present.id);
         assert_ne!(digest(&missing), digest(&present));
-        assert_eq!(digest(&present), digest(&resolve(&name(), &spec, None).unwrap()));
+        assert_eq!(
+            digest(&present),
+            digest(&resolve(&name(), &spec, None).unwrap())
+        );
         let other = dir.path().join("g");
         std::fs::write(&other, "b").unwrap();
         std::fs::rename(&other, &file).unwrap();
-        assert_ne!(digest(&present), digest(&resolve(&name(), &spec, None).unwrap()));
+        assert_ne!(
+            digest(&present),
+            digest(&resolve(&name(), &spec, None).unwrap())
+        );
     }
 }

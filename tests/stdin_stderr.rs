@@ -81,7 +81,10 @@ fn stdin_reaches_the_run_byte_for_byte() {
     let input: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
     let out = run_with_stdin(&env, &["bytes", "--stdin", "--", "cat"], &input);
     assert_status(&out, 0);
-    assert!(out.stdout == input, "the run's stdin differs from the caller's");
+    assert!(
+        out.stdout == input,
+        "the run's stdin differs from the caller's"
+    );
     // Without --stdin the run reads nothing, as before.
     let out = run_with_stdin(&env, &["empty", "--", "cat"], &input);
     assert_status(&out, 0);
@@ -91,7 +94,11 @@ fn stdin_reaches_the_run_byte_for_byte() {
     let big = vec![b'x'; (1 << 20) + 1];
     let out = run_with_stdin(&env, &["big", "--stdin", "--", job.to_str().unwrap()], &big);
     assert_status(&out, 2);
-    assert!(stderr(&out).contains("over the cap of 1 MiB"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("over the cap of 1 MiB"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(env.runs(), 0);
 }
 
@@ -314,5 +321,9 @@ fn stderr_round_trips_through_the_fleet() {
         assert_eq!(stdout(&out), "fleet-out\n");
         assert!(stderr(&out).contains("fleet: warning"), "{}", stderr(&out));
     }
-    assert_eq!(machines[0].runs(), 1, "the second machine was served from etcd");
+    assert_eq!(
+        machines[0].runs(),
+        1,
+        "the second machine was served from etcd"
+    );
 }

@@ -240,7 +240,9 @@ impl Header {
     fn parse(bytes: &[u8], file_len: u64) -> Result<Header, Invalid> {
         let word = |i: usize| -> Result<u64, Invalid> {
             let word = bytes.get(i..i + 8).ok_or(Invalid::Truncated)?;
-            Ok(u64::from_le_bytes(word.try_into().map_err(|_| Invalid::Truncated)?))
+            Ok(u64::from_le_bytes(
+                word.try_into().map_err(|_| Invalid::Truncated)?,
+            ))
         };
         if bytes.get(..7) != Some(MAGIC.as_slice()) {
             return Err(Invalid::Foreign);
@@ -449,7 +451,10 @@ mod tests {
         assert!(entry.stderr.is_empty());
         assert_eq!(printed(entry.body), body);
         for len in 0..v1.len() {
-            assert!(from_bytes(v1[..len].to_vec()).is_err(), "truncated to {len}");
+            assert!(
+                from_bytes(v1[..len].to_vec()).is_err(),
+                "truncated to {len}"
+            );
         }
         let mut newer = to_bytes(body, b"", &meta());
         newer[7] = VERSION + 1;
@@ -488,7 +493,10 @@ mod tests {
     fn bytes_round_trip_and_refuse_damage() {
         let body = b"hello from etcd\n";
         let bytes = to_bytes(body, b"err\n", &meta());
-        assert_eq!(bytes.len() as u64, encoded_len(body.len() as u64, 4, &meta()));
+        assert_eq!(
+            bytes.len() as u64,
+            encoded_len(body.len() as u64, 4, &meta())
+        );
         let entry = from_bytes(bytes.clone()).ok().unwrap();
         assert_eq!(entry.meta.command, "echo hi");
         assert_eq!(entry.stderr, b"err\n");

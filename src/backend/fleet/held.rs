@@ -55,11 +55,11 @@ impl Lock for FleetHeld {
                 body: memory(bytes),
             });
         }
-        let room = self
-            .slot
-            .fleet
-            .max_value
-            .saturating_sub(entry::encoded_len(bytes.len() as u64, 0, meta));
+        let room = self.slot.fleet.max_value.saturating_sub(entry::encoded_len(
+            bytes.len() as u64,
+            0,
+            meta,
+        ));
         let stderr = entry::fit_stderr(stderr, room);
         let value = entry::to_bytes(&bytes, &stderr, meta);
         let out = memory(bytes);
