@@ -281,7 +281,8 @@ fn stdin_keys(
     pointers.dedup();
     for pointer in pointers {
         identity.tag(b'j').bytes(pointer.as_bytes());
-        // serde_json's maps are sorted: one value has one text, whatever its order.
+        // serde_json's maps are sorted (its preserve_order feature is off): one value
+        // has one text, whatever the order of its keys on stdin.
         let value = json.pointer(pointer).map(|value| value.to_string());
         match &value {
             Some(text) => identity.tag(1).bytes(text.as_bytes()),
