@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_singleflight_global_optspecs
-    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= background exclusive service ready= start-limit= start-window= cache-failures max-output= lease-ttl= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
+    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= stdin key-stdin key-stdin-json= no-replay-stderr background exclusive service ready= start-limit= start-window= cache-failures max-output= lease-ttl= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
 end
 
 function __fish_singleflight_needs_command
@@ -33,6 +33,7 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-after -
 complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-max -d 'Back-off that grows: each failed run in a row doubles the wait before the next run, from --retry-after up to this, with ±10% jitter; a good run resets it' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-env -d 'The result belongs to this variable\'s value (set and unset differ); repeatable' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-file -d 'The result belongs to this file\'s state: a change (write, rename over it, deletion) makes the next call a miss; repeatable' -r -F
+complete -c singleflight -n "__fish_singleflight_needs_command" -l key-stdin-json -d 'The result belongs to the value at this RFC 6901 JSON pointer (e.g. /session_id) in the JSON on stdin; a missing value is a key value of its own; stdin that is not JSON: exit 2, nothing runs (implies --stdin); repeatable' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l ready -d 'With --service: a shell command that succeeds once the instance is ready (e.g. `curl -sf localhost:8080/health`); callers return once it does, or exit 75 when --wait runs out' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l start-limit -d 'With --service: an instance that was up (passed --ready; without one, lived 1s) and then ended is started again by the next caller at once, unless this many started within --start-window: that, or an instance that ended before it was up, is a crash loop, backed off as a failed run (--retry-after, --retry-max)' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l start-window -d 'With --service: the window of --start-limit' -r
@@ -48,6 +49,9 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-key -d '
 complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-user -d 'Log in to etcd as this user; the password comes from the environment variable SINGLEFLIGHT_ETCD_PASSWORD or --etcd-password-file, never from the command line' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-password-file -d 'The --etcd-user\'s password: the first line of this file' -r -F
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-cwd -d 'The result belongs to the current directory: each directory has its own'
+complete -c singleflight -n "__fish_singleflight_needs_command" -l stdin -d 'Give the command the caller\'s stdin (read to its end, at most 1 MiB, before anything else) instead of /dev/null; with --background a refresh in the background gets the stdin of the caller that started it. More than 1 MiB: exit 2, nothing runs'
+complete -c singleflight -n "__fish_singleflight_needs_command" -l key-stdin -d 'The result belongs to the whole of stdin (implies --stdin)'
+complete -c singleflight -n "__fish_singleflight_needs_command" -l no-replay-stderr -d 'Do not write a served result\'s stored stderr to stderr (by default a hit or a waiter writes the run\'s stderr, then its stdout)'
 complete -c singleflight -n "__fish_singleflight_needs_command" -l background -d 'Serve a stale result at once and refresh it in one detached process'
 complete -c singleflight -n "__fish_singleflight_needs_command" -l exclusive -d 'Every caller runs its own command, one at a time per NAME, waiting up to --wait for its turn; nothing is cached (flock(1) with a timeout and a tree kill)'
 complete -c singleflight -n "__fish_singleflight_needs_command" -l service -d 'Keep one long-lived instance of the command per NAME, started detached by the caller that finds none and supervised while it lives; output goes to NAME.log in the cache dir (capped by --max-output). --timeout bounds each --ready check'

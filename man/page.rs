@@ -213,7 +213,11 @@ fn exit_status(roff: &mut Roff) {
                 "status: a NAME it was asked about has nothing (no result, no failure record, \
                  no run in flight)."
             }
-            Status::Usage => "Usage error: bad option, NAME, duration or size, or no command.",
+            Status::Usage => {
+                "Usage error: bad option, NAME, duration or size, or no command; or stdin \
+                 that --stdin cannot take (over 1 MiB; not JSON with --key-stdin-json): \
+                 nothing runs."
+            }
             Status::NothingToServe => {
                 "Nothing to serve: another run is in flight and --wait ran out, or it failed \
                  with nothing cached, or a failed run is being backed off (--retry-after) with \

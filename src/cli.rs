@@ -100,12 +100,12 @@ pub struct GlobalArgs {
         hide_env_values = true,
         env = "SINGLEFLIGHT_CACHE_DIR",
         global = true,
-        help_heading = "Cache and output"
+        help_heading = "Input and output"
     )]
     pub cache_dir: Option<PathBuf>,
 
     /// Say on stderr what was decided and why
-    #[arg(short, long, global = true, help_heading = "Cache and output")]
+    #[arg(short, long, global = true, help_heading = "Input and output")]
     pub verbose: bool,
 
     /// No warnings on stderr (errors still print)
@@ -114,7 +114,7 @@ pub struct GlobalArgs {
         long,
         global = true,
         conflicts_with = "verbose",
-        help_heading = "Cache and output"
+        help_heading = "Input and output"
     )]
     pub quiet: bool,
 
@@ -270,6 +270,28 @@ pub struct RunArgs {
         hide_short_help = true
     )]
     pub key_file: Vec<PathBuf>,
+
+    /// Give the command the caller's stdin (read to its end, at most 1 MiB, before
+    /// anything else) instead of /dev/null; with --background a refresh in the
+    /// background gets the stdin of the caller that started it. More than 1 MiB: exit
+    /// 2, nothing runs
+    #[arg(long, conflicts_with = "service", help_heading = "Input and output")]
+    pub stdin: bool,
+
+    /// The result belongs to the whole of stdin (implies --stdin)
+    #[arg(long, conflicts_with = "service", help_heading = "Keys")]
+    pub key_stdin: bool,
+
+    /// The result belongs to the value at this RFC 6901 JSON pointer (e.g. /session_id)
+    /// in the JSON on stdin; a missing value is a key value of its own; stdin that is
+    /// not JSON: exit 2, nothing runs (implies --stdin); repeatable
+    #[arg(long, value_name = "POINTER", value_parser = parse_json_pointer, conflicts_with = "service", help_heading = "Keys")]
+    pub key_stdin_json: Vec<String>,
+
+    /// Do not write a served result's stored stderr to stderr (by default a hit or a
+    /// waiter writes the run's stderr, then its stdout)
+    #[arg(long, help_heading = "Input and output", hide_short_help = true)]
+    pub no_replay_stderr: bool,
 
     /// Serve a stale result at once and refresh it in one detached process
     #[arg(long, help_heading = "Modes")]
@@ -460,6 +482,23 @@ fn first_hour_advice(error: &clap::Error) -> Option<(clap::error::ErrorKind, Str
     }
 }
 
+/// An RFC 6901 JSON pointer: empty (the whole document) or `/` and its reference
+/// tokens, with `~` only as `~0` or `~1`.
+fn parse_json_pointer(text: &str) -> Result<String, String> {
+    if !text.is_empty() && !text.starts_with('/') {
+        return Err(format!(
+            "a JSON pointer starts with '/' (RFC 6901), as in /session_id; not '{text}'"
+        ));
+    }
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+            return Err("in a JSON pointer '~' is written '~0' and '/' '~1' (RFC 6901)".into());
+        }
+    }
+    Ok(text.to_owned())
+}
+
 /// What a run call is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -488,6 +527,12 @@ pub struct RunOptions {
     pub start_limit: u32,
     pub start_window: Duration,
     pub keys: KeySpec,
+    /// `--stdin` or a stdin key: stdin is read and given to the run.
+    pub stdin: bool,
+    /// What `--stdin` read (set once it is read, before the key is resolved).
+    pub stdin_bytes: Option<Vec<u8>>,
+    /// A served result's stored stderr is written to stderr (not `--no-replay-stderr`).
+    pub replay_stderr: bool,
     pub background: bool,
     pub refresher: Option<Refresher>,
     /// The refresher's pipe back to its waiting caller (see `--hand-back`).
@@ -527,10 +572,15 @@ impl RunArgs {
             retry_max: self.retry_max,
             start_limit: self.start_limit,
             start_window: self.start_window,
+            stdin: self.stdin || self.key_stdin || !self.key_stdin_json.is_empty(),
+            stdin_bytes: None,
+            replay_stderr: !self.no_replay_stderr,
             keys: KeySpec {
                 cwd: self.key_cwd,
                 env: self.key_env,
                 files: self.key_file,
+                stdin: self.key_stdin,
+                stdin_json: self.key_stdin_json,
             },
             command: self.command,
             mode: if self.exclusive {

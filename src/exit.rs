@@ -13,7 +13,8 @@ pub enum Status {
     /// 1: `status` was asked about a NAME that has nothing (no result, no failure
     /// record, no run in flight).
     UnknownName,
-    /// 2: a usage error: bad option, NAME, duration or size, or no command.
+    /// 2: a usage error: bad option, NAME, duration or size, or no command; or stdin
+    /// that `--stdin` cannot take (over 1 MiB; not JSON with `--key-stdin-json`).
     Usage,
     /// 75: nothing to serve: the in-flight run did not finish within `--wait`, or
     /// produced nothing, or a failed run is being backed off with nothing cached.

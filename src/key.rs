@@ -28,12 +28,29 @@ pub struct KeySpec {
     pub cwd: bool,
     pub env: Vec<OsString>,
     pub files: Vec<PathBuf>,
+    /// `--key-stdin`: the whole of stdin.
+    pub stdin: bool,
+    /// `--key-stdin-json`: RFC 6901 pointers into the JSON on stdin.
+    pub stdin_json: Vec<String>,
 }
 
 impl KeySpec {
     pub fn is_empty(&self) -> bool {
-        !self.cwd && self.env.is_empty() && self.files.is_empty()
+        !self.cwd
+            && self.env.is_empty()
+            && self.files.is_empty()
+            && !self.stdin
+            && self.stdin_json.is_empty()
     }
+}
+
+/// The longest stdin-JSON key value `status` shows as it is; a longer one is shown as
+/// its digest.
+const SHOWN_MAX: usize = 64;
+
+/// A digest of bytes as `status` shows it, in place of the bytes.
+fn shown_digest(bytes: &[u8]) -> String {
+    format!("xxh3:{:016x} ({} bytes)", xxh3_64(bytes), bytes.len())
 }
 
 /// Which slot of a NAME: the plain one (no key flags, the file names of old), or the
@@ -87,7 +104,9 @@ impl fmt::Display for SlotId {
 }
 
 /// One key value as `status` shows it: `cwd` = the directory, `env:VAR` = its value
-/// (`null` when unset), `file` = the file's absolute path.
+/// (`null` when unset), `file` = the file's absolute path, `stdin` = a digest of
+/// stdin, `stdin-json:POINTER` = the JSON value there (a digest if long; `null` when
+/// missing).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     pub key: String,
@@ -96,6 +115,12 @@ pub struct KeyValue {
 
 impl fmt::Display for KeyValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(pointer) = self.key.strip_prefix("stdin-json:") {
+            return match &self.value {
+                None => write!(f, "stdin {pointer} missing"),
+                Some(value) => write!(f, "stdin {pointer}={value}"),
+            };
+        }
         match (&self.value, self.key.strip_prefix("env:")) {
             (None, Some(var)) => write!(f, "{var} unset"),
             (Some(value), Some(var)) => write!(f, "{var}={value}"),
@@ -139,9 +164,10 @@ impl Resolved {
 }
 
 /// Takes the key values of this call: the current directory (`getcwd`, with
-/// `--key-cwd` or a relative `--key-file`), the variables (no syscall), and one `stat`
-/// per file. Without key flags nothing is looked at.
-pub fn resolve(name: &Name, spec: &KeySpec) -> Result<Resolved> {
+/// `--key-cwd` or a relative `--key-file`), the variables (no syscall), one `stat`
+/// per file, and what `stdin` (read by `--stdin`) holds. Without key flags nothing is
+/// looked at.
+pub fn resolve(name: &Name, spec: &KeySpec, stdin: Option<&[u8]>) -> Result<Resolved> {
     if spec.is_empty() {
         return Ok(Resolved::plain(name));
     }
@@ -181,6 +207,15 @@ pub fn resolve(name: &Name, spec: &KeySpec) -> Result<Resolved> {
             value: value.map(|v| v.to_string_lossy().into_owned()),
         });
     }
+    if spec.stdin || !spec.stdin_json.is_empty() {
+        stdin_keys(
+            name,
+            spec,
+            stdin.unwrap_or_default(),
+            &mut identity,
+            &mut values,
+        )?;
+    }
     let mut files: Vec<PathBuf> = spec
         .files
         .iter()
@@ -213,6 +248,58 @@ pub fn resolve(name: &Name, spec: &KeySpec) -> Result<Resolved> {
             states.0
         },
     })
+}
+
+/// The stdin keys: the whole of stdin (`--key-stdin`), the values at JSON pointers
+/// (`--key-stdin-json`). Stdin that is not JSON is a usage error (exit 2: nothing
+/// runs); a pointer to nothing is a key value of its own, as an unset variable is.
+fn stdin_keys(
+    name: &Name,
+    spec: &KeySpec,
+    stdin: &[u8],
+    identity: &mut Encoder,
+    values: &mut Vec<KeyValue>,
+) -> Result<()> {
+    if spec.stdin {
+        identity.tag(b's').bytes(stdin);
+        values.push(KeyValue {
+            key: "stdin".to_owned(),
+            value: Some(shown_digest(stdin)),
+        });
+    }
+    if spec.stdin_json.is_empty() {
+        return Ok(());
+    }
+    let json: serde_json::Value = serde_json::from_slice(stdin).map_err(|e| {
+        Exit::new(
+            Status::Usage,
+            format!("{name}: --key-stdin-json: stdin is not JSON ({e}); the command was not run"),
+        )
+    })?;
+    let mut pointers: Vec<&String> = spec.stdin_json.iter().collect();
+    pointers.sort();
+    pointers.dedup();
+    for pointer in pointers {
+        identity.tag(b'j').bytes(pointer.as_bytes());
+        // serde_json's maps are sorted (its preserve_order feature is off): one value
+        // has one text, whatever the order of its keys on stdin.
+        let value = json.pointer(pointer).map(|value| value.to_string());
+        match &value {
+            Some(text) => identity.tag(1).bytes(text.as_bytes()),
+            None => identity.tag(0),
+        };
+        values.push(KeyValue {
+            key: format!("stdin-json:{pointer}"),
+            value: value.map(|text| {
+                if text.len() <= SHOWN_MAX {
+                    text
+                } else {
+                    shown_digest(text.as_bytes())
+                }
+            }),
+        });
+    }
+    Ok(())
 }
 
 /// Appends the state of `file` (one `stat`, following symlinks: the state of what the
@@ -314,7 +401,7 @@ mod tests {
 
     #[test]
     fn no_key_flags_is_the_plain_slot_and_the_argv_digest() {
-        let resolved = resolve(&name(), &KeySpec::default()).unwrap();
+        let resolved = resolve(&name(), &KeySpec::default(), None).unwrap();
         assert_eq!(resolved.id, SlotId::plain(&name()));
         assert_eq!(resolved.result_digest("abc".to_owned()), "abc");
     }
@@ -328,14 +415,14 @@ mod tests {
             ..KeySpec::default()
         };
         let unset = "SF_KEY_TEST_NEVER_SET";
-        let ab = resolve(&name(), &spec(&["PATH", unset])).unwrap();
-        let ba = resolve(&name(), &spec(&[unset, "PATH", unset])).unwrap();
+        let ab = resolve(&name(), &spec(&["PATH", unset]), None).unwrap();
+        let ba = resolve(&name(), &spec(&[unset, "PATH", unset]), None).unwrap();
         assert_eq!(ab.id, ba.id, "the order of --key-env does not matter");
         assert!(ab.values[0].to_string().starts_with("PATH="));
         assert_eq!(ab.values[1].to_string(), format!("{unset} unset"));
-        let path_only = resolve(&name(), &spec(&["PATH"])).unwrap();
+        let path_only = resolve(&name(), &spec(&["PATH"]), None).unwrap();
         assert_ne!(ab.id, path_only.id, "an unset variable is a key value too");
-        let other = resolve(&Name::parse("other").unwrap(), &spec(&["PATH"])).unwrap();
+        let other = resolve(&Name::parse("other").unwrap(), &spec(&["PATH"]), None).unwrap();
         assert_ne!(
             other.id.key, path_only.id.key,
             "the NAME is part of the slot"
@@ -351,15 +438,21 @@ mod tests {
             ..KeySpec::default()
         };
         let digest = |r: &Resolved| r.result_digest("argv".to_owned());
-        let missing = resolve(&name(), &spec).unwrap();
+        let missing = resolve(&name(), &spec, None).unwrap();
         std::fs::write(&file, "a").unwrap();
-        let present = resolve(&name(), &spec).unwrap();
+        let present = resolve(&name(), &spec, None).unwrap();
         assert_eq!(missing.id, present.id);
         assert_ne!(digest(&missing), digest(&present));
-        assert_eq!(digest(&present), digest(&resolve(&name(), &spec).unwrap()));
+        assert_eq!(
+            digest(&present),
+            digest(&resolve(&name(), &spec, None).unwrap())
+        );
         let other = dir.path().join("g");
         std::fs::write(&other, "b").unwrap();
         std::fs::rename(&other, &file).unwrap();
-        assert_ne!(digest(&present), digest(&resolve(&name(), &spec).unwrap()));
+        assert_ne!(
+            digest(&present),
+            digest(&resolve(&name(), &spec, None).unwrap())
+        );
     }
 }

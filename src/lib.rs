@@ -21,6 +21,7 @@ pub mod exit;
 mod flight;
 #[cfg(unix)]
 mod guard;
+mod input;
 mod key;
 mod lock;
 mod reap;
@@ -98,8 +99,12 @@ pub fn run(cli: Cli) -> Result<i32> {
                 .run
                 .resolve()
                 .expect("clap requires NAME without a verb");
+            let mut opts = opts;
+            if opts.stdin {
+                opts.stdin_bytes = Some(input::read_stdin(&opts.name)?);
+            }
             let say = Say::new(Some(opts.name.clone()), global.verbose, global.quiet);
-            let key = key::resolve(&opts.name, &opts.keys)?;
+            let key = key::resolve(&opts.name, &opts.keys, opts.stdin_bytes.as_deref())?;
             let slot = backend.slot(store, &key.id).keyed(key);
             flight::Flight::new(opts, slot, say).fly()
         }

@@ -372,7 +372,7 @@ fn a_corrupt_truncated_or_foreign_result_is_never_printed_and_gets_replaced() {
         ("flipped", flipped),
         ("empty", Vec::new()),
         ("foreign", b"{\"some\": \"other tool's file\"}\n".to_vec()),
-        ("header only", good[..32].to_vec()),
+        ("header only", good[..40].to_vec()),
     ];
     for (i, (what, bytes)) in damaged.into_iter().enumerate() {
         fs::write(env.result_file("c"), &bytes).unwrap();

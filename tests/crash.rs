@@ -824,11 +824,12 @@ fn kill_9_at_any_moment_never_tears_the_cache_nor_sticks_the_lock() {
 fn read_result_body(env: &TestEnv) -> Vec<u8> {
     let bytes = fs::read(env.result_file("big")).unwrap_or_default();
     let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or_default());
-    if bytes.len() < 32 {
+    // Format version 2: a 40-byte header (see src/entry/mod.rs).
+    if bytes.len() < 40 {
         return Vec::new();
     }
     let body_len = word(8) as usize;
-    bytes[32..(32 + body_len).min(bytes.len())].to_vec()
+    bytes[40..(40 + body_len).min(bytes.len())].to_vec()
 }
 
 // ---------------------------------------------------------------------------------
@@ -906,7 +907,7 @@ fn max_output_kills_the_tree_and_writes_nothing_past_the_cap() {
         "the printed bytes are the command's"
     );
     assert!(
-        largest <= CAP + 32,
+        largest <= CAP + 40,
         "a file of {largest} bytes in the cache dir"
     );
     assert!(largest > 0, "the watcher saw nothing");

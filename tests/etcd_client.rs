@@ -396,11 +396,11 @@ fn a_result_up_to_the_limit_round_trips_and_etcd_refuses_far_larger_values() {
         exit_code: 0,
         duration_ms: 1,
     };
-    let overhead = entry::encoded_len(0, &meta);
+    let overhead = entry::encoded_len(0, 0, &meta);
     let body: Vec<u8> = (0..etcd::DEFAULT_MAX_VALUE - overhead)
         .map(|i| (i % 251) as u8)
         .collect();
-    let bytes = entry::to_bytes(&body, &meta);
+    let bytes = entry::to_bytes(&body, b"", &meta);
     assert_eq!(bytes.len() as u64, etcd::DEFAULT_MAX_VALUE);
     etcd::check_size(bytes.len() as u64, etcd::DEFAULT_MAX_VALUE).unwrap();
     assert!(

@@ -23,3 +23,4 @@ mod keys;
 mod modes;
 mod startup;
 mod status;
+mod stdin_stderr;

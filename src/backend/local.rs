@@ -375,9 +375,14 @@ struct LocalLock {
 }
 
 impl Lock for LocalLock {
-    fn save_result(&self, stdout: EntryWriter, meta: &Meta) -> Result<Body, Unsaved> {
+    fn save_result(
+        &self,
+        stdout: EntryWriter,
+        stderr: &[u8],
+        meta: &Meta,
+    ) -> Result<Body, Unsaved> {
         stdout
-            .save(meta, &self.paths.result, &self.store)
+            .save(meta, stderr, &self.paths.result, &self.store)
             .map_err(|(e, body)| Unsaved {
                 reason: e.to_string(),
                 body,

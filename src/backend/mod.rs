@@ -211,9 +211,11 @@ pub type Held = Box<dyn Lock>;
 
 /// A NAME's lock, held: what only its holder may write.
 pub trait Lock {
-    /// Stores a run's result. On error the output is handed back for printing with
-    /// why it was not stored, and the previous result is untouched.
-    fn save_result(&self, stdout: EntryWriter, meta: &Meta) -> Result<Body, Unsaved>;
+    /// Stores a run's result (its stdout and stderr). On error the output is handed
+    /// back for printing with why it was not stored, and the previous result is
+    /// untouched.
+    fn save_result(&self, stdout: EntryWriter, stderr: &[u8], meta: &Meta)
+    -> Result<Body, Unsaved>;
 
     /// Records a failed run.
     fn save_failure(&self, failure: &Failure) -> Result<()>;

@@ -27,14 +27,19 @@ use streams::{stream_stdout, tee_stderr};
 
 /// How much of a failed run's stderr is kept for `status`.
 const STDERR_TAIL: usize = 2048;
+/// The most stderr stored with a result (or `--max-output`, if less): past it the rest
+/// is dropped with a note (see [`crate::entry::fit_stderr`]), and the run goes on.
+pub const STDERR_MAX: u64 = 1 << 20;
 const CHUNK: usize = 64 * 1024;
 
 /// Where the command's stdin, stdout and stderr go.
 pub enum Io {
-    /// stdin from nothing, stdout captured into the result's writer (capped at
-    /// `max_output`), stderr passed through (with `pass_stderr`) and its tail kept.
+    /// stdin from nothing (or `RunSpec::stdin`), stdout captured into the result's
+    /// writer (capped at `max_output`), stderr passed through (with `pass_stderr`),
+    /// kept for the result (up to [`STDERR_MAX`]) and its tail kept.
     Capture,
-    /// singleflight's own stdin, stdout and stderr (`--exclusive`: nothing is cached).
+    /// singleflight's own stdin (or `RunSpec::stdin`), stdout and stderr
+    /// (`--exclusive`: nothing is cached).
     Inherit,
     /// stdin from nothing, stdout and stderr appended to this log, which is rotated to
     /// `.1` once past `max_output` (`--service`); its tail is kept as stderr's.
@@ -57,6 +62,8 @@ pub struct RunSpec<'a> {
     /// Stops the run from outside when tripped (the lease keeper, when the etcd lock
     /// is lost): [`Outcome::LeaseLost`].
     pub abort: Option<&'a Abort>,
+    /// The command's stdin instead of the default: what `--stdin` read, in a file.
+    pub stdin: Option<std::fs::File>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,13 +108,16 @@ pub struct Finished {
     pub duration: Duration,
     pub stdout: EntryWriter,
     pub stderr_tail: Vec<u8>,
+    /// The stderr stored with the result (see [`STDERR_MAX`]); empty unless captured.
+    pub stderr: Vec<u8>,
 }
 
 enum Event {
     Exited(io::Result<ExitStatus>),
     Overflow,
     Stdout(Box<EntryWriter>),
-    Stderr(Vec<u8>),
+    /// stderr ended: its tail, and what is kept of it for the result.
+    Stderr(Vec<u8>, Vec<u8>),
     Signal(i32),
     #[cfg_attr(
         not(feature = "etcd"),
@@ -122,7 +132,7 @@ enum Event {
 /// Runs the command to the end, however it ends. `started` is told the command's pid
 /// as soon as it runs. Only a command that cannot be started is an error (126/127).
 pub fn run(
-    spec: &RunSpec,
+    spec: &mut RunSpec,
     stdout: EntryWriter,
     started: impl FnOnce(u32),
 ) -> anyhow::Result<Finished> {
@@ -140,6 +150,7 @@ pub fn run(
             duration: Duration::ZERO,
             stdout,
             stderr_tail: Vec::new(),
+            stderr: Vec::new(),
         });
     }
     // Handlers go in before the spawn: a Ctrl-C a moment later must not orphan the tree.
@@ -151,13 +162,19 @@ pub fn run(
     command.args(&spec.argv[1..]);
     let log_pipe = match &spec.io {
         Io::Capture => {
+            let stdin = spec.stdin.take().map_or_else(Stdio::null, Stdio::from);
             command
-                .stdin(Stdio::null())
+                .stdin(stdin)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             None
         }
-        Io::Inherit => None,
+        Io::Inherit => {
+            if let Some(stdin) = spec.stdin.take() {
+                command.stdin(stdin);
+            }
+            None
+        }
         Io::Log(_) => {
             let cannot = |e: io::Error| {
                 Exit::new(
@@ -267,10 +284,10 @@ pub fn run(
 
     // Every process that held the pipes is dead now, so both readers reach the end.
     // (Not `next`: it returns only on an exit, an overflow or a signal.)
-    while streams.stdout.is_none() || streams.stderr_tail.is_none() {
+    while streams.stdout.is_none() || streams.stderr.is_none() {
         match receiver.recv() {
             Ok(Event::Stdout(writer)) => streams.stdout = Some(*writer),
-            Ok(Event::Stderr(tail)) => streams.stderr_tail = Some(tail),
+            Ok(Event::Stderr(tail, kept)) => streams.stderr = Some((tail, kept)),
             Ok(Event::Overflow) if outcome.succeeded() => outcome = Outcome::OutputOverflow,
             Ok(Event::Signal(signal)) => interrupt(&mut outcome, signal),
             // Once the lock is lost nothing may be written, whatever the run did.
@@ -287,13 +304,15 @@ pub fn run(
     for signal in signals.stop(&receiver) {
         interrupt(&mut outcome, signal);
     }
+    let (stderr_tail, stderr) = streams.stderr.unwrap_or_default();
     Ok(Finished {
         outcome,
         duration,
         stdout: streams
             .stdout
             .expect("the stdout reader always hands its writer back"),
-        stderr_tail: streams.stderr_tail.unwrap_or_default(),
+        stderr_tail,
+        stderr,
     })
 }
 
@@ -308,7 +327,8 @@ fn interrupt(outcome: &mut Outcome, signal: i32) {
 #[derive(Default)]
 struct Streams {
     stdout: Option<EntryWriter>,
-    stderr_tail: Option<Vec<u8>>,
+    /// stderr's tail, and what is kept of it for the result.
+    stderr: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 enum Wake {
@@ -337,7 +357,7 @@ fn next(receiver: &Receiver<Event>, deadline: Option<Instant>, streams: &mut Str
             Ok(Event::Abort) => return Wake::Stop(Outcome::LeaseLost),
             Ok(Event::Stopped) => return Wake::Stopped,
             Ok(Event::Stdout(writer)) => streams.stdout = Some(*writer),
-            Ok(Event::Stderr(tail)) => streams.stderr_tail = Some(tail),
+            Ok(Event::Stderr(tail, kept)) => streams.stderr = Some((tail, kept)),
             Err(RecvTimeoutError::Timeout) => return Wake::Deadline,
             // Every sender is gone: nothing more will come.
             Err(RecvTimeoutError::Disconnected) => {
@@ -420,7 +440,8 @@ impl Helpers {
                 streams.stdout = Some(stdout);
                 let (sender, path) = (events.clone(), path.clone());
                 threads::start("log", move || {
-                    let _ = sender.send(Event::Stderr(log::append(pipe, &path, max)));
+                    let tail = log::append(pipe, &path, max);
+                    let _ = sender.send(Event::Stderr(tail, Vec::new()));
                 })
                 .map_err(refused)?;
             }
@@ -433,16 +454,18 @@ impl Helpers {
                     .map_err(refused)?,
                 );
                 let sender = events.clone();
+                let keep = max.min(STDERR_MAX);
                 err = Some(
                     threads::start_waiting("stderr", move |pipe| {
-                        let _ = sender.send(Event::Stderr(tee_stderr(pipe, pass)));
+                        let (tail, kept) = tee_stderr(pipe, pass, keep);
+                        let _ = sender.send(Event::Stderr(tail, kept));
                     })
                     .map_err(refused)?,
                 );
             }
             _ => {
                 streams.stdout = Some(stdout);
-                streams.stderr_tail = Some(Vec::new());
+                streams.stderr = Some((Vec::new(), Vec::new()));
             }
         }
         let events = events.clone();

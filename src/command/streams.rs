@@ -44,18 +44,27 @@ pub(super) fn stream_stdout(
     let _ = events.send(Event::Stdout(Box::new(writer)));
 }
 
-/// Passes stderr through as it comes (with `pass`) and keeps its tail.
-pub(super) fn tee_stderr(err: ChildStderr, pass: bool) -> Vec<u8> {
+/// Passes stderr through as it comes (with `pass`); returns its tail, and its first
+/// `keep` bytes for the result (with a note where the rest was dropped).
+pub(super) fn tee_stderr(err: ChildStderr, pass: bool, keep: u64) -> (Vec<u8>, Vec<u8>) {
     let mut tail = Tail::default();
+    let mut kept = Vec::new();
+    let mut more = false;
     let mut stderr = io::stderr();
     read_chunks(err, |chunk| {
         if pass {
             let _ = stderr.write_all(chunk);
         }
         tail.keep(chunk);
+        let room = keep.saturating_sub(kept.len() as u64) as usize;
+        more |= chunk.len() > room;
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
         true
     });
-    tail.into_bytes()
+    if more {
+        kept = crate::entry::fit_stderr(&kept, keep.saturating_sub(1)).into_owned();
+    }
+    (tail.into_bytes(), kept)
 }
 
 /// The last [`STDERR_TAIL`] bytes of a stream.

@@ -1,10 +1,18 @@
 //! A cached result on disk and how it is written and read. One file per result:
 //!
 //! ```text
-//! [ header: 32 bytes ][ body: the command's stdout ][ metadata: JSON ]
-//! header = magic "SFLIGHT" + format version (8) | body_len u64 LE | meta_len u64 LE
-//!          | xxh3-64 of body and metadata u64 LE
+//! version 2 (written since stderr is stored):
+//! [ header: 40 bytes ][ body: the command's stdout ][ its stderr ][ metadata: JSON ]
+//! header = magic "SFLIGHT" + format version (8) | body_len u64 LE | stderr_len u64 LE
+//!          | meta_len u64 LE | xxh3-64 of body, stderr and metadata u64 LE
+//! version 1 (read, never written):
+//! [ header: 32 bytes ][ body ][ metadata ]
+//! header = magic "SFLIGHT" + 1 | body_len | meta_len | xxh3-64 of body and metadata
 //! ```
+//!
+//! A version-1 result (an older singleflight's) is served as one with no stderr; a
+//! result of a version above 2 is left alone ([`Invalid::Newer`]). A result with no
+//! stderr costs what a version-1 result cost to read: 8 more header bytes.
 //!
 //! The body is streamed to a temp file as the command writes it, the header is filled
 //! in last, and the file is fsynced and renamed over the old result, so a reader sees
@@ -12,7 +20,7 @@
 //! add up is no result at all: it is never printed.
 
 use std::ffi::OsString;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,8 +34,15 @@ mod writer;
 pub use writer::{Body, EntryWriter};
 
 const MAGIC: &[u8; 7] = b"SFLIGHT";
-const VERSION: u8 = 1;
-const HEADER_LEN: u64 = 32;
+/// The version written; [`V1`] is read too.
+const VERSION: u8 = 2;
+const V1: u8 = 1;
+/// The header's length in the version written ([`V1_HEADER_LEN`] in version 1).
+const HEADER_LEN: u64 = 40;
+const V1_HEADER_LEN: u64 = 32;
+/// The most stderr a result keeps (see [`STDERR_MAX`] in `command`): a larger length
+/// in a header is damage.
+const STDERR_READ_MAX: u64 = 2 << 20;
 /// Far above any real metadata (a command line and a few numbers).
 const META_MAX: u64 = 1 << 20;
 /// Results up to this size are read and checked in one go; larger ones are streamed.
@@ -58,6 +73,23 @@ impl Meta {
         let written = crate::values::epoch_ms(self.written_at_ms)?;
         now.duration_since(written).ok()
     }
+}
+
+/// What ends a stored stderr that was cut short.
+const STDERR_CUT: &[u8] = b"\n[singleflight: the rest of this stderr was not stored]\n";
+
+/// `stderr` as it fits in `room` bytes: itself, or its start and a line that says the
+/// rest was not stored (nothing at all where not even that line fits).
+pub fn fit_stderr(stderr: &[u8], room: u64) -> std::borrow::Cow<'_, [u8]> {
+    if stderr.len() as u64 <= room {
+        return stderr.into();
+    }
+    let Some(start) = (room as usize).checked_sub(STDERR_CUT.len()) else {
+        return Vec::new().into();
+    };
+    let mut cut = stderr[..start].to_vec();
+    cut.extend_from_slice(STDERR_CUT);
+    cut.into()
 }
 
 /// A digest of argv that tells results of different commands apart.
@@ -122,6 +154,8 @@ impl Invalid {
 pub struct Entry {
     pub meta: Meta,
     pub body: Body,
+    /// The run's stderr, as stored (empty in a version-1 result).
+    pub stderr: Vec<u8>,
 }
 
 /// Reads and checks the result at `path`: `Ok(None)` if there is none,
@@ -132,29 +166,13 @@ pub fn read(path: &Path) -> io::Result<Result<Option<Entry>, Invalid>> {
         Opened::Missing => return Ok(Ok(None)),
         Opened::NotAFile => return Ok(Err(Invalid::NotAFile)),
     };
-    if file_len < HEADER_LEN {
+    if file_len < V1_HEADER_LEN {
         return Ok(Err(Invalid::Truncated));
     }
     if file_len <= READ_WHOLE_MAX {
         let mut bytes = vec![0; file_len as usize];
         file.read_exact(&mut bytes)?;
-        let header = match Header::parse(&bytes, file_len) {
-            Ok(header) => header,
-            Err(invalid) => return Ok(Err(invalid)),
-        };
-        if xxh3_64(&bytes[HEADER_LEN as usize..]) != header.checksum {
-            return Ok(Err(Invalid::Corrupt));
-        }
-        let body_end = (HEADER_LEN + header.body_len) as usize;
-        let Ok(meta) = serde_json::from_slice(&bytes[body_end..]) else {
-            return Ok(Err(Invalid::Corrupt));
-        };
-        let body = Body::Memory {
-            bytes,
-            start: HEADER_LEN as usize,
-            end: body_end,
-        };
-        return Ok(Ok(Some(Entry { meta, body })));
+        return Ok(from_bytes(bytes).map(Some));
     }
     // Large: check the checksum in one streaming pass, print in a second. The file is
     // never written in place (only replaced by rename), so both passes see one version.
@@ -164,10 +182,12 @@ pub fn read(path: &Path) -> io::Result<Result<Option<Entry>, Invalid>> {
         Ok(header) => header,
         Err(invalid) => return Ok(Err(invalid)),
     };
+    file.seek(SeekFrom::Start(header.len))?;
     let mut hasher = Xxh3::new();
     let mut buffer = vec![0; 256 * 1024];
-    let mut meta_bytes = Vec::with_capacity(header.meta_len as usize);
-    let mut offset = HEADER_LEN;
+    // What follows the body: stderr and metadata, both bounded by the header check.
+    let mut after = Vec::with_capacity((header.stderr_len + header.meta_len) as usize);
+    let mut offset = header.len;
     loop {
         let n = file.read(&mut buffer)?;
         if n == 0 {
@@ -175,58 +195,87 @@ pub fn read(path: &Path) -> io::Result<Result<Option<Entry>, Invalid>> {
         }
         let chunk = &buffer[..n];
         hasher.update(chunk);
-        let body_end = HEADER_LEN + header.body_len;
-        let meta_from = body_end.saturating_sub(offset).min(n as u64) as usize;
-        meta_bytes.extend_from_slice(&chunk[meta_from..]);
+        let body_end = header.len + header.body_len;
+        let after_from = body_end.saturating_sub(offset).min(n as u64) as usize;
+        after.extend_from_slice(&chunk[after_from..]);
         offset += n as u64;
     }
     if offset != file_len {
         return Ok(Err(Invalid::Truncated));
     }
-    if hasher.digest() != header.checksum {
+    if hasher.digest() != header.checksum
+        || after.len() as u64 != header.stderr_len + header.meta_len
+    {
         return Ok(Err(Invalid::Corrupt));
     }
+    let meta_bytes = after.split_off(header.stderr_len as usize);
     let Ok(meta) = serde_json::from_slice(&meta_bytes) else {
         return Ok(Err(Invalid::Corrupt));
     };
     let body = Body::File {
         file,
-        offset: HEADER_LEN,
+        offset: header.len,
         len: header.body_len,
         tail: Vec::new(),
     };
-    Ok(Ok(Some(Entry { meta, body })))
+    Ok(Ok(Some(Entry {
+        meta,
+        body,
+        stderr: after,
+    })))
 }
 
 struct Header {
+    /// The header's own length: [`HEADER_LEN`], or [`V1_HEADER_LEN`] in version 1.
+    len: u64,
     body_len: u64,
+    stderr_len: u64,
     meta_len: u64,
     checksum: u64,
 }
 
 impl Header {
+    /// Parses the header at the start of `bytes` (at least [`V1_HEADER_LEN`] of them;
+    /// a version-2 header needs [`HEADER_LEN`]) of a result `file_len` long.
     fn parse(bytes: &[u8], file_len: u64) -> Result<Header, Invalid> {
-        let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
-        if &bytes[..7] != MAGIC {
+        let word = |i: usize| -> Result<u64, Invalid> {
+            let word = bytes.get(i..i + 8).ok_or(Invalid::Truncated)?;
+            Ok(u64::from_le_bytes(
+                word.try_into().map_err(|_| Invalid::Truncated)?,
+            ))
+        };
+        if bytes.get(..7) != Some(MAGIC.as_slice()) {
             return Err(Invalid::Foreign);
         }
-        match bytes[7] {
-            VERSION => {}
+        let header = match bytes[7] {
+            VERSION if file_len < HEADER_LEN => return Err(Invalid::Truncated),
+            VERSION => Header {
+                len: HEADER_LEN,
+                body_len: word(8)?,
+                stderr_len: word(16)?,
+                meta_len: word(24)?,
+                checksum: word(32)?,
+            },
+            V1 => Header {
+                len: V1_HEADER_LEN,
+                body_len: word(8)?,
+                stderr_len: 0,
+                meta_len: word(16)?,
+                checksum: word(24)?,
+            },
             newer if newer > VERSION => return Err(Invalid::Newer(newer)),
             _ => return Err(Invalid::Foreign),
-        }
-        let header = Header {
-            body_len: word(8),
-            meta_len: word(16),
-            checksum: word(24),
         };
-        // Metadata is a few hundred bytes; a huge length is damage, and must not make a
-        // reader collect a damaged multi-GB file in memory before the checksum fails.
-        if header.meta_len > META_MAX {
+        // Metadata is a few hundred bytes, stderr at most a few MiB; a huge length is
+        // damage, and must not make a reader collect a damaged multi-GB file in memory
+        // before the checksum fails.
+        if header.meta_len > META_MAX || header.stderr_len > STDERR_READ_MAX {
             return Err(Invalid::Corrupt);
         }
-        let expected = HEADER_LEN
+        let expected = header
+            .len
             .checked_add(header.body_len)
+            .and_then(|n| n.checked_add(header.stderr_len))
             .and_then(|n| n.checked_add(header.meta_len));
         match expected {
             Some(len) if len == file_len => Ok(header),
@@ -235,13 +284,15 @@ impl Header {
         }
     }
 
+    /// The header of the version written.
     fn to_bytes(&self) -> [u8; HEADER_LEN as usize] {
         let mut bytes = [0; HEADER_LEN as usize];
         bytes[..7].copy_from_slice(MAGIC);
         bytes[7] = VERSION;
         bytes[8..16].copy_from_slice(&self.body_len.to_le_bytes());
-        bytes[16..24].copy_from_slice(&self.meta_len.to_le_bytes());
-        bytes[24..32].copy_from_slice(&self.checksum.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.stderr_len.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.meta_len.to_le_bytes());
+        bytes[32..40].copy_from_slice(&self.checksum.to_le_bytes());
         bytes
     }
 }
@@ -250,50 +301,56 @@ impl Header {
 /// metadata), for a backend that stores values rather than files (etcd), so that a
 /// value is checked exactly as a file is.
 #[cfg(any(feature = "etcd", test))]
-pub fn to_bytes(body: &[u8], meta: &Meta) -> Vec<u8> {
+pub fn to_bytes(body: &[u8], stderr: &[u8], meta: &Meta) -> Vec<u8> {
     let meta_bytes = serde_json::to_vec(meta).expect("Meta serializes");
     let mut hasher = Xxh3::new();
     hasher.update(body);
+    hasher.update(stderr);
     hasher.update(&meta_bytes);
     let header = Header {
+        len: HEADER_LEN,
         body_len: body.len() as u64,
+        stderr_len: stderr.len() as u64,
         meta_len: meta_bytes.len() as u64,
         checksum: hasher.digest(),
     };
-    let mut bytes = Vec::with_capacity(HEADER_LEN as usize + body.len() + meta_bytes.len());
+    let mut bytes =
+        Vec::with_capacity(HEADER_LEN as usize + body.len() + stderr.len() + meta_bytes.len());
     bytes.extend_from_slice(&header.to_bytes());
     bytes.extend_from_slice(body);
+    bytes.extend_from_slice(stderr);
     bytes.extend_from_slice(&meta_bytes);
     bytes
 }
 
-/// How long [`to_bytes`] of a body of `body_len` bytes is, to check a size limit
-/// before reading the body into memory.
+/// How long [`to_bytes`] of a body of `body_len` bytes and a stderr of `stderr_len`
+/// is, to check a size limit before reading the body into memory.
 #[cfg(any(feature = "etcd", test))]
-pub fn encoded_len(body_len: u64, meta: &Meta) -> u64 {
+pub fn encoded_len(body_len: u64, stderr_len: u64, meta: &Meta) -> u64 {
     let meta_len = serde_json::to_vec(meta).expect("Meta serializes").len() as u64;
-    HEADER_LEN + body_len + meta_len
+    HEADER_LEN + body_len + stderr_len + meta_len
 }
 
-/// Checks a result held in memory (see [`to_bytes`]): `Err` if the bytes are not a
-/// complete result of this format.
-#[cfg(any(feature = "etcd", test))]
+/// Checks a result held in memory (a whole small file, or a value from etcd; see
+/// [`to_bytes`]): `Err` if the bytes are not a complete result of a version read.
 pub fn from_bytes(bytes: Vec<u8>) -> Result<Entry, Invalid> {
     let len = bytes.len() as u64;
-    if len < HEADER_LEN {
+    if len < V1_HEADER_LEN {
         return Err(Invalid::Truncated);
     }
     let header = Header::parse(&bytes, len)?;
-    if xxh3_64(&bytes[HEADER_LEN as usize..]) != header.checksum {
+    if xxh3_64(&bytes[header.len as usize..]) != header.checksum {
         return Err(Invalid::Corrupt);
     }
-    let body_end = (HEADER_LEN + header.body_len) as usize;
-    let meta = serde_json::from_slice(&bytes[body_end..]).map_err(|_| Invalid::Corrupt)?;
+    let body_end = (header.len + header.body_len) as usize;
+    let stderr_end = body_end + header.stderr_len as usize;
+    let meta = serde_json::from_slice(&bytes[stderr_end..]).map_err(|_| Invalid::Corrupt)?;
     Ok(Entry {
         meta,
+        stderr: bytes[body_end..stderr_end].to_vec(),
         body: Body::Memory {
             bytes,
-            start: HEADER_LEN as usize,
+            start: header.len as usize,
             end: body_end,
         },
     })
@@ -330,7 +387,7 @@ mod tests {
             writer.write(chunk);
         }
         assert_eq!(
-            printed(writer.save(&meta(), &path, store).ok().unwrap()),
+            printed(writer.save(&meta(), b"warn\n", &path, store).ok().unwrap()),
             body
         );
         path
@@ -348,6 +405,7 @@ mod tests {
             let path = write_entry(&store, &body);
             let entry = read(&path).unwrap().unwrap().unwrap();
             assert_eq!(entry.meta.command, "echo hi");
+            assert_eq!(entry.stderr, b"warn\n");
             assert_eq!(printed(entry.body), body);
         }
     }
@@ -372,6 +430,46 @@ mod tests {
         assert_eq!(read(&path).unwrap().err(), Some(Invalid::Foreign));
     }
 
+    /// A version-1 result (what singleflight wrote before stderr was stored) is read
+    /// as one with no stderr; a version above ours is left alone.
+    #[test]
+    fn version_1_is_read_and_a_newer_one_refused() {
+        let meta_bytes = serde_json::to_vec(&meta()).unwrap();
+        let body = b"old\n";
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(MAGIC);
+        v1.push(1);
+        v1.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        v1.extend_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
+        let mut hasher = Xxh3::new();
+        hasher.update(body);
+        hasher.update(&meta_bytes);
+        v1.extend_from_slice(&hasher.digest().to_le_bytes());
+        v1.extend_from_slice(body);
+        v1.extend_from_slice(&meta_bytes);
+        let entry = from_bytes(v1.clone()).ok().unwrap();
+        assert!(entry.stderr.is_empty());
+        assert_eq!(printed(entry.body), body);
+        for len in 0..v1.len() {
+            assert!(
+                from_bytes(v1[..len].to_vec()).is_err(),
+                "truncated to {len}"
+            );
+        }
+        let mut newer = to_bytes(body, b"", &meta());
+        newer[7] = VERSION + 1;
+        assert_eq!(from_bytes(newer).err(), Some(Invalid::Newer(VERSION + 1)));
+    }
+
+    #[test]
+    fn stderr_is_cut_to_fit_with_a_note() {
+        assert_eq!(&*fit_stderr(b"short", 5), b"short");
+        let cut = fit_stderr(&[b'x'; 1000], 200);
+        assert_eq!(cut.len(), 200);
+        assert!(cut.ends_with(STDERR_CUT));
+        assert!(fit_stderr(&[b'x'; 1000], 3).is_empty());
+    }
+
     #[test]
     fn digests_tell_argv_apart() {
         let d = |args: &[&str]| argv_digest(&args.iter().map(OsString::from).collect::<Vec<_>>());
@@ -394,10 +492,14 @@ mod tests {
     #[test]
     fn bytes_round_trip_and_refuse_damage() {
         let body = b"hello from etcd\n";
-        let bytes = to_bytes(body, &meta());
-        assert_eq!(bytes.len() as u64, encoded_len(body.len() as u64, &meta()));
+        let bytes = to_bytes(body, b"err\n", &meta());
+        assert_eq!(
+            bytes.len() as u64,
+            encoded_len(body.len() as u64, 4, &meta())
+        );
         let entry = from_bytes(bytes.clone()).ok().unwrap();
         assert_eq!(entry.meta.command, "echo hi");
+        assert_eq!(entry.stderr, b"err\n");
         assert_eq!(printed(entry.body), body);
         for len in 0..bytes.len() {
             assert!(

@@ -136,9 +136,11 @@ impl EntryWriter {
 
     /// Completes the file and renames it over `path`. On error the output is handed
     /// back for printing, and whatever was at `path` is untouched.
+    /// `stderr` is stored after the body, before the metadata.
     pub fn save(
         mut self,
         meta: &Meta,
+        stderr: &[u8],
         path: &Path,
         store: &Store,
     ) -> Result<Body, (io::Error, Body)> {
@@ -150,13 +152,17 @@ impl EntryWriter {
             return Err((error, self.into_body()));
         };
         let meta_bytes = serde_json::to_vec(meta).expect("Meta serializes");
+        self.hasher.update(stderr);
         self.hasher.update(&meta_bytes);
         let header = Header {
+            len: HEADER_LEN,
             body_len: self.written,
+            stderr_len: stderr.len() as u64,
             meta_len: meta_bytes.len() as u64,
             checksum: self.hasher.digest(),
         };
         let finished = (|| {
+            temp.write_all(stderr)?;
             temp.write_all(&meta_bytes)?;
             temp.seek(SeekFrom::Start(0))?;
             temp.write_all(&header.to_bytes())?;

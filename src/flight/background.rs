@@ -67,8 +67,11 @@ impl Flight {
     ) -> Result<(u32, Option<io::PipeReader>)> {
         use std::process::Stdio;
         let mut command = refresher_command()?;
+        // With --stdin the refresher reads what this caller read, from a file of its
+        // own (unlinked: nothing to clean up, and no other caller's to mix up).
+        let stdin = self.stdin_file()?.map_or_else(Stdio::null, Stdio::from);
         command
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         #[cfg(unix)]

@@ -288,6 +288,9 @@ impl Flight {
             .entry
             .context("internal error: no result to serve (a decision served a missing one)")?;
         let status = entry.meta.exit_code;
+        if self.opts.replay_stderr && !entry.stderr.is_empty() {
+            replay_stderr(&entry.stderr);
+        }
         self.print(entry.body)?;
         Ok(status)
     }
@@ -307,6 +310,17 @@ fn refresh_note(call: &Call) -> String {
         Some(pid) => format!("refresh started in background (pid {pid})"),
         None => "no refresh started".to_owned(),
     }
+}
+
+/// Writes a served result's stored stderr to ours, before its stdout: whoever reads
+/// both in one place (a terminal, a hook's log) sees the reason first, then the output,
+/// as most tools print them; and a reader of stdout alone (a status line) does not wait
+/// on it. Best effort: a closed stderr does not keep the result from being served.
+fn replay_stderr(stderr: &[u8]) {
+    use std::io::Write;
+    let mut out = io::stderr().lock();
+    let _ = out.write_all(stderr);
+    let _ = out.flush();
 }
 
 /// Writes to fd 1 without std's line buffering: a result goes out in as few writes as

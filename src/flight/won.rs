@@ -180,7 +180,7 @@ impl Flight {
         if cache_it {
             let written_at_ms = entry::now_ms(SystemTime::now());
             let meta = self.meta(status, written_at_ms, finished.duration);
-            let body = match held.save_result(finished.stdout, &meta) {
+            let body = match held.save_result(finished.stdout, &finished.stderr, &meta) {
                 Ok(body) => {
                     self.say.decided(format_args!(
                         "{}; ran the command: {what}; cached",
@@ -259,8 +259,13 @@ impl Flight {
             ..RunRecord::default()
         };
         self.write_run_record(&run_record);
-        let spec = RunSpec {
+        let stdin = match io {
+            Io::Log(_) => None,
+            Io::Capture | Io::Inherit => self.stdin_file()?,
+        };
+        let mut spec = RunSpec {
             argv: &self.opts.command,
+            stdin,
             pass_stderr: !matches!(io, Io::Log(_)),
             io,
             timeout,
@@ -270,7 +275,7 @@ impl Flight {
             env: held.env(),
             abort: held.abort(),
         };
-        let finished = command::run(&spec, writer, |pid| {
+        let finished = command::run(&mut spec, writer, |pid| {
             run_record.pid = pid;
             run_record.start_ticks = reap::start_ticks(pid);
             self.write_run_record(&run_record);
@@ -288,6 +293,34 @@ impl Flight {
             return Err(Exit::new(finished.outcome.exit_status(), message).into());
         }
         Ok(finished)
+    }
+
+    /// What `--stdin` read, in an unlinked temp file in the cache dir, ready to be a
+    /// process's stdin (the run's, or a refresher's): `None` without `--stdin`.
+    pub(super) fn stdin_file(&self) -> Result<Option<fs::File>> {
+        use std::io::{Seek, Write};
+        let Some(bytes) = &self.opts.stdin_bytes else {
+            return Ok(None);
+        };
+        let file = (|| {
+            let temp = self.slot.store().temp_file(&self.opts.name)?;
+            let (mut file, path) = temp.into_parts();
+            drop(path);
+            file.write_all(bytes)?;
+            file.rewind()?;
+            Ok::<_, std::io::Error>(file)
+        })();
+        let file = file.map_err(|e| {
+            Exit::new(
+                Status::Internal,
+                format!(
+                    "{}: cannot keep stdin for the command in the cache dir: {e}; the \
+                     command was not run",
+                    self.opts.name
+                ),
+            )
+        })?;
+        Ok(Some(file))
     }
 
     /// The metadata of a result of this call's command.

@@ -41,7 +41,14 @@ impl Lock for FleetLock {
     /// before the waiters are let go).
     /// The output is read back from the local temp file (at most the value limit, see
     /// `Slot::output_cap`).
-    fn save_result(&self, stdout: EntryWriter, meta: &Meta) -> Result<Body, Unsaved> {
+    /// stderr is stored after stdout in what is left of the value limit, cut short
+    /// (with a line that says so) where it does not fit: stdout is the result.
+    fn save_result(
+        &self,
+        stdout: EntryWriter,
+        stderr: &[u8],
+        meta: &Meta,
+    ) -> Result<Body, Unsaved> {
         // A write error of the temp file left the rest in memory: all of it is here.
         let body = stdout.into_body();
         let mut bytes = Vec::with_capacity(body.len() as usize);
@@ -51,7 +58,11 @@ impl Lock for FleetLock {
                 body: memory(bytes),
             });
         }
-        let value = entry::to_bytes(&bytes, meta);
+        let room = self
+            .max_value
+            .saturating_sub(entry::encoded_len(bytes.len() as u64, 0, meta));
+        let stderr = entry::fit_stderr(stderr, room);
+        let value = entry::to_bytes(&bytes, &stderr, meta);
         let out = memory(bytes);
         if let Err(too_large) = check_size(value.len() as u64, self.max_value) {
             return Err(Unsaved {

@@ -374,7 +374,7 @@ impl Place for FleetPlace {
         Some(
             self.fleet
                 .max_value
-                .saturating_sub(entry::encoded_len(0, meta)),
+                .saturating_sub(entry::encoded_len(0, 0, meta)),
         )
     }
 
