@@ -12,6 +12,7 @@ use super::{Call, Flight};
 use crate::backend::Held;
 use crate::decide::{self, OnLost, Seen, Step};
 use crate::entry::Body;
+use crate::reap;
 use crate::values::Refresher;
 
 /// The head of a handed-back result: its status and the length of its reason.
@@ -66,7 +67,8 @@ impl Flight {
         wait: bool,
     ) -> Result<(u32, Option<io::PipeReader>)> {
         use std::process::Stdio;
-        let mut command = refresher_command()?;
+        let mut command =
+            reap::own_executable().context("cannot find singleflight's own executable")?;
         // With --stdin the refresher reads what this caller read, from a file of its
         // own (unlinked: nothing to clean up, and no other caller's to mix up).
         let stdin = self.stdin_file()?.map_or_else(Stdio::null, Stdio::from);
@@ -85,37 +87,23 @@ impl Flight {
         let hand_back = None;
         #[cfg(not(unix))]
         let _ = wait;
+        // The lock (and the hand-back pipe) are the only fds the refresher inherits.
         #[cfg(unix)]
-        {
-            use std::os::fd::{AsRawFd, BorrowedFd};
-            use std::os::unix::process::CommandExt;
-            let lock = held.inheritable_fd();
+        let inherit = {
+            use std::os::fd::AsRawFd;
             let hand_back = pipe.as_ref().map(AsRawFd::as_raw_fd);
-            close_others_on_exec(&[lock, hand_back]);
-            // SAFETY: only async-signal-safe syscalls between fork and exec; the fds
-            // are open in the child, copies of ours.
-            unsafe {
-                command.pre_exec(move || {
-                    rustix::process::setsid()?;
-                    for fd in [lock, hand_back].into_iter().flatten() {
-                        let fd = BorrowedFd::borrow_raw(fd);
-                        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
-                    }
-                    Ok(())
-                });
-            }
             if let Some(fd) = hand_back {
                 command.arg(format!("--hand-back={fd}"));
             }
-        }
+            [held.inheritable_fd(), hand_back]
+        };
+        #[cfg(not(unix))]
+        let inherit: [Option<i32>; 0] = [];
         command
             .arg(held.refresher_arg())
             .args(std::env::args_os().skip(1));
-        #[cfg(windows)]
-        let child = windows::spawn_detached(&mut command);
-        #[cfg(not(windows))]
-        let child = command.spawn();
-        let child = child.context("cannot start the background refresher")?;
+        let child = reap::spawn_detached(&mut command, &inherit)
+            .context("cannot start the background refresher")?;
         // Our copy of the write end goes now: the pipe ends when the refresher does.
         #[cfg(unix)]
         drop(pipe);
@@ -131,7 +119,7 @@ impl Flight {
     pub(super) fn refresh(&self, call: &mut Call, handover: Refresher) -> Result<i32> {
         // Taken first, so that it is close-on-exec before the command starts: a
         // process of the run holding it would keep the caller waiting.
-        let hand_back = self.opts.hand_back.and_then(adopt_pipe);
+        let hand_back = self.opts.hand_back.and_then(reap::adopt_pipe);
         // SAFETY: a handed FD is from our own command line (`--refresher`, internal):
         // the caller started us with it open, and this is the one place that claims it.
         let Some(held) = (unsafe { self.slot.place().take_handed(handover)? }) else {
@@ -201,115 +189,5 @@ fn hand_back_to(mut pipe: fs::File, status: i32, body: Body, unsaved: Option<Str
     head.extend_from_slice(reason.as_bytes());
     if io::Write::write_all(&mut pipe, &head).is_ok() {
         let _ = body.print(&mut pipe);
-    }
-}
-
-/// The write end of the pipe a `--background` caller handed its refresher
-/// (`--hand-back=FD`), made close-on-exec; `None` unless `fd` is open and a pipe.
-#[cfg(unix)]
-fn adopt_pipe(fd: i32) -> Option<fs::File> {
-    use std::os::fd::{BorrowedFd, FromRawFd};
-    if fd < 3 {
-        return None;
-    }
-    // SAFETY: borrowed for fcntl and fstat; a number that is not open fails (EBADF).
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_getfd(borrowed).ok()?;
-    let stat = rustix::fs::fstat(borrowed).ok()?;
-    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Fifo {
-        return None;
-    }
-    rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC).ok()?;
-    // SAFETY: an open pipe that our caller passed to us for this one purpose; nothing
-    // else in this process knows the number.
-    Some(unsafe { fs::File::from_raw_fd(fd) })
-}
-
-#[cfg(not(unix))]
-fn adopt_pipe(_fd: i32) -> Option<fs::File> {
-    None
-}
-
-/// The command that starts a refresher: this very executable. On Linux through
-/// /proc/self/exe, which works even after the binary was replaced on disk; the
-/// process keeps its usual name for `ps` and `pgrep`.
-fn refresher_command() -> Result<std::process::Command> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if std::path::Path::new("/proc/self/exe").exists() {
-        use std::os::unix::process::CommandExt;
-        let mut command = std::process::Command::new("/proc/self/exe");
-        let name = std::env::args_os()
-            .next()
-            .unwrap_or_else(|| "singleflight".into());
-        command.arg0(name);
-        return Ok(command);
-    }
-    let exe = std::env::current_exe().context("cannot find singleflight's own executable")?;
-    Ok(std::process::Command::new(exe))
-}
-
-/// Marks every open file descriptor above stderr close-on-exec, except `keep`. std
-/// opens its own files that way already; this is for what we inherited without the
-/// flag (a shell's `3>&1`, a parent's leaked pipe), which a detached refresher must
-/// not hold. Safe to do to ourselves: a `--background` caller execs nothing else.
-#[cfg(unix)]
-fn close_others_on_exec(keep: &[Option<std::os::fd::RawFd>]) {
-    use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
-    use std::os::fd::{BorrowedFd, RawFd};
-    let listed = ["/proc/self/fd", "/dev/fd"].iter().find_map(|dir| {
-        let entries = fs::read_dir(dir).ok()?;
-        let fds = entries
-            .flatten()
-            .filter_map(|entry| entry.file_name().to_str()?.parse::<RawFd>().ok());
-        Some(fds.collect::<Vec<_>>())
-    });
-    let fds = listed.unwrap_or_else(|| {
-        // No fd listing: try every number up to the limit (bounded, to stay quick).
-        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-            .current
-            .unwrap_or(1024)
-            .min(1 << 16);
-        (3..limit as RawFd).collect()
-    });
-    for fd in fds
-        .into_iter()
-        .filter(|&fd| fd > 2 && !keep.contains(&Some(fd)))
-    {
-        // SAFETY: borrowed for two fcntl calls; a number that is not open (the
-        // listing's own fd, closed by now) fails with EBADF and is skipped.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        if let Ok(flags) = fcntl_getfd(borrowed)
-            && !flags.contains(FdFlags::CLOEXEC)
-        {
-            let _ = fcntl_setfd(borrowed, flags | FdFlags::CLOEXEC);
-        }
-    }
-}
-
-#[cfg(windows)]
-mod windows {
-    use std::io;
-    use std::os::windows::process::CommandExt;
-    use std::process::{Child, Command};
-
-    use windows_sys::Win32::System::Threading::{
-        CREATE_BREAKAWAY_FROM_JOB, CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW,
-    };
-
-    /// Starts the refresher apart from the caller: its own hidden console (no window
-    /// flashes up, closing the caller's terminal does not end it), its own process
-    /// group (the caller's Ctrl+C is not its), and out of the caller's Job Object when
-    /// that job allows it (a terminal or editor that kills its job on exit).
-    pub fn spawn_detached(command: &mut Command) -> io::Result<Child> {
-        let flags = CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP;
-        match command
-            .creation_flags(flags | CREATE_BREAKAWAY_FROM_JOB)
-            .spawn()
-        {
-            Ok(child) => Ok(child),
-            // ERROR_ACCESS_DENIED: the caller's job does not allow breaking away.
-            Err(e) if e.raw_os_error() == Some(5) => command.creation_flags(flags).spawn(),
-            Err(e) => Err(e),
-        }
     }
 }

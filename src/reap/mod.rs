@@ -15,10 +15,13 @@ use std::process::{Child, Command};
 
 use crate::record::RunRecord;
 
+mod detach;
 #[cfg(unix)]
 mod group;
 #[cfg(unix)]
 pub mod terminal;
+
+pub use detach::{adopt_pipe, own_executable, spawn_detached};
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod linux;
