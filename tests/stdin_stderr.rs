@@ -297,7 +297,7 @@ fn a_v1_result_written_by_the_previous_release_is_served() {
 }
 
 /// A result's stderr is stored in etcd with it: a hit on another machine replays it.
-#[cfg(feature = "etcd")]
+#[cfg(all(unix, feature = "etcd"))]
 #[test]
 fn stderr_round_trips_through_the_fleet() {
     use common::etcd::Etcd;
