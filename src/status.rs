@@ -78,6 +78,34 @@ pub struct NameStatus {
     /// NAMEs. While one runs, `in_flight` is true, `pid` is its supervisor,
     /// `command_pid` the instance and `run_started_at_ms` when it started.
     pub service: Option<ServiceStatus>,
+    /// An `--exclusive --slots N` NAME's run slots; `null` for other NAMEs. While any
+    /// is in use, `in_flight` is true and `pid` is the lowest slot's holder.
+    pub slots: Option<SlotsStatus>,
+}
+
+/// The run slots of an `--exclusive --slots N` NAME (key `slots` of [`NameStatus`]).
+#[derive(Debug, Serialize)]
+pub struct SlotsStatus {
+    /// The N in force: recorded by the last caller that found every slot free.
+    pub count: u32,
+    /// The slots in use: `[{"slot", "pid", "command_pid", "started_at_ms"}]`.
+    pub in_use: Vec<SlotInUse>,
+    /// How many callers wait for a slot; `null` where that cannot be counted (it can
+    /// on Linux).
+    pub waiters: Option<u32>,
+}
+
+/// One run slot in use.
+#[derive(Debug, Serialize)]
+pub struct SlotInUse {
+    /// Its number, 0 to N-1 (0 is the NAME's own lock).
+    pub slot: u32,
+    /// The singleflight that holds it.
+    pub pid: Option<u32>,
+    /// Its command (also its process group).
+    pub command_pid: Option<u32>,
+    /// When its run started.
+    pub started_at_ms: Option<u64>,
 }
 
 /// A `--service` NAME (key `service` of [`NameStatus`]).
@@ -214,6 +242,7 @@ fn look(
         command: None,
         last_failure: None,
         service: None,
+        slots: None,
     };
     match snapshot.result {
         Read::Found(found) => {
@@ -238,6 +267,30 @@ fn look(
         status.host = run.host;
         status.command_pid = run.command_pid;
         status.run_started_at_ms = run.started_at_ms;
+    }
+    if let Some(slots) = snapshot.slots {
+        if !status.in_flight
+            && let Some((_, run)) = slots.in_use.first()
+        {
+            status.in_flight = true;
+            status.pid = run.pid;
+            status.command_pid = run.command_pid;
+            status.run_started_at_ms = run.started_at_ms;
+        }
+        status.slots = Some(SlotsStatus {
+            count: slots.count,
+            in_use: slots
+                .in_use
+                .into_iter()
+                .map(|(slot, run)| SlotInUse {
+                    slot,
+                    pid: run.pid,
+                    command_pid: run.command_pid,
+                    started_at_ms: run.started_at_ms,
+                })
+                .collect(),
+            waiters: slots.waiters,
+        });
     }
     if let Some(failure) = snapshot.failure {
         status.last_failure = Some(FailureStatus {
@@ -273,7 +326,8 @@ fn look(
     let exists = status.state != "none"
         || status.in_flight
         || status.last_failure.is_some()
-        || status.service.is_some();
+        || status.service.is_some()
+        || status.slots.is_some();
     Ok(exists.then_some(status))
 }
 
@@ -298,6 +352,33 @@ fn decision_line(decision: &ServiceDecision) -> String {
             true => text.push_str("; next start now"),
             false => text.push_str(&format!("; next start in {}", format_duration(left))),
         }
+    }
+    text
+}
+
+/// `  slots: 2 of 3 in use, 4 waiting: #0 pid 41 for 3s, #2 pid 57 for 1s`.
+fn slots_line(slots: &SlotsStatus) -> String {
+    let now_ms = crate::entry::now_ms(SystemTime::now());
+    let mut text = format!("  slots: {} of {} in use", slots.in_use.len(), slots.count);
+    let each: Vec<String> = slots
+        .in_use
+        .iter()
+        .map(|s| {
+            let pid = s.pid.map_or("-".to_owned(), |pid| format!("pid {pid}"));
+            match s.started_at_ms {
+                Some(at) => {
+                    let took = Duration::from_millis(now_ms.saturating_sub(at));
+                    format!("#{} {pid} for {}", s.slot, format_duration(took))
+                }
+                None => format!("#{} {pid}", s.slot),
+            }
+        })
+        .collect();
+    if let Some(waiters) = slots.waiters {
+        text.push_str(&format!(", {waiters} waiting"));
+    }
+    if !each.is_empty() {
+        text.push_str(&format!(": {}", each.join(", ")));
     }
     text
 }
@@ -371,6 +452,9 @@ fn write_table(out: &mut impl Write, statuses: &[NameStatus]) -> io::Result<()> 
             if let Some(decision) = &service.decision {
                 writeln!(out, "{}", truncate(&decision_line(decision), TABLE_WIDTH))?;
             }
+        }
+        if let Some(slots) = &status.slots {
+            writeln!(out, "{}", truncate(&slots_line(slots), TABLE_WIDTH))?;
         }
         if let Some(failure) = &status.last_failure {
             let ago = format_duration(Duration::from_millis(failure.age_ms));

@@ -22,4 +22,5 @@ mod jobcontrol;
 mod keys;
 mod modes;
 mod startup;
+mod slots;
 mod status;

@@ -1,6 +1,8 @@
 //! `--exclusive`: every caller runs its own command, one at a time per NAME, with the
 //! run's timeout, tree kill and crash clean-up; nothing is cached. The lock is the
 //! NAME's one lock, so an exclusive run and a plain run of a NAME never overlap.
+//! With `--slots N` (N > 1) it is one of N run slots, the first of which is that lock
+//! (see `backend::semaphore`).
 
 use anyhow::Result;
 
@@ -17,6 +19,9 @@ impl Flight {
     /// stdout and stderr and exits with its status.
     pub(super) fn exclusive(&self) -> Result<i32> {
         self.slot.store().ensure()?;
+        if self.opts.slots > 1 {
+            return self.exclusive_in_a_slot();
+        }
         let held = match self.slot.try_lock()? {
             Some(held) => held,
             None => {
@@ -35,6 +40,39 @@ impl Flight {
             }
         };
         self.clean_up_after_crashes();
+        self.run_exclusive(held)
+    }
+
+    /// `--slots N`: waits up to `--wait` for one of the NAME's N run slots, then runs.
+    fn exclusive_in_a_slot(&self) -> Result<i32> {
+        let slots = self.opts.slots;
+        let held = self
+            .slot
+            .place()
+            .lock_slot_within(slots, self.opts.wait)?
+            .ok_or_else(|| {
+                let message = format!(
+                    "{}: all {slots} slots still in use after --wait {}; the command was not run",
+                    self.opts.name,
+                    human(self.opts.wait)
+                );
+                Exit::skipped(Status::NothingToServe, message)
+            })?;
+        self.say.decided(format_args!(
+            "took slot {} of {} of {}",
+            held.slot_index(),
+            self.opts.name,
+            slots
+        ));
+        match held.run_record() {
+            Some(run) => self.clean_up_after_crash_of(run),
+            None => self.clean_up_after_crashes(),
+        }
+        self.run_exclusive(held)
+    }
+
+    /// Runs the command holding `held` (the NAME's lock, or one of its run slots).
+    fn run_exclusive(&self, held: crate::backend::Held) -> Result<i32> {
         let unused = EntryWriter::discard();
         let finished =
             self.run_under_lock(&held, Io::Inherit, self.opts.timeout, u64::MAX, unused)?;

@@ -285,6 +285,7 @@ impl Place for FleetSlot {
             failure,
             key_values,
             service: None,
+            slots: None,
         })
     }
 
