@@ -47,7 +47,7 @@ _singleflight() {
 
     case "${cmd}" in
         singleflight)
-            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --background --exclusive --service --ready --start-limit --start-window --cache-failures --max-output --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --lease-ttl --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help --version status stop clear help"
+            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --background --exclusive --slots --service --ready --start-limit --start-window --cache-failures --max-output --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --lease-ttl --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help --version status stop clear help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -86,6 +86,10 @@ _singleflight() {
                     return 0
                     ;;
                 --key-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --slots)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_singleflight_global_optspecs
-    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= background exclusive service ready= start-limit= start-window= cache-failures max-output= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= lease-ttl= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
+    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= background exclusive slots= service ready= start-limit= start-window= cache-failures max-output= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= lease-ttl= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
 end
 
 function __fish_singleflight_needs_command
@@ -33,6 +33,7 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-after -
 complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-max -d 'Back-off that grows: each failed run in a row doubles the wait before the next run, from --retry-after up to this, with ±10% jitter; a good run resets it' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-env -d 'The result belongs to this variable\'s value (set and unset differ); repeatable' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-file -d 'The result belongs to this file\'s state: a change (write, rename over it, deletion) makes the next call a miss; repeatable' -r -F
+complete -c singleflight -n "__fish_singleflight_needs_command" -l slots -d 'With --exclusive: at most N runs of the NAME at once (a semaphore of N); the first N of callers that find every slot free holds until all have let go' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l ready -d 'With --service: a shell command that succeeds once the instance is ready (e.g. `curl -sf localhost:8080/health`); callers return once it does, or exit 75 when --wait runs out' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l start-limit -d 'With --service: an instance that was up (passed --ready; without one, lived 1s) and then ended is started again by the next caller at once, unless this many started within --start-window: that, or an instance that ended before it was up, is a crash loop, backed off as a failed run (--retry-after, --retry-max)' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l start-window -d 'With --service: the window of --start-limit' -r
