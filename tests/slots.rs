@@ -80,7 +80,11 @@ fn twelve_callers_with_three_slots_never_run_more_than_three_at_once() {
     }
     eprintln!("12 callers, --slots 3, 1 s each: {:?}", started.elapsed());
     assert_eq!(lines(&env, "starts").len(), 12, "every caller ran");
-    assert_eq!(read_number(&env, "max"), 3, "at most 3 at once, and 3 at some point");
+    assert_eq!(
+        read_number(&env, "max"),
+        3,
+        "at most 3 at once, and 3 at some point"
+    );
     assert_eq!(read_number(&env, "cur"), 0);
 }
 
@@ -115,7 +119,9 @@ fn a_sigkilled_holder_frees_its_slot_for_a_waiter() {
         killed_at.elapsed()
     );
     assert_status(&finish(waiter), 0);
-    wait_until("the guard killed the holder's tree", || alive(&mark).is_empty());
+    wait_until("the guard killed the holder's tree", || {
+        alive(&mark).is_empty()
+    });
     fs::write(env.path("gate.b"), "").expect("gate");
     assert_status(&finish(other), 0);
     let _ = finish(killed);
@@ -182,7 +188,10 @@ fn callers_that_disagree_on_n_use_the_n_in_force_until_every_slot_is_free() {
         "{}",
         stderr(&third)
     );
-    assert!(!env.path("ran.c").exists(), "a third run while 2 are in force");
+    assert!(
+        !env.path("ran.c").exists(),
+        "a third run while 2 are in force"
+    );
     // A caller without --slots waits for the NAME's own lock, slot 0, held by the first.
     let plain = finish(env.spawn([
         "--exclusive",
@@ -199,7 +208,11 @@ fn callers_that_disagree_on_n_use_the_n_in_force_until_every_slot_is_free() {
         fs::write(env.path(&format!("gate.{id}")), "").expect("gate");
         assert_status(&finish(caller), 0);
     }
-    assert_eq!(read_number(&env, "max"), 2, "never more than the 2 in force");
+    assert_eq!(
+        read_number(&env, "max"),
+        2,
+        "never more than the 2 in force"
+    );
     // Every slot is free: the next caller's N is the one in force.
     let fourth = spawn_slotted(&env, "3", &[], &holder("d"), "d");
     wait_until("the fourth caller holds a slot", || {
@@ -242,7 +255,10 @@ fn status_shows_each_slot_in_use_with_its_pid_and_the_waiters() {
     assert_eq!(seen["in_flight"], true);
     let table = env.run(["status", "w"]);
     let text = String::from_utf8_lossy(&table.output.stdout).into_owned();
-    assert!(text.contains("slots: 2 of 2 in use, 1 waiting: #0 pid"), "{text}");
+    assert!(
+        text.contains("slots: 2 of 2 in use, 1 waiting: #0 pid"),
+        "{text}"
+    );
     for (id, holder) in ["a", "b"].iter().zip(holders) {
         fs::write(env.path(&format!("gate.{id}")), "").expect("gate");
         assert_status(&finish(holder), 0);

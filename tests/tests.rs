@@ -21,6 +21,6 @@ mod input;
 mod jobcontrol;
 mod keys;
 mod modes;
-mod startup;
 mod slots;
+mod startup;
 mod status;

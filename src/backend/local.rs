@@ -10,9 +10,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 
 use super::semaphore;
-use super::{
-    Backend, Cleared, Files, Held, InFlight, Lock, Place, Read, Slots, Snapshot, Unsaved,
-};
+use super::{Backend, Cleared, Files, Held, InFlight, Lock, Place, Read, Slots, Snapshot, Unsaved};
 use crate::entry::{self, Body, EntryWriter, Meta};
 use crate::exit::{Exit, Status};
 use crate::key::SlotId;
@@ -379,12 +377,14 @@ fn remove_all(files: &[(&PathBuf, &'static str)]) -> Result<Cleared> {
 /// The run in flight under these paths' lock (see `LocalPlace::run_in_flight`).
 fn in_flight(paths: &Paths) -> Option<InFlight> {
     let run = current_run(paths)?;
-    lock::is_held(&paths.lock).unwrap_or(false).then(|| InFlight {
-        pid: Some(run.owner_pid),
-        command_pid: (run.pid != 0).then_some(run.pid),
-        started_at_ms: Some(run.started_at_ms),
-        host: None,
-    })
+    lock::is_held(&paths.lock)
+        .unwrap_or(false)
+        .then(|| InFlight {
+            pid: Some(run.owner_pid),
+            command_pid: (run.pid != 0).then_some(run.pid),
+            started_at_ms: Some(run.started_at_ms),
+            host: None,
+        })
 }
 
 /// The record of the run in flight, if it names a live process of this boot. A record

@@ -353,12 +353,10 @@ impl Flight {
     }
 
     fn write_run_record(&self, at: &std::path::Path, run: &RunRecord) {
-        let _ = self.slot.store().write_atomically(
-            &self.opts.name,
-            at,
-            &record::to_bytes(run),
-            false,
-        );
+        let _ =
+            self.slot
+                .store()
+                .write_atomically(&self.opts.name, at, &record::to_bytes(run), false);
     }
 
     pub(super) fn write_failure(
