@@ -61,6 +61,9 @@ pub struct Holder {
     pub owner: Vec<u8>,
 }
 
+/// Lock keys with their holders (see [`Client::holders`]).
+pub type Holders = Vec<(Vec<u8>, Holder)>;
+
 /// A value read from etcd.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Value {
@@ -324,7 +327,7 @@ impl Client {
 
     /// The lock keys that start with `prefix` (the run slots of `--slots`), each with
     /// its holder, in key order, and the revision of the store when they were read.
-    pub fn holders(&self, prefix: &[u8]) -> Result<(Vec<(Vec<u8>, Holder)>, i64), EtcdError> {
+    pub fn holders(&self, prefix: &[u8]) -> Result<(Holders, i64), EtcdError> {
         let answer = self.call(
             "/kv/range",
             json!({ "key": b64(prefix), "range_end": b64(&prefix_end(prefix)) }),

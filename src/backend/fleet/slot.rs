@@ -36,6 +36,16 @@ const CLOCK_SKEW: Duration = Duration::from_secs(1);
 /// How long `clear` waits for a run in flight between two looks at the lock.
 const CLEAR_WAIT: Duration = Duration::from_secs(3600);
 
+/// What one try at a run slot of `--slots` came to.
+enum Try {
+    /// This slot, with its lease and fencing token.
+    Taken(u32, Lease, FencingToken),
+    /// Every slot in force is in use, as read at this revision.
+    AllInUse(i64),
+    /// Another caller took the slot, or changed the N in force, first.
+    Raced,
+}
+
 /// Who holds a lock, written into the lock key for `status`.
 #[derive(Serialize, Deserialize)]
 struct Owner {
@@ -167,12 +177,8 @@ impl FleetSlot {
 
     /// One try at a run slot: the first free one of the N in force (the recorded N
     /// while any slot is held, else `slots`), taken in a transaction that also checks
-    /// the recorded N is as read. `Err(seen)`: none was taken; `seen` is the revision
-    /// to watch from for a release.
-    fn try_slot(
-        &self,
-        slots: u32,
-    ) -> Result<Result<(u32, Lease, FencingToken), Option<i64>>, EtcdError> {
+    /// the recorded N is as read, with a lease of its own.
+    fn try_slot(&self, slots: u32) -> Result<Try, EtcdError> {
         let (count, count_revision) = self.recorded_count()?;
         let (holders, seen) = self.client().holders(&self.keys.lock)?;
         let count = match count {
@@ -181,7 +187,7 @@ impl FleetSlot {
         };
         let held = |key: &[u8]| holders.iter().any(|(held, _)| held == key);
         let Some(index) = (0..count).find(|index| !held(&self.slot_key(*index))) else {
-            return Ok(Err(Some(seen)));
+            return Ok(Try::AllInUse(seen));
         };
         // A lease of its own for each try: one granted before a long wait would expire.
         let client = self.client();
@@ -195,11 +201,11 @@ impl FleetSlot {
             format!("{count}\n").as_bytes(),
         );
         match taken {
-            Ok(Some(token)) => Ok(Ok((index, lease, token))),
+            Ok(Some(token)) => Ok(Try::Taken(index, lease, token)),
             // Lost a race for the slot or the count: look again at once.
             Ok(None) => {
                 let _ = client.revoke(lease.id);
-                Ok(Err(None))
+                Ok(Try::Raced)
             }
             Err(e) => {
                 let _ = client.revoke(lease.id);
@@ -321,19 +327,19 @@ impl Place for FleetSlot {
         let deadline = crate::values::later(Instant::now(), limit);
         let client = self.client();
         let (index, lease, token) = loop {
-            match self.try_slot(slots).map_err(|e| self.not_run(e))? {
-                Ok(taken) => break taken,
-                Err(seen) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    if let Some(seen) = seen {
-                        client
-                            .wait_any_released(&self.keys.lock, seen, left)
-                            .map_err(|e| self.not_run(e))?;
-                    }
-                }
+            let seen = match self.try_slot(slots).map_err(|e| self.not_run(e))? {
+                Try::Taken(index, lease, token) => break (index, lease, token),
+                Try::AllInUse(seen) => Some(seen),
+                Try::Raced => None,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            if let Some(seen) = seen {
+                client
+                    .wait_any_released(&self.keys.lock, seen, left)
+                    .map_err(|e| self.not_run(e))?;
             }
         };
         let mut slot = self.clone();
