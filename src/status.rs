@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::backend::{Backend, Cleared, Read};
 use crate::exit::{Exit, Status};
 use crate::key::{KeyValue, SlotId};
-use crate::record::{DecisionKind, ServiceDecision, ServiceExit};
+use crate::record::{DecisionKind, ExclusiveRun, ServiceDecision, ServiceExit};
 use crate::say::Say;
 use crate::store::Store;
 use crate::values::{Name, format_duration, format_size};
@@ -81,6 +81,9 @@ pub struct NameStatus {
     /// An `--exclusive --slots N` NAME's run slots; `null` for other NAMEs. While any
     /// is in use, `in_flight` is true and `pid` is the lowest slot's holder.
     pub slots: Option<SlotsStatus>,
+    /// The last run of an `--exclusive` NAME on this machine (which caches nothing):
+    /// `{"at_ms", "exit_code", "duration_ms", "command"}`; `null` for other NAMEs.
+    pub last_exclusive_run: Option<ExclusiveRun>,
 }
 
 /// The run slots of an `--exclusive --slots N` NAME (key `slots` of [`NameStatus`]).
@@ -243,6 +246,7 @@ fn look(
         last_failure: None,
         service: None,
         slots: None,
+        last_exclusive_run: None,
     };
     match snapshot.result {
         Read::Found(found) => {
@@ -292,6 +296,12 @@ fn look(
             waiters: slots.waiters,
         });
     }
+    if let Some(last) = snapshot.last_exclusive {
+        if status.command.is_none() {
+            status.command = Some(last.command.clone());
+        }
+        status.last_exclusive_run = Some(last);
+    }
     if let Some(failure) = snapshot.failure {
         status.last_failure = Some(FailureStatus {
             at_ms: failure.at_ms,
@@ -327,7 +337,8 @@ fn look(
         || status.in_flight
         || status.last_failure.is_some()
         || status.service.is_some()
-        || status.slots.is_some();
+        || status.slots.is_some()
+        || status.last_exclusive_run.is_some();
     Ok(exists.then_some(status))
 }
 
@@ -501,8 +512,9 @@ fn row(s: &NameStatus) -> [String; 8] {
         ms(s.age_ms),
         ms(s.ttl_ms),
         s.size_bytes.map_or("-".to_owned(), format_size),
-        match (s.duration_ms, s.exit_code) {
-            (Some(took), Some(code)) => format!("{} exit {code}", ms(Some(took))),
+        match (s.duration_ms, s.exit_code, &s.last_exclusive_run) {
+            (Some(took), Some(code), _) => format!("{} exit {code}", ms(Some(took))),
+            (_, _, Some(last)) => format!("{} exit {}", ms(Some(last.duration_ms)), last.exit_code),
             _ => "-".to_owned(),
         },
         match (s.in_flight, s.pid, &s.host) {

@@ -162,13 +162,25 @@ fn status_shows_a_services_command_and_a_stop_as_a_stop() {
 }
 
 #[test]
-#[ignore = "issue 29, not done yet: status does not list a NAME used only with --exclusive"]
 fn status_shows_a_name_used_only_with_exclusive() {
     let env = TestEnv::new();
-    assert_status(&env.call("ex", &["--exclusive"], &["true"]), 0);
+    assert_status(
+        &env.call("ex", &["--exclusive"], &["sh", "-c", "exit 3"]),
+        3,
+    );
     let out = env.run(["status", "ex"]);
     assert_status(&out, 0);
-    assert!(stdout(&out).contains("ex"), "{}", stdout(&out));
+    let table = stdout(&out);
+    assert!(table.contains("ex "), "{table}");
+    assert!(table.contains("exit 3"), "its last run: {table}");
+    assert!(table.contains("sh -c 'exit 3'"), "its command: {table}");
+    let out = env.run(["status", "--json", "ex"]);
+    assert_status(&out, 0);
+    let json = stdout(&out);
+    assert!(json.contains("\"last_exclusive_run\""), "{json}");
+    assert!(json.contains("\"exit_code\": 3"), "{json}");
+    assert_status(&env.run(["clear", "ex"]), 0);
+    assert_status(&env.run(["status", "ex"]), 1);
 }
 
 // 5. --timeout 0.

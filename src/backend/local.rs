@@ -258,15 +258,23 @@ impl Place for LocalPlace {
             key_values: record::load(&self.paths().key),
             service: record::load(&self.paths().service()),
             slots: self.slots(),
+            last_exclusive: record::load(&self.paths().last()),
         })
     }
 
     /// (Lock files stay: deleting one could split callers onto two locks.)
     fn clear(&self, name: &Name, say: &Say) -> Result<Cleared> {
         let paths = self.paths();
-        let anything = [&paths.lock, &paths.result, &paths.failure, &paths.key]
-            .iter()
-            .any(|path| path.exists());
+        let last = paths.last();
+        let anything = [
+            &paths.lock,
+            &paths.result,
+            &paths.failure,
+            &paths.key,
+            &last,
+        ]
+        .iter()
+        .any(|path| path.exists());
         if !anything {
             return Ok(Cleared::Nothing);
         }
@@ -281,7 +289,9 @@ impl Place for LocalPlace {
             }
         };
         let (service, ready, log) = (paths.service(), paths.ready(), paths.log());
+        let last = paths.last();
         remove_all(&[
+            (&last, "last run"),
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
             (&paths.key, "key values"),
@@ -301,7 +311,9 @@ impl Place for LocalPlace {
     fn clear_older(&self, name: &Name, older_than: Duration, say: &Say) -> Result<Cleared> {
         let paths = self.paths();
         let old = || {
+            let last = paths.last();
             let newest = [
+                &last,
                 &paths.result,
                 &paths.failure,
                 &paths.run,
@@ -335,8 +347,10 @@ impl Place for LocalPlace {
             reap::kill_remains(&run);
         }
         let (service, ready, log) = (paths.service(), paths.ready(), paths.log());
+        let last = paths.last();
         #[cfg_attr(windows, allow(unused_mut))]
         let mut files = vec![
+            (&last, "last run"),
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
             (&paths.run, "run record"),

@@ -25,7 +25,7 @@ use crate::abort::Abort;
 use crate::entry::{self, Body, Entry, EntryWriter, Invalid, Meta};
 use crate::etcd::{Endpoints, Prefix};
 use crate::key::{KeyValue, Resolved, SlotId};
-use crate::record::{self, Failure, ServiceRecord};
+use crate::record::{self, ExclusiveRun, Failure, ServiceRecord};
 use crate::say::Say;
 use crate::store::{Paths, Store};
 use crate::values::{Name, Refresher, later};
@@ -307,6 +307,8 @@ pub struct Snapshot {
     pub service: Option<ServiceRecord>,
     /// The run slots of an `--exclusive --slots N` NAME; `None` for other NAMEs.
     pub slots: Option<Slots>,
+    /// The last run of an `--exclusive` NAME (on this machine).
+    pub last_exclusive: Option<ExclusiveRun>,
 }
 
 /// The run slots of a NAME used with `--exclusive --slots N`, for `status`.

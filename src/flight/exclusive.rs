@@ -11,6 +11,7 @@ use crate::backend::OutputCap;
 use crate::command::{Io, Outcome};
 use crate::entry::EntryWriter;
 use crate::exit::{Exit, Status};
+use crate::record::ExclusiveRun;
 use crate::values::format_duration as human;
 
 impl Flight {
@@ -71,6 +72,24 @@ impl Flight {
         self.run_exclusive(held)
     }
 
+    /// Records the run that just ended for `status` (best effort: a NAME used only
+    /// with `--exclusive` caches nothing else to show).
+    fn record_last_run(&self, outcome: Outcome, took: std::time::Duration) {
+        let now = std::time::SystemTime::now();
+        let last = ExclusiveRun {
+            at_ms: crate::entry::now_ms(now),
+            exit_code: outcome.exit_status().code(),
+            duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            command: crate::entry::display_command(&self.opts.command),
+        };
+        let _ = self.slot.store().write_atomically(
+            &self.opts.name,
+            &self.slot.paths().last(),
+            &crate::record::to_bytes(&last),
+            false,
+        );
+    }
+
     /// Runs the command holding `held` (the NAME's lock, or one of its run slots).
     fn run_exclusive(&self, held: crate::backend::Held) -> Result<i32> {
         let unused = EntryWriter::discard();
@@ -78,6 +97,7 @@ impl Flight {
             self.run_under_lock(&held, Io::Inherit, self.opts.timeout, u64::MAX, unused)?;
         drop(held);
         let outcome = finished.outcome;
+        self.record_last_run(outcome, finished.duration);
         if let Outcome::Interrupted(signal) = outcome {
             return Err(Exit::killed_by(signal).into());
         }

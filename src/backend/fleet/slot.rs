@@ -411,6 +411,7 @@ impl Place for FleetSlot {
             key_values,
             service: None,
             slots,
+            last_exclusive: None,
         })
     }
 
