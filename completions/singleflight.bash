@@ -47,7 +47,7 @@ _singleflight() {
 
     case "${cmd}" in
         singleflight)
-            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --stdin --key-stdin --key-stdin-json --no-replay-stderr --background --exclusive --service --ready --start-limit --start-window --cache-failures --max-output --lease-ttl --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help --version status stop clear help"
+            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --stdin --key-stdin --key-stdin-json --no-replay-stderr --background --exclusive --slots --service --ready --start-limit --start-window --cache-failures --max-output --lease-ttl --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help --version status stop clear help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -90,6 +90,10 @@ _singleflight() {
                     return 0
                     ;;
                 --key-stdin-json)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --slots)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -28,6 +28,7 @@ set edit:completion:arg-completer[singleflight] = {|@words|
             cand --key-env 'The result belongs to this variable''s value (set and unset differ); repeatable'
             cand --key-file 'The result belongs to this file''s state: a change (write, rename over it, deletion) makes the next call a miss; repeatable'
             cand --key-stdin-json 'The result belongs to the value at this RFC 6901 JSON pointer (e.g. /session_id) in the JSON on stdin; a missing value is a key value of its own; stdin that is not JSON: exit 2, nothing runs (implies --stdin); repeatable'
+            cand --slots 'With --exclusive: at most N runs of the NAME at once (a semaphore of N); the first N of callers that find every slot free holds until all have let go'
             cand --ready 'With --service: a shell command that succeeds once the instance is ready (e.g. `curl -sf localhost:8080/health`); callers return once it does, or exit 75 when --wait runs out'
             cand --start-limit 'With --service: an instance that was up (passed --ready; without one, lived 1s) and then ended is started again by the next caller at once, unless this many started within --start-window: that, or an instance that ended before it was up, is a crash loop, backed off as a failed run (--retry-after, --retry-max)'
             cand --start-window 'With --service: the window of --start-limit'

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_singleflight_global_optspecs
-    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= stdin key-stdin key-stdin-json= no-replay-stderr background exclusive service ready= start-limit= start-window= cache-failures max-output= lease-ttl= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
+    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= stdin key-stdin key-stdin-json= no-replay-stderr background exclusive slots= service ready= start-limit= start-window= cache-failures max-output= lease-ttl= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
 end
 
 function __fish_singleflight_needs_command
@@ -34,6 +34,7 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l retry-max -d 
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-env -d 'The result belongs to this variable\'s value (set and unset differ); repeatable' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-file -d 'The result belongs to this file\'s state: a change (write, rename over it, deletion) makes the next call a miss; repeatable' -r -F
 complete -c singleflight -n "__fish_singleflight_needs_command" -l key-stdin-json -d 'The result belongs to the value at this RFC 6901 JSON pointer (e.g. /session_id) in the JSON on stdin; a missing value is a key value of its own; stdin that is not JSON: exit 2, nothing runs (implies --stdin); repeatable' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l slots -d 'With --exclusive: at most N runs of the NAME at once (a semaphore of N); the first N of callers that find every slot free holds until all have let go' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l ready -d 'With --service: a shell command that succeeds once the instance is ready (e.g. `curl -sf localhost:8080/health`); callers return once it does, or exit 75 when --wait runs out' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l start-limit -d 'With --service: an instance that was up (passed --ready; without one, lived 1s) and then ended is started again by the next caller at once, unless this many started within --start-window: that, or an instance that ended before it was up, is a crash loop, backed off as a failed run (--retry-after, --retry-max)' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l start-window -d 'With --service: the window of --start-limit' -r

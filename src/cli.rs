@@ -302,6 +302,17 @@ pub struct RunArgs {
     #[arg(long, conflicts_with_all = ["background", "cache_failures", "max_stale", "service"], help_heading = "Modes")]
     pub exclusive: bool,
 
+    /// With --exclusive: at most N runs of the NAME at once (a semaphore of N); the
+    /// first N of callers that find every slot free holds until all have let go
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "exclusive",
+        value_parser = clap::value_parser!(u32).range(1..=64),
+        help_heading = "Modes"
+    )]
+    pub slots: Option<u32>,
+
     /// Keep one long-lived instance of the command per NAME, started detached by the
     /// caller that finds none and supervised while it lives; output goes to NAME.log
     /// in the cache dir (capped by --max-output). --timeout bounds each --ready check
@@ -520,6 +531,8 @@ pub struct RunOptions {
     pub timeout: Duration,
     pub kill_after: Duration,
     pub wait: Duration,
+    /// `--slots`: how many `--exclusive` runs of the NAME may run at once (1 without it).
+    pub slots: u32,
     pub max_stale: Option<Duration>,
     pub retry_after: Duration,
     pub retry_max: Option<Duration>,
@@ -568,6 +581,7 @@ impl RunArgs {
             wait: self
                 .wait
                 .unwrap_or(self.timeout.saturating_add(self.kill_after)),
+            slots: self.slots.unwrap_or(1),
             retry_after: self.retry_after.unwrap_or(self.ttl),
             retry_max: self.retry_max,
             start_limit: self.start_limit,

@@ -107,6 +107,20 @@ pub struct ServiceExit {
     pub instance: u64,
 }
 
+/// The last run of an `--exclusive` NAME (`NAME.last`), which caches nothing, for
+/// `status` (key `last_exclusive_run`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExclusiveRun {
+    /// When it ended.
+    pub at_ms: u64,
+    /// The status its caller exited with.
+    pub exit_code: i32,
+    /// How long it ran.
+    pub duration_ms: u64,
+    /// Its command, quoted as a shell would need it.
+    pub command: String,
+}
+
 /// The identity of a run in flight, written by its winner before the command starts
 /// and removed once the whole tree is gone.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::backend::{Backend, Cleared, Read};
 use crate::exit::{Exit, Status};
 use crate::key::{KeyValue, SlotId};
-use crate::record::{DecisionKind, ServiceDecision, ServiceExit};
+use crate::record::{DecisionKind, ExclusiveRun, ServiceDecision, ServiceExit};
 use crate::say::Say;
 use crate::store::Store;
 use crate::values::{Name, format_duration, format_size, millis};
@@ -102,6 +102,37 @@ pub struct NameStatus {
     /// NAMEs. While one runs, `in_flight` is true, `pid` is its supervisor,
     /// `command_pid` the instance and `run_started_at_ms` when it started.
     pub service: Option<ServiceStatus>,
+    /// An `--exclusive --slots N` NAME's run slots; `null` for other NAMEs. While any
+    /// is in use, `in_flight` is true and `pid` is the lowest slot's holder.
+    pub slots: Option<SlotsStatus>,
+    /// The last run of an `--exclusive` NAME on this machine (which caches nothing):
+    /// `{"at_ms", "exit_code", "duration_ms", "command"}`; `null` for other NAMEs.
+    pub last_exclusive_run: Option<ExclusiveRun>,
+}
+
+/// The run slots of an `--exclusive --slots N` NAME (key `slots` of [`NameStatus`]).
+#[derive(Debug, Serialize)]
+pub struct SlotsStatus {
+    /// The N in force: recorded by the last caller that found every slot free.
+    pub count: u32,
+    /// The slots in use: `[{"slot", "pid", "command_pid", "started_at_ms"}]`.
+    pub in_use: Vec<SlotInUse>,
+    /// How many callers wait for a slot; `null` where that cannot be counted (it can
+    /// on Linux).
+    pub waiters: Option<u32>,
+}
+
+/// One run slot in use.
+#[derive(Debug, Serialize)]
+pub struct SlotInUse {
+    /// Its number, 0 to N-1 (0 is the NAME's own lock).
+    pub slot: u32,
+    /// The singleflight that holds it.
+    pub pid: Option<u32>,
+    /// Its command (also its process group).
+    pub command_pid: Option<u32>,
+    /// When its run started.
+    pub started_at_ms: Option<u64>,
 }
 
 /// A `--service` NAME (key `service` of [`NameStatus`]).
@@ -238,6 +269,8 @@ fn look(
         command: None,
         last_failure: None,
         service: None,
+        slots: None,
+        last_exclusive_run: None,
     };
     match snapshot.result {
         Read::Found(found) => {
@@ -262,6 +295,36 @@ fn look(
         status.host = run.host;
         status.command_pid = run.command_pid;
         status.run_started_at_ms = run.started_at_ms;
+    }
+    if let Some(slots) = snapshot.slots {
+        if !status.in_flight
+            && let Some((_, run)) = slots.in_use.first()
+        {
+            status.in_flight = true;
+            status.pid = run.pid;
+            status.command_pid = run.command_pid;
+            status.run_started_at_ms = run.started_at_ms;
+        }
+        status.slots = Some(SlotsStatus {
+            count: slots.count,
+            in_use: slots
+                .in_use
+                .into_iter()
+                .map(|(slot, run)| SlotInUse {
+                    slot,
+                    pid: run.pid,
+                    command_pid: run.command_pid,
+                    started_at_ms: run.started_at_ms,
+                })
+                .collect(),
+            waiters: slots.waiters,
+        });
+    }
+    if let Some(last) = snapshot.last_exclusive {
+        if status.command.is_none() {
+            status.command = Some(last.command.clone());
+        }
+        status.last_exclusive_run = Some(last);
     }
     if let Some(failure) = snapshot.failure {
         status.last_failure = Some(FailureStatus {
@@ -297,7 +360,9 @@ fn look(
     let exists = status.state != State::None
         || status.in_flight
         || status.last_failure.is_some()
-        || status.service.is_some();
+        || status.service.is_some()
+        || status.slots.is_some()
+        || status.last_exclusive_run.is_some();
     Ok(exists.then_some(status))
 }
 
@@ -322,6 +387,33 @@ fn decision_line(decision: &ServiceDecision) -> String {
             true => text.push_str("; next start now"),
             false => text.push_str(&format!("; next start in {}", format_duration(left))),
         }
+    }
+    text
+}
+
+/// `  slots: 2 of 3 in use, 4 waiting: #0 pid 41 for 3s, #2 pid 57 for 1s`.
+fn slots_line(slots: &SlotsStatus) -> String {
+    let now_ms = crate::entry::now_ms(SystemTime::now());
+    let mut text = format!("  slots: {} of {} in use", slots.in_use.len(), slots.count);
+    let each: Vec<String> = slots
+        .in_use
+        .iter()
+        .map(|s| {
+            let pid = s.pid.map_or("-".to_owned(), |pid| format!("pid {pid}"));
+            match s.started_at_ms {
+                Some(at) => {
+                    let took = Duration::from_millis(now_ms.saturating_sub(at));
+                    format!("#{} {pid} for {}", s.slot, format_duration(took))
+                }
+                None => format!("#{} {pid}", s.slot),
+            }
+        })
+        .collect();
+    if let Some(waiters) = slots.waiters {
+        text.push_str(&format!(", {waiters} waiting"));
+    }
+    if !each.is_empty() {
+        text.push_str(&format!(": {}", each.join(", ")));
     }
     text
 }
@@ -392,6 +484,9 @@ fn write_table(out: &mut impl Write, statuses: &[NameStatus]) -> io::Result<()> 
                 writeln!(out, "{}", truncate(&decision_line(decision), TABLE_WIDTH))?;
             }
         }
+        if let Some(slots) = &status.slots {
+            writeln!(out, "{}", truncate(&slots_line(slots), TABLE_WIDTH))?;
+        }
         if let Some(failure) = &status.last_failure {
             let ago = format_duration(Duration::from_millis(failure.age_ms));
             let mut text = format!("  last failure {ago} ago: {}", failure.reason);
@@ -437,8 +532,9 @@ fn row(s: &NameStatus) -> [String; 8] {
         ms(s.age_ms),
         ms(s.ttl_ms),
         s.size_bytes.map_or("-".to_owned(), format_size),
-        match (s.duration_ms, s.exit_code) {
-            (Some(took), Some(code)) => format!("{} exit {code}", ms(Some(took))),
+        match (s.duration_ms, s.exit_code, &s.last_exclusive_run) {
+            (Some(took), Some(code), _) => format!("{} exit {code}", ms(Some(took))),
+            (_, _, Some(last)) => format!("{} exit {}", ms(Some(last.duration_ms)), last.exit_code),
             _ => "-".to_owned(),
         },
         match (s.in_flight, s.pid, &s.host) {

@@ -56,6 +56,11 @@ impl Paths {
         self.result.with_extension("stopping")
     }
 
+    /// The last run of an `--exclusive` NAME (`NAME.last`), for `status`.
+    pub fn last(&self) -> PathBuf {
+        self.result.with_extension("last")
+    }
+
     /// A `--service` NAME's log, its instance's stdout and stderr (`NAME.log`).
     pub fn log(&self) -> PathBuf {
         self.result.with_extension("log")
@@ -272,7 +277,7 @@ impl Store {
                 let (stem, extension) = file.to_str()?.rsplit_once('.')?;
                 matches!(
                     extension,
-                    "result" | "lock" | "failure" | "run" | "key" | "service"
+                    "result" | "lock" | "failure" | "run" | "key" | "service" | "last"
                 )
                 .then(|| SlotId::parse(stem))?
             })

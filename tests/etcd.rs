@@ -1201,3 +1201,122 @@ fn a_lease_ttl_out_of_bounds_is_a_usage_error_naming_the_limit() {
         );
     }
 }
+
+/// `--exclusive --slots 2` across a fleet (issue 26): 3 machines × 6 callers never
+/// have more than 2 runs at once (counted under flock(1) in a dir they share), have 2
+/// at once at some point, all run, and each run gets its own fencing token.
+#[cfg(feature = "etcd")]
+#[test]
+fn two_slots_across_three_machines_never_run_more_than_two_at_once() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = Shared::new();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&etcd)).collect();
+    let dir = shared.dir.path().display().to_string();
+    let script = format!(
+        "cd '{dir}'; \
+         ( flock 9; c=$(( $(cat cur 2>/dev/null || echo 0) + 1 )); echo $c > cur; \
+           m=$(cat max 2>/dev/null || echo 0); [ $c -gt $m ] && echo $c > max; \
+           echo $SINGLEFLIGHT_FENCING_TOKEN >> tokens ) 9>counter.lock; \
+         sleep 0.3; \
+         ( flock 9; echo $(( $(cat cur) - 1 )) > cur ) 9>counter.lock"
+    );
+    let args = call_args(
+        "pool",
+        &["--exclusive", "--slots", "2", "--wait", "10m"],
+        &["sh", "-c", &script],
+    );
+    let callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|machine| (0..6).map(|_| machine.spawn(&args)))
+        .collect();
+    for caller in callers {
+        assert_status(&finish(caller), 0);
+    }
+    let mut tokens = shared.lines("tokens");
+    assert_eq!(tokens.len(), 18, "every caller ran: {tokens:?}");
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 18, "a fencing token of its own each");
+    let max = shared.lines("max");
+    assert_eq!(
+        max,
+        ["2"],
+        "at most 2 at once across the machines, and 2 at some point"
+    );
+    // Two holders on two machines: a third machine's status shows both slots.
+    let gate = shared.path("gate");
+    let hold = format!(
+        "touch '{dir}/held.'$1; while [ ! -e '{}' ]; do sleep 0.01; done",
+        gate.display()
+    );
+    let holders: Vec<Child> = ["a", "b"]
+        .iter()
+        .zip(&machines)
+        .map(|(id, machine)| {
+            let options = ["--exclusive", "--slots", "2", "--lease-ttl", "2s"];
+            let mut args = call_args("pool", &options, &["sh", "-c"]);
+            args.extend([hold.clone(), "sh".to_owned(), (*id).to_owned()]);
+            machine.spawn(&args)
+        })
+        .collect();
+    wait_until("both hold a slot", || {
+        shared.path("held.a").exists() && shared.path("held.b").exists()
+    });
+    let seen = machines[2].status_json(&["pool"]).expect("pool is known");
+    let slots = &seen[0]["slots"];
+    assert_eq!(slots["count"], 2, "{seen:?}");
+    let mut pids: Vec<u64> = slots["in_use"]
+        .as_array()
+        .expect("in_use")
+        .iter()
+        .map(|slot| slot["pid"].as_u64().expect("pid"))
+        .collect();
+    pids.sort_unstable();
+    let mut expected: Vec<u64> = holders.iter().map(|h| u64::from(h.id())).collect();
+    expected.sort_unstable();
+    assert_eq!(pids, expected, "{seen:?}");
+    // A waiter watches both slots, longer than its own lease would live (a lease taken
+    // before the wait would be gone by the time a slot is free); then one holder is
+    // SIGKILLed, and its slot comes free when its lease (2s) expires.
+    let waiter = machines[2].spawn(call_args(
+        "pool",
+        &[
+            "--exclusive",
+            "--slots",
+            "2",
+            "--lease-ttl",
+            "2s",
+            "--wait",
+            "10m",
+        ],
+        &["sh", "-c", &format!("touch '{dir}/ran.c'")],
+    ));
+    wait_until("the waiter watches the slots", || {
+        etcd.metric(0, "etcd_debugging_mvcc_watcher_total") == Some(1.0)
+    });
+    let watching = Instant::now();
+    wait_until("3s of waiting, more than a lease of 2s", || {
+        watching.elapsed() > std::time::Duration::from_secs(3)
+    });
+    let mut holders = holders.into_iter();
+    let killed = holders.next().expect("holder a");
+    let killed_at = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(killed.id()).expect("pid")).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("SIGKILL holder a");
+    wait_until("the waiter runs in the freed slot", || {
+        shared.path("ran.c").exists()
+    });
+    eprintln!(
+        "fleet: a SIGKILLed holder's slot (lease 2s) taken after {:?}",
+        killed_at.elapsed()
+    );
+    assert_status(&finish(waiter), 0);
+    let _ = finish(killed);
+    fs::write(&gate, "").expect("gate");
+    for holder in holders {
+        assert_status(&finish(holder), 0);
+    }
+}

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use common::{TestEnv, assert_status, finish, status, stderr, stdout, wait_until};
 use serde_json::{Map, Value};
 
-const KEYS: [&str; 18] = [
+const KEYS: [&str; 20] = [
     "name",
     "slot",
     "keys",
@@ -31,6 +31,8 @@ const KEYS: [&str; 18] = [
     "command",
     "last_failure",
     "service",
+    "slots",
+    "last_exclusive_run",
 ];
 const FAILURE_KEYS: [&str; 9] = [
     "consecutive_failures",

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 
-use super::{Backend, Cleared, Files, Held, InFlight, Lock, Place, Read, Snapshot, Unsaved};
+use super::semaphore;
+use super::{Backend, Cleared, Files, Held, InFlight, Lock, Place, Read, Slots, Snapshot, Unsaved};
 use crate::entry::{self, Body, EntryWriter, Meta};
 use crate::exit::{Exit, Status};
 use crate::key::SlotId;
@@ -83,9 +84,26 @@ impl LocalPlace {
     fn hold(&self, guard: LockGuard) -> Held {
         Box::new(LocalLock {
             guard,
+            index: 0,
             name: self.name.clone(),
             store: self.files.store.clone(),
             paths: self.files.paths.clone(),
+        })
+    }
+
+    /// The run slots of a NAME used with `--slots`, for `status`.
+    fn slots(&self) -> Option<Slots> {
+        let count = semaphore::recorded(self.paths())?;
+        let in_use = (0..count)
+            .filter_map(|index| {
+                let paths = semaphore::slot_paths(self.paths(), index);
+                Some((index, in_flight(&paths)?))
+            })
+            .collect();
+        Some(Slots {
+            count,
+            in_use,
+            waiters: semaphore::waiters(self.paths()),
         })
     }
 
@@ -95,15 +113,7 @@ impl LocalPlace {
     /// wait for nothing and exit 75). With a live run the lock is held, and the look
     /// takes nothing.
     fn run_in_flight(&self) -> Option<InFlight> {
-        let run = current_run(self.paths())?;
-        lock::is_held(&self.paths().lock)
-            .unwrap_or(false)
-            .then(|| InFlight {
-                pid: Some(run.owner_pid),
-                command_pid: (run.pid != 0).then_some(run.pid),
-                started_at_ms: Some(run.started_at_ms),
-                host: None,
-            })
+        in_flight(self.paths())
     }
 
     /// The lock handed over as an open file descriptor: it must be open, be this
@@ -195,6 +205,22 @@ impl Place for LocalPlace {
         Ok(guard.map(|guard| self.hold(guard)))
     }
 
+    /// Queues on the NAME's turnstile, then takes a free slot or blocks on all of
+    /// them (see [`semaphore`]).
+    fn lock_slot_within(&self, slots: u32, limit: Duration) -> Result<Option<Held>> {
+        let got = semaphore::acquire(&self.files.store, &self.name, self.paths(), slots, limit)
+            .map_err(|e| self.lock_error(e))?;
+        Ok(got.map(|(index, guard)| -> Held {
+            Box::new(LocalLock {
+                guard,
+                index,
+                name: self.name.clone(),
+                store: self.files.store.clone(),
+                paths: semaphore::slot_paths(self.paths(), index),
+            })
+        }))
+    }
+
     fn wait_released(&self, limit: Duration) -> Result<bool> {
         let lock = &self.paths().lock;
         lock::wait_released(lock, limit).with_context(|| format!("cannot lock {}", lock.display()))
@@ -231,15 +257,24 @@ impl Place for LocalPlace {
             failure: record::load::<Failure>(&self.paths().failure),
             key_values: record::load(&self.paths().key),
             service: record::load(&self.paths().service()),
+            slots: self.slots(),
+            last_exclusive: record::load(&self.paths().last()),
         })
     }
 
     /// (Lock files stay: deleting one could split callers onto two locks.)
     fn clear(&self, name: &Name, say: &Say) -> Result<Cleared> {
         let paths = self.paths();
-        let anything = [&paths.lock, &paths.result, &paths.failure, &paths.key]
-            .iter()
-            .any(|path| path.exists());
+        let last = paths.last();
+        let anything = [
+            &paths.lock,
+            &paths.result,
+            &paths.failure,
+            &paths.key,
+            &last,
+        ]
+        .iter()
+        .any(|path| path.exists());
         if !anything {
             return Ok(Cleared::Nothing);
         }
@@ -254,7 +289,9 @@ impl Place for LocalPlace {
             }
         };
         let (service, ready, log) = (paths.service(), paths.ready(), paths.log());
+        let last = paths.last();
         remove_all(&[
+            (&last, "last run"),
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
             (&paths.key, "key values"),
@@ -274,7 +311,9 @@ impl Place for LocalPlace {
     fn clear_older(&self, name: &Name, older_than: Duration, say: &Say) -> Result<Cleared> {
         let paths = self.paths();
         let old = || {
+            let last = paths.last();
             let newest = [
+                &last,
                 &paths.result,
                 &paths.failure,
                 &paths.run,
@@ -308,8 +347,10 @@ impl Place for LocalPlace {
             reap::kill_remains(&run);
         }
         let (service, ready, log) = (paths.service(), paths.ready(), paths.log());
+        let last = paths.last();
         #[cfg_attr(windows, allow(unused_mut))]
         let mut files = vec![
+            (&last, "last run"),
             (&paths.result, "result"),
             (&paths.failure, "failure record"),
             (&paths.run, "run record"),
@@ -347,6 +388,19 @@ fn remove_all(files: &[(&PathBuf, &'static str)]) -> Result<Cleared> {
     })
 }
 
+/// The run in flight under these paths' lock (see `LocalPlace::run_in_flight`).
+fn in_flight(paths: &Paths) -> Option<InFlight> {
+    let run = current_run(paths)?;
+    lock::is_held(&paths.lock)
+        .unwrap_or(false)
+        .then(|| InFlight {
+            pid: Some(run.owner_pid),
+            command_pid: (run.pid != 0).then_some(run.pid),
+            started_at_ms: Some(run.started_at_ms),
+            host: None,
+        })
+}
+
 /// The record of the run in flight, if it names a live process of this boot. A record
 /// left by a killed run is removed by the next winner, but may still be there in the
 /// moment after it took the lock.
@@ -369,6 +423,8 @@ fn current_run(paths: &Paths) -> Option<RunRecord> {
 /// A NAME's flock, held, with what its holder writes.
 struct LocalLock {
     guard: LockGuard,
+    /// Which run slot of `--slots` (0: the NAME's own lock); `paths` are the slot's.
+    index: u32,
     name: Name,
     store: Store,
     paths: Paths,
@@ -406,6 +462,14 @@ impl Lock for LocalLock {
                 .store
                 .write_atomically(&self.name, &self.paths.key, bytes, false);
         }
+    }
+
+    fn run_record(&self) -> Option<&std::path::Path> {
+        Some(&self.paths.run)
+    }
+
+    fn slot_index(&self) -> u32 {
+        self.index
     }
 
     #[cfg(unix)]

@@ -12,6 +12,7 @@
 #[cfg(feature = "etcd")]
 mod fleet;
 mod local;
+mod semaphore;
 
 use std::ffi::OsString;
 use std::io;
@@ -24,7 +25,7 @@ use crate::abort::Abort;
 use crate::entry::{self, Body, Entry, EntryWriter, Invalid, Meta};
 use crate::etcd::{Endpoints, Prefix};
 use crate::key::{KeyValue, Resolved, SlotId};
-use crate::record::{self, Failure, ServiceRecord};
+use crate::record::{self, ExclusiveRun, Failure, ServiceRecord};
 use crate::say::Say;
 use crate::store::{Paths, Store};
 use crate::values::{Name, Refresher, later};
@@ -162,6 +163,14 @@ pub trait Place {
         }
     }
 
+    /// Takes one of the NAME's `slots` run slots (`--exclusive --slots N`, N > 1),
+    /// waiting for one for at most `limit`; `None` if every slot stayed in use.
+    fn lock_slot_within(&self, slots: u32, limit: Duration) -> Result<Option<Held>> {
+        let _ = (slots, limit);
+        let message = "--slots works on the cache dir only for now, not with --backend";
+        Err(crate::exit::Exit::new(crate::exit::Status::Usage, message).into())
+    }
+
     /// Waits until the run in flight releases the lock, for at most `limit`; whether
     /// it did.
     fn wait_released(&self, limit: Duration) -> Result<bool>;
@@ -228,6 +237,17 @@ pub trait Lock {
     /// Records the key values of a keyed slot (best effort: they are for `status`).
     fn save_key_values(&self, bytes: &[u8]);
 
+    /// Where the run record of a run under this lock goes, when not the NAME's own
+    /// (`NAME.run`): a run slot of `--slots` other than the first has its own.
+    fn run_record(&self) -> Option<&std::path::Path> {
+        None
+    }
+
+    /// Which run slot of `--slots` this is (0 for the NAME's own lock).
+    fn slot_index(&self) -> u32 {
+        0
+    }
+
     /// Environment for the command (the fencing token with etcd).
     fn env(&self) -> &[(OsString, OsString)] {
         &[]
@@ -287,6 +307,20 @@ pub struct Snapshot {
     pub key_values: Option<Vec<KeyValue>>,
     /// What the supervisors of a `--service` NAME recorded (on this machine).
     pub service: Option<ServiceRecord>,
+    /// The run slots of an `--exclusive --slots N` NAME; `None` for other NAMEs.
+    pub slots: Option<Slots>,
+    /// The last run of an `--exclusive` NAME (on this machine).
+    pub last_exclusive: Option<ExclusiveRun>,
+}
+
+/// The run slots of a NAME used with `--exclusive --slots N`, for `status`.
+pub struct Slots {
+    /// The N in force (the one recorded by the last caller that found them all free).
+    pub count: u32,
+    /// The slots in use: each one's number and run.
+    pub in_use: Vec<(u32, InFlight)>,
+    /// How many callers wait for a slot, where that can be counted (Linux).
+    pub waiters: Option<u32>,
 }
 
 /// What `clear` removed of a NAME.

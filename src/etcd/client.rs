@@ -61,6 +61,9 @@ pub struct Holder {
     pub owner: Vec<u8>,
 }
 
+/// Lock keys with their holders (see [`Client::holders`]).
+pub type Holders = Vec<(Vec<u8>, Holder)>;
+
 /// A value read from etcd.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Value {
@@ -320,6 +323,64 @@ impl Client {
         )?;
         let range: wire::RangeResponse = parse(&answer, "range")?;
         Ok(range.kvs.into_iter().map(|kv| kv.key).collect())
+    }
+
+    /// The lock keys that start with `prefix` (the run slots of `--slots`), each with
+    /// its holder, in key order, and the revision of the store when they were read.
+    pub fn holders(&self, prefix: &[u8]) -> Result<(Holders, i64), EtcdError> {
+        let answer = self.call(
+            "/kv/range",
+            json!({ "key": b64(prefix), "range_end": b64(&prefix_end(prefix)) }),
+        )?;
+        let range: wire::RangeResponse = parse(&answer, "range")?;
+        let holders = range
+            .kvs
+            .into_iter()
+            .map(|kv| {
+                let holder = Holder {
+                    lease: LeaseId(kv.lease),
+                    token: FencingToken(kv.create_revision),
+                    owner: kv.value,
+                };
+                (kv.key, holder)
+            })
+            .collect();
+        Ok((holders, range.header.revision))
+    }
+
+    /// Takes the run slot `key` (as [`Client::try_lock`]) and records `count` at
+    /// `count_key`, in one transaction, if the slot is free and `count_key` is as it
+    /// was read (`count_revision`, 0: absent): every taking of a slot rewrites
+    /// `count_key`, so two callers that read the same state cannot both take a slot on
+    /// it. The fencing token, or `None` if either changed.
+    pub fn try_lock_slot(
+        &self,
+        key: &[u8],
+        lease: LeaseId,
+        owner: &[u8],
+        count_key: &[u8],
+        count_revision: i64,
+        count: &[u8],
+    ) -> Result<Option<FencingToken>, EtcdError> {
+        let answer = self.call(
+            "/kv/txn",
+            json!({
+                "compare": [
+                    { "key": b64(key), "target": "CREATE", "result": "EQUAL",
+                      "create_revision": "0" },
+                    { "key": b64(count_key), "target": "MOD", "result": "EQUAL",
+                      "mod_revision": count_revision.to_string() },
+                ],
+                "success": [
+                    { "request_put": {
+                        "key": b64(key), "value": b64(owner), "lease": lease.0.to_string(),
+                    }},
+                    { "request_put": { "key": b64(count_key), "value": b64(count) } },
+                ],
+            }),
+        )?;
+        let txn: wire::TxnResponse = parse(&answer, "slot transaction")?;
+        Ok(txn.succeeded.then_some(FencingToken(txn.header.revision)))
     }
 
     /// Carries out `writes` in one transaction if, and only if, the lock `lock_key`

@@ -101,6 +101,37 @@ impl Client {
         }
     }
 
+    /// Waits until any key that starts with `prefix` is deleted after revision
+    /// `seen` (a run slot of `--slots` let go), for at most `limit`; whether one was.
+    /// A watch that cannot be kept is replaced by one look after [`POLL_INTERVAL`]
+    /// (the caller looks again either way).
+    pub fn wait_any_released(
+        &self,
+        prefix: &[u8],
+        seen: i64,
+        limit: Duration,
+    ) -> Result<bool, EtcdError> {
+        let deadline = later(Instant::now(), limit);
+        let body = json!({ "create_request": {
+            "key": b64(prefix),
+            "range_end": b64(&wire::prefix_end(prefix)),
+            "start_revision": seen.saturating_add(1).to_string(),
+        }});
+        let watched = self.authed(Some(deadline), |token| {
+            let stream = self.transport.stream("/watch", &body, deadline, token)?;
+            read_until(stream, &|_| true, None)
+        });
+        match watched {
+            Ok(Watched::Deleted(_)) => Ok(true),
+            Ok(Watched::OutOfTime) => Ok(false),
+            Ok(Watched::Ended) | Err(_) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                thread::sleep(left.min(POLL_INTERVAL));
+                Ok(!left.is_zero())
+            }
+        }
+    }
+
     /// Watches `key` (and `value_key`: the range from the lower of the two to the
     /// higher) from revision `from` until `key` is deleted, the stream ends, or
     /// `deadline`.
@@ -123,14 +154,15 @@ impl Client {
         }});
         self.authed(Some(deadline), |token| {
             let stream = self.transport.stream("/watch", &body, deadline, token)?;
-            read_until_deleted(stream, key, value_key)
+            read_until(stream, &|deleted| deleted == key, value_key)
         })
     }
 }
 
-fn read_until_deleted(
+/// Reads the watch until a key that `released` accepts is deleted.
+fn read_until(
     mut stream: Stream,
-    key: &[u8],
+    released: &dyn Fn(&[u8]) -> bool,
     value_key: Option<&[u8]>,
 ) -> Result<Watched, EtcdError> {
     let mut value = None;
@@ -160,7 +192,7 @@ fn read_until_deleted(
         // In order: a transaction's events come in one message, as it made them.
         for event in watch.events {
             let deleted = event.kind == "DELETE";
-            if event.kv.key == key && deleted {
+            if deleted && released(&event.kv.key) {
                 return Ok(Watched::Deleted(value));
             }
             if Some(event.kv.key.as_slice()) == value_key {

@@ -86,14 +86,20 @@ impl Flight {
     /// run record is this machine's, whatever the backend: a run killed elsewhere is
     /// that machine's to clean up.
     pub(super) fn clean_up_after_crashes(&self) {
-        if let Some(run) = record::load::<RunRecord>(&self.slot.paths().run) {
+        self.clean_up_after_crash_of(&self.slot.paths().run);
+    }
+
+    /// As [`Flight::clean_up_after_crashes`], for the run record at `run` (a run slot's
+    /// own, with `--slots`).
+    pub(super) fn clean_up_after_crash_of(&self, run: &std::path::Path) {
+        if let Some(run) = record::load::<RunRecord>(run) {
             self.say.warn(format_args!(
                 "the previous run (pid {}) was killed with its singleflight; killing what is left of it",
                 run.pid
             ));
             reap::kill_remains(&run);
         }
-        let _ = fs::remove_file(&self.slot.paths().run);
+        let _ = fs::remove_file(run);
         self.slot.store().remove_stale_temps();
     }
 
@@ -258,7 +264,8 @@ impl Flight {
             started_at_ms: entry::now_ms(now),
             ..RunRecord::default()
         };
-        self.write_run_record(&run_record);
+        let record_at = held.run_record().unwrap_or(&self.slot.paths().run);
+        self.write_run_record(record_at, &run_record);
         let stdin = match io {
             Io::Log(_) => None,
             Io::Capture | Io::Inherit => self.stdin_file()?,
@@ -278,9 +285,9 @@ impl Flight {
         let finished = command::run(&mut spec, writer, |pid| {
             run_record.pid = pid;
             run_record.start_ticks = reap::start_ticks(pid);
-            self.write_run_record(&run_record);
+            self.write_run_record(record_at, &run_record);
         });
-        let _ = fs::remove_file(&self.slot.paths().run);
+        let _ = fs::remove_file(record_at);
         let finished = finished?;
         if finished.outcome == Outcome::LeaseLost {
             let why = held.abort().and_then(|abort| abort.reason());
@@ -378,13 +385,11 @@ impl Flight {
         stopper.parse().ok()
     }
 
-    fn write_run_record(&self, run: &RunRecord) {
-        let _ = self.slot.store().write_atomically(
-            &self.opts.name,
-            &self.slot.paths().run,
-            &record::to_bytes(run),
-            false,
-        );
+    fn write_run_record(&self, at: &std::path::Path, run: &RunRecord) {
+        let _ =
+            self.slot
+                .store()
+                .write_atomically(&self.opts.name, at, &record::to_bytes(run), false);
     }
 
     pub(super) fn write_failure(

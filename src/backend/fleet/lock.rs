@@ -32,6 +32,10 @@ pub(super) struct FleetLock {
     /// The failure record is to go: with the result, in its transaction, or when the
     /// lock is let go without one.
     pub(super) forgetting_failure: Cell<bool>,
+    /// Which run slot of `--slots` (0: the NAME's own lock, `slot.keys.lock` either way).
+    pub(super) index: u32,
+    /// The local run record of a run slot other than the first (`NAME.run.i`).
+    pub(super) run: Option<std::path::PathBuf>,
 }
 
 impl Lock for FleetLock {
@@ -118,6 +122,14 @@ impl Lock for FleetLock {
         let _ = self
             .client
             .put_if_holder(&self.keys.key, bytes, &self.keys.lock, self.token);
+    }
+
+    fn run_record(&self) -> Option<&std::path::Path> {
+        self.run.as_deref()
+    }
+
+    fn slot_index(&self) -> u32 {
+        self.index
     }
 
     fn env(&self) -> &[(OsString, OsString)] {

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::Fleet;
 use super::lock::FleetLock;
 use crate::abort::Abort;
-use crate::backend::{Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Place, Read, Snapshot};
+use crate::backend::{
+    Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Place, Read, Slots, Snapshot,
+};
 use crate::entry::{self, Meta};
 use crate::etcd::{
     Client, EtcdError, FencingToken, Keys, Lease, LeaseId, LeaseKeeper, Wait, Write, default_lead,
@@ -33,6 +35,16 @@ const CLOCK_SKEW: Duration = Duration::from_secs(1);
 
 /// How long `clear` waits for a run in flight between two looks at the lock.
 const CLEAR_WAIT: Duration = Duration::from_secs(3600);
+
+/// What one try at a run slot of `--slots` came to.
+enum Try {
+    /// This slot, with its lease and fencing token.
+    Taken(u32, Lease, FencingToken),
+    /// Every slot in force is in use, as read at this revision.
+    AllInUse(i64),
+    /// Another caller took the slot, or changed the N in force, first.
+    Raced,
+}
 
 /// Who holds a lock, written into the lock key for `status`.
 #[derive(Serialize, Deserialize)]
@@ -135,9 +147,81 @@ impl FleetPlace {
         }
     }
 
+    /// The key of run slot `index` of `--slots` (0: the NAME's own lock).
+    fn slot_key(&self, index: u32) -> Vec<u8> {
+        match index {
+            0 => self.keys.lock.clone(),
+            _ => [self.keys.lock.as_slice(), format!(".{index}").as_bytes()].concat(),
+        }
+    }
+
+    /// Where the N in force of `--slots` is recorded.
+    fn count_key(&self) -> Vec<u8> {
+        [self.name_prefix.as_slice(), b"slots"].concat()
+    }
+
+    /// The N in force and the revision it was written at (0: none recorded).
+    fn recorded_count(&self) -> Result<(Option<u32>, i64), EtcdError> {
+        let value = self.client().get(&self.count_key())?;
+        Ok(match value {
+            Some(value) => {
+                let count = std::str::from_utf8(&value.bytes)
+                    .ok()
+                    .and_then(|text| text.trim().parse().ok())
+                    .filter(|n| *n > 0);
+                (count, value.mod_revision)
+            }
+            None => (None, 0),
+        })
+    }
+
+    /// One try at a run slot: the first free one of the N in force (the recorded N
+    /// while any slot is held, else `slots`), taken in a transaction that also checks
+    /// the recorded N is as read, with a lease of its own.
+    fn try_slot(&self, slots: u32) -> Result<Try, EtcdError> {
+        let (count, count_revision) = self.recorded_count()?;
+        let (holders, seen) = self.client().holders(&self.keys.lock)?;
+        let count = match count {
+            Some(count) if !holders.is_empty() => count,
+            _ => slots,
+        };
+        let held = |key: &[u8]| holders.iter().any(|(held, _)| held == key);
+        let Some(index) = (0..count).find(|index| !held(&self.slot_key(*index))) else {
+            return Ok(Try::AllInUse(seen));
+        };
+        // A lease of its own for each try: one granted before a long wait would expire.
+        let client = self.client();
+        let lease = client.grant(self.fleet.lease_ttl)?;
+        let taken = client.try_lock_slot(
+            &self.slot_key(index),
+            lease.id,
+            &self.owner(),
+            &self.count_key(),
+            count_revision,
+            format!("{count}\n").as_bytes(),
+        );
+        match taken {
+            Ok(Some(token)) => Ok(Try::Taken(index, lease, token)),
+            // Lost a race for the slot or the count: look again at once.
+            Ok(None) => {
+                let _ = client.revoke(lease.id);
+                Ok(Try::Raced)
+            }
+            Err(e) => {
+                let _ = client.revoke(lease.id);
+                Err(e)
+            }
+        }
+    }
+
     /// Holds a taken lock: its lease is renewed from now on, and a loss trips the
     /// run's abort.
     fn hold(&self, lease: Lease, token: FencingToken) -> Result<Held> {
+        Ok(Box::new(self.hold_slot(lease, token)?))
+    }
+
+    /// [`FleetPlace::hold`], unboxed (a run slot of `--slots` is told its number).
+    fn hold_slot(&self, lease: Lease, token: FencingToken) -> Result<FleetLock> {
         let abort = Arc::new(Abort::default());
         let mut held = FleetLock {
             client: self.client().clone(),
@@ -150,6 +234,8 @@ impl FleetPlace {
             env: [(FENCING_TOKEN_ENV.into(), token.to_string().into())],
             handed_over: false,
             forgetting_failure: Cell::new(false),
+            index: 0,
+            run: None,
         };
         let keeper = LeaseKeeper::start(
             self.client().clone(),
@@ -164,7 +250,7 @@ impl FleetPlace {
                 return Err(Exit::new(Status::Internal, message).into());
             }
         }
-        Ok(Box::new(held))
+        Ok(held)
     }
 
     /// The lock of a `--background` caller: still held with the lease and token it
@@ -237,6 +323,38 @@ impl Place for FleetPlace {
             .transpose()
     }
 
+    /// Takes a lease, then tries the slots; while all are in use, watches them all
+    /// for a release (see [`Client::wait_any_released`]).
+    fn lock_slot_within(&self, slots: u32, limit: Duration) -> Result<Option<Held>> {
+        let deadline = crate::values::later(Instant::now(), limit);
+        let client = self.client();
+        let (index, lease, token) = loop {
+            let seen = match self.try_slot(slots).map_err(|e| self.not_run(e))? {
+                Try::Taken(index, lease, token) => break (index, lease, token),
+                Try::AllInUse(seen) => Some(seen),
+                Try::Raced => None,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            if let Some(seen) = seen {
+                client
+                    .wait_any_released(&self.keys.lock, seen, left)
+                    .map_err(|e| self.not_run(e))?;
+            }
+        };
+        let mut slot = self.clone();
+        slot.keys.lock = self.slot_key(index);
+        let mut held = slot.hold_slot(lease, token)?;
+        held.index = index;
+        if index > 0 {
+            let paths = crate::backend::semaphore::slot_paths(&self.files.paths, index);
+            held.run = Some(paths.run);
+        }
+        Ok(Some(Box::new(held)))
+    }
+
     /// Watches the result too: a run's result comes with its release, and the read
     /// that follows takes it from there.
     fn wait_released(&self, limit: Duration) -> Result<bool> {
@@ -260,22 +378,29 @@ impl Place for FleetPlace {
             .client()
             .lock_holder(&self.keys.lock)
             .map_err(|e| self.failed(e))?;
-        let in_flight = holder.map(
-            |holder| match serde_json::from_slice::<Owner>(&holder.owner) {
-                Ok(owner) => InFlight {
-                    pid: Some(owner.pid),
-                    command_pid: None,
-                    started_at_ms: Some(owner.started_at_ms),
-                    host: Some(owner.host),
-                },
-                Err(_) => InFlight {
-                    pid: None,
-                    command_pid: None,
-                    started_at_ms: None,
-                    host: None,
-                },
-            },
-        );
+        let in_flight = holder.map(|holder| owner_of(&holder.owner));
+        let slots = match self.recorded_count().map_err(|e| self.failed(e))?.0 {
+            Some(count) => {
+                let (holders, _) = self
+                    .client()
+                    .holders(&self.keys.lock)
+                    .map_err(|e| self.failed(e))?;
+                let mut in_use: Vec<(u32, InFlight)> = (0..count)
+                    .filter_map(|index| {
+                        let key = self.slot_key(index);
+                        let (_, holder) = holders.iter().find(|(held, _)| *held == key)?;
+                        Some((index, owner_of(&holder.owner)))
+                    })
+                    .collect();
+                in_use.sort_by_key(|(index, _)| *index);
+                Some(Slots {
+                    count,
+                    in_use,
+                    waiters: None,
+                })
+            }
+            None => None,
+        };
         let key_values = self
             .client()
             .get(&self.keys.key)
@@ -287,6 +412,8 @@ impl Place for FleetPlace {
             failure,
             key_values,
             service: None,
+            slots,
+            last_exclusive: None,
         })
     }
 
@@ -388,6 +515,24 @@ impl Place for FleetPlace {
 }
 
 /// This machine's name, for `status` of a run in flight.
+/// Who runs under a lock, as its holder wrote it into the lock key.
+fn owner_of(owner: &[u8]) -> InFlight {
+    match serde_json::from_slice::<Owner>(owner) {
+        Ok(owner) => InFlight {
+            pid: Some(owner.pid),
+            command_pid: None,
+            started_at_ms: Some(owner.started_at_ms),
+            host: Some(owner.host),
+        },
+        Err(_) => InFlight {
+            pid: None,
+            command_pid: None,
+            started_at_ms: None,
+            host: None,
+        },
+    }
+}
+
 fn hostname() -> String {
     #[cfg(unix)]
     {
