@@ -23,6 +23,7 @@ mod flight;
 mod guard;
 mod key;
 mod lock;
+mod postgres;
 mod reap;
 mod record;
 mod say;

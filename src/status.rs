@@ -472,8 +472,8 @@ pub fn clear(
     if !backend.verify(store)? {
         return Ok(0);
     }
-    if older_than.is_some() && !backend.is_cache_dir() {
-        let message = "clear --older-than works on the cache dir only, not with --backend";
+    if older_than.is_some() && !backend.clears_older() {
+        let message = "clear --older-than works on the cache dir and PostgreSQL only, not with an etcd --backend";
         return Err(Exit::new(Status::Usage, message).into());
     }
     let slots = if all {
