@@ -361,7 +361,7 @@ fn lose_the_lease(etcd: &Etcd, ttl: u64) {
     // etcd is still frozen: the tree died because the lease was lost, not on an answer.
     assert_status(&out, 125);
     assert!(
-        stderr(&out).contains("lost the etcd lock mid-run")
+        stderr(&out).contains("lost the fleet lock mid-run")
             && stderr(&out).contains("nothing was stored"),
         "{}",
         stderr(&out)

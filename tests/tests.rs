@@ -21,5 +21,6 @@ mod input;
 mod jobcontrol;
 mod keys;
 mod modes;
+mod postgres;
 mod startup;
 mod status;

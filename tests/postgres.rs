@@ -1,0 +1,261 @@
+//! The PostgreSQL backend end to end (issue 27): the real binary on several "machines"
+//! (each its own cache dir) against a real PostgreSQL (Debian's, started by the test):
+//! one run per NAME fleet-wide, the holder's session terminated or the server frozen
+//! mid-run (the tree is killed, exit 125, before the lease row could pass to anyone),
+//! fencing tokens, a server that is down, a wrong password, waiters woken by NOTIFY.
+#![cfg(all(target_os = "linux", feature = "postgres"))]
+
+use crate::common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use common::postgres::{PASSWORD, Postgres};
+use common::{TestEnv, alive, assert_status, finish, marker, stderr, stdout, wait_until};
+
+/// One machine: its own cache dir, the shared PostgreSQL as its backend.
+struct Machine {
+    env: TestEnv,
+    backend: String,
+    password: String,
+}
+
+impl Machine {
+    fn of(pg: &Postgres) -> Machine {
+        Machine {
+            env: TestEnv::new(),
+            backend: pg.url(),
+            password: PASSWORD.to_owned(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = self.env.command();
+        command
+            .env("SINGLEFLIGHT_BACKEND", &self.backend)
+            .env("PGPASSWORD", &self.password)
+            .env("PGPASSFILE", "/dev/null");
+        command
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        common::start(self.command().args(args))
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        finish(self.spawn(args))
+    }
+}
+
+/// Files the commands of every machine share.
+struct Shared {
+    dir: tempfile::TempDir,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn runs(&self) -> usize {
+        fs::read_to_string(self.path("runs")).map_or(0, |s| s.lines().count())
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64()
+}
+
+#[test]
+fn a_herd_of_sixty_callers_on_three_machines_runs_the_command_once() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let script = format!(
+        "echo run >> '{}'; sleep 1; echo herd",
+        shared.path("runs").display()
+    );
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&pg)).collect();
+    let callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|m| {
+            (0..20).map(|_| m.spawn(&["--backend-timeout", "20s", "herd", "--", "sh", "-c", &script]))
+        })
+        .collect();
+    for caller in callers {
+        let out = finish(caller);
+        assert_status(&out, 0);
+        assert_eq!(stdout(&out), "herd\n", "{}", stderr(&out));
+    }
+    assert_eq!(shared.runs(), 1, "one run for sixty callers on three machines");
+}
+
+/// A run whose lock is lost: the tree is killed, the exit is 125, nothing is stored,
+/// and singleflight exited before the lease row's expiry (the server's clock, the same
+/// machine's here), so before any other machine could take the NAME.
+fn lose_the_lock(pg: &Postgres, ttl: &str, how: impl FnOnce()) {
+    let shared = Shared::new();
+    let machine = Machine::of(pg);
+    let mark = marker();
+    let script = format!(
+        "echo $SINGLEFLIGHT_FENCING_TOKEN > '{}'; echo run >> '{}'; sleep {mark} & sleep {mark}; wait",
+        shared.path("token").display(),
+        shared.path("runs").display()
+    );
+    let run = machine.spawn(&[
+        "--lease-ttl", ttl, "lose", "--kill-after", "1s", "--timeout", "10m", "--", "sh", "-c", &script,
+    ]);
+    wait_until("the run started", || shared.runs() == 1 && alive(&mark).len() >= 2);
+    let first: i64 = fs::read_to_string(shared.path("token")).expect("token").trim().parse().expect("a number");
+    let lost = Instant::now();
+    how();
+    let out = finish(run);
+    let exited = now_secs();
+    wait_until("the tree is dead", || alive(&mark).is_empty());
+    eprintln!("singleflight exited {:?} after the lock was lost (lease {ttl})", lost.elapsed());
+    pg.thaw();
+    assert_status(&out, 125);
+    assert!(stderr(&out).contains("nothing was stored"), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    let expires: f64 = pg
+        .psql("SELECT extract(epoch FROM expires) FROM singleflight.locks WHERE slot = 'lose'")
+        .parse()
+        .expect("the lease row is still there");
+    assert!(exited < expires, "exited at {exited}, the lease ran until {expires}");
+
+    // The next run (once the lease passed) gets a larger token.
+    let again = format!(
+        "echo $SINGLEFLIGHT_FENCING_TOKEN > '{}'; echo again",
+        shared.path("token").display()
+    );
+    wait_until("the lease passed", || {
+        let out = machine.run(&["lose", "--", "sh", "-c", &again]);
+        common::status(&out) == 0
+    });
+    let second: i64 = fs::read_to_string(shared.path("token")).expect("token").trim().parse().expect("a number");
+    assert!(second > first, "token {second} after {first}");
+}
+
+#[test]
+fn the_holders_session_terminated_mid_run_kills_the_tree_with_125() {
+    let Some(pg) = Postgres::start() else { return };
+    lose_the_lock(&pg, "10s", || {
+        let killed = pg.psql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'singleflight'",
+        );
+        assert_ne!(killed, "0", "the holder's session");
+    });
+}
+
+#[test]
+fn a_frozen_server_mid_run_kills_the_tree_with_125_within_the_lease() {
+    let Some(pg) = Postgres::start() else { return };
+    lose_the_lock(&pg, "3s", || pg.freeze());
+}
+
+#[test]
+fn with_the_server_down_a_caller_exits_125_at_once_and_never_runs_the_command() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let mut machine = Machine::of(&pg);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    machine.backend = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
+    let script = format!("echo run >> '{}'; echo hi", shared.path("runs").display());
+    for args in [
+        vec!["down", "--", "sh", "-c", &script],
+        vec!["--background", "down", "--", "sh", "-c", &script],
+        vec!["status"],
+        vec!["clear", "down"],
+    ] {
+        let out = machine.run(&args);
+        assert_status(&out, 125);
+        assert!(stderr(&out).contains("cannot connect to"), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "");
+    }
+    assert_eq!(shared.runs(), 0);
+}
+
+#[test]
+fn a_wrong_password_exits_125_and_never_runs_the_command() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let mut machine = Machine::of(&pg);
+    machine.password = "wrong".to_owned();
+    let script = format!("echo run >> '{}'; echo hi", shared.path("runs").display());
+    let out = machine.run(&["pw", "--", "sh", "-c", &script]);
+    assert_status(&out, 125);
+    assert!(stderr(&out).contains("password authentication failed"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("wrong"), "never echoes the password: {}", stderr(&out));
+    assert_eq!(shared.runs(), 0);
+}
+
+/// Waiters on other machines are woken by the release's NOTIFY, not by the lease's
+/// expiry (60s here): the p95 from the run's end to their exits is printed.
+#[test]
+fn waiters_on_other_machines_wake_on_the_release_notification() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let go = shared.path("go");
+    let end = shared.path("end");
+    let script = format!(
+        "echo run >> '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; date +%s.%N > '{}'; echo done",
+        shared.path("runs").display(),
+        go.display(),
+        end.display()
+    );
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&pg)).collect();
+    let holder = machines[0].spawn(&["--lease-ttl", "60s", "wake", "--", "sh", "-c", &script]);
+    wait_until("the run started", || shared.runs() == 1);
+    let waiters: Vec<Child> = machines
+        .iter()
+        .flat_map(|m| {
+            (0..5).map(|_| {
+                m.spawn(&["--backend-timeout", "20s", "--lease-ttl", "60s", "wake", "--", "sh", "-c", &script])
+            })
+        })
+        .collect();
+    // Every waiter is listening once it has its session: give them the time to start.
+    wait_until("the waiters listen", || {
+        pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_notify($2, $3)%'")
+            .parse::<usize>()
+            .is_ok_and(|n| n >= 15)
+    });
+    fs::write(&go, "").expect("go");
+    let exits: Vec<f64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = waiters
+            .into_iter()
+            .map(|w| scope.spawn(move || {
+                let out = finish(w);
+                (now_secs(), out)
+            }))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let (at, out) = h.join().expect("waiter");
+                assert_status(&out, 0);
+                assert_eq!(stdout(&out), "done\n");
+                at
+            })
+            .collect()
+    });
+    assert_status(&finish(holder), 0);
+    let ended: f64 = fs::read_to_string(&end).expect("end").trim().parse().expect("a time");
+    let mut delays: Vec<f64> = exits.iter().map(|at| at - ended).collect();
+    delays.sort_by(f64::total_cmp);
+    let p95 = delays[(delays.len() * 95).div_ceil(100) - 1];
+    eprintln!("run end to waiter exit: p95 {:.1}ms, max {:.1}ms", p95 * 1e3, delays[delays.len() - 1] * 1e3);
+    assert_eq!(shared.runs(), 1);
+    assert!(p95 < 30.0, "woken by the notification, not the 60s lease: p95 {p95}s");
+}
