@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::backend;
 use crate::backend::{BackendUrl, parse_backend};
 use crate::etcd::{Prefix, parse_lease_ttl};
-use crate::postgres::PgSchema;
 use crate::key::KeySpec;
+use crate::postgres::PgSchema;
 use crate::values::{LeaseHandover, Name, Refresher, parse_duration, parse_size, parse_timeout};
 
 /// The examples of `--help` and of the man page: what each does, then the command line.

@@ -89,7 +89,17 @@ fn a_herd_of_sixty_callers_on_three_machines_runs_the_command_once() {
     let callers: Vec<Child> = machines
         .iter()
         .flat_map(|m| {
-            (0..20).map(|_| m.spawn(&["--backend-timeout", "20s", "herd", "--", "sh", "-c", &script]))
+            (0..20).map(|_| {
+                m.spawn(&[
+                    "--backend-timeout",
+                    "20s",
+                    "herd",
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ])
+            })
         })
         .collect();
     for caller in callers {
@@ -97,7 +107,11 @@ fn a_herd_of_sixty_callers_on_three_machines_runs_the_command_once() {
         assert_status(&out, 0);
         assert_eq!(stdout(&out), "herd\n", "{}", stderr(&out));
     }
-    assert_eq!(shared.runs(), 1, "one run for sixty callers on three machines");
+    assert_eq!(
+        shared.runs(),
+        1,
+        "one run for sixty callers on three machines"
+    );
 }
 
 /// A run whose lock is lost: the tree is killed, the exit is 125, nothing is stored,
@@ -113,25 +127,51 @@ fn lose_the_lock(pg: &Postgres, ttl: &str, how: impl FnOnce()) {
         shared.path("runs").display()
     );
     let run = machine.spawn(&[
-        "--lease-ttl", ttl, "lose", "--kill-after", "1s", "--timeout", "10m", "--", "sh", "-c", &script,
+        "--lease-ttl",
+        ttl,
+        "lose",
+        "--kill-after",
+        "1s",
+        "--timeout",
+        "10m",
+        "--",
+        "sh",
+        "-c",
+        &script,
     ]);
-    wait_until("the run started", || shared.runs() == 1 && alive(&mark).len() >= 2);
-    let first: i64 = fs::read_to_string(shared.path("token")).expect("token").trim().parse().expect("a number");
+    wait_until("the run started", || {
+        shared.runs() == 1 && alive(&mark).len() >= 2
+    });
+    let first: i64 = fs::read_to_string(shared.path("token"))
+        .expect("token")
+        .trim()
+        .parse()
+        .expect("a number");
     let lost = Instant::now();
     how();
     let out = finish(run);
     let exited = now_secs();
     wait_until("the tree is dead", || alive(&mark).is_empty());
-    eprintln!("singleflight exited {:?} after the lock was lost (lease {ttl})", lost.elapsed());
+    eprintln!(
+        "singleflight exited {:?} after the lock was lost (lease {ttl})",
+        lost.elapsed()
+    );
     pg.thaw();
     assert_status(&out, 125);
-    assert!(stderr(&out).contains("nothing was stored"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nothing was stored"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(stdout(&out), "");
     let expires: f64 = pg
         .psql("SELECT extract(epoch FROM expires) FROM singleflight.locks WHERE slot = 'lose'")
         .parse()
         .expect("the lease row is still there");
-    assert!(exited < expires, "exited at {exited}, the lease ran until {expires}");
+    assert!(
+        exited < expires,
+        "exited at {exited}, the lease ran until {expires}"
+    );
 
     // The next run (once the lease passed) gets a larger token.
     let again = format!(
@@ -142,7 +182,11 @@ fn lose_the_lock(pg: &Postgres, ttl: &str, how: impl FnOnce()) {
         let out = machine.run(&["lose", "--", "sh", "-c", &again]);
         common::status(&out) == 0
     });
-    let second: i64 = fs::read_to_string(shared.path("token")).expect("token").trim().parse().expect("a number");
+    let second: i64 = fs::read_to_string(shared.path("token"))
+        .expect("token")
+        .trim()
+        .parse()
+        .expect("a number");
     assert!(second > first, "token {second} after {first}");
 }
 
@@ -169,7 +213,11 @@ fn with_the_server_down_a_caller_exits_125_at_once_and_never_runs_the_command() 
     let Some(pg) = Postgres::start() else { return };
     let shared = Shared::new();
     let mut machine = Machine::of(&pg);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     machine.backend = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
     let script = format!("echo run >> '{}'; echo hi", shared.path("runs").display());
     for args in [
@@ -180,7 +228,11 @@ fn with_the_server_down_a_caller_exits_125_at_once_and_never_runs_the_command() 
     ] {
         let out = machine.run(&args);
         assert_status(&out, 125);
-        assert!(stderr(&out).contains("cannot connect to"), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("cannot connect to"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
         assert_eq!(stdout(&out), "");
     }
     assert_eq!(shared.runs(), 0);
@@ -195,8 +247,16 @@ fn a_wrong_password_exits_125_and_never_runs_the_command() {
     let script = format!("echo run >> '{}'; echo hi", shared.path("runs").display());
     let out = machine.run(&["pw", "--", "sh", "-c", &script]);
     assert_status(&out, 125);
-    assert!(stderr(&out).contains("password authentication failed"), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("wrong"), "never echoes the password: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("password authentication failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("wrong"),
+        "never echoes the password: {}",
+        stderr(&out)
+    );
     assert_eq!(shared.runs(), 0);
 }
 
@@ -221,7 +281,17 @@ fn waiters_on_other_machines_wake_on_the_release_notification() {
         .iter()
         .flat_map(|m| {
             (0..5).map(|_| {
-                m.spawn(&["--backend-timeout", "20s", "--lease-ttl", "60s", "wake", "--", "sh", "-c", &script])
+                m.spawn(&[
+                    "--backend-timeout",
+                    "20s",
+                    "--lease-ttl",
+                    "60s",
+                    "wake",
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ])
             })
         })
         .collect();
@@ -235,10 +305,12 @@ fn waiters_on_other_machines_wake_on_the_release_notification() {
     let exits: Vec<f64> = std::thread::scope(|scope| {
         let handles: Vec<_> = waiters
             .into_iter()
-            .map(|w| scope.spawn(move || {
-                let out = finish(w);
-                (now_secs(), out)
-            }))
+            .map(|w| {
+                scope.spawn(move || {
+                    let out = finish(w);
+                    (now_secs(), out)
+                })
+            })
             .collect();
         handles
             .into_iter()
@@ -251,11 +323,22 @@ fn waiters_on_other_machines_wake_on_the_release_notification() {
             .collect()
     });
     assert_status(&finish(holder), 0);
-    let ended: f64 = fs::read_to_string(&end).expect("end").trim().parse().expect("a time");
+    let ended: f64 = fs::read_to_string(&end)
+        .expect("end")
+        .trim()
+        .parse()
+        .expect("a time");
     let mut delays: Vec<f64> = exits.iter().map(|at| at - ended).collect();
     delays.sort_by(f64::total_cmp);
     let p95 = delays[(delays.len() * 95).div_ceil(100) - 1];
-    eprintln!("run end to waiter exit: p95 {:.1}ms, max {:.1}ms", p95 * 1e3, delays[delays.len() - 1] * 1e3);
+    eprintln!(
+        "run end to waiter exit: p95 {:.1}ms, max {:.1}ms",
+        p95 * 1e3,
+        delays[delays.len() - 1] * 1e3
+    );
     assert_eq!(shared.runs(), 1);
-    assert!(p95 < 30.0, "woken by the notification, not the 60s lease: p95 {p95}s");
+    assert!(
+        p95 < 30.0,
+        "woken by the notification, not the 60s lease: p95 {p95}s"
+    );
 }

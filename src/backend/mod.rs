@@ -25,8 +25,8 @@ use anyhow::Result;
 use crate::abort::Abort;
 use crate::entry::{self, Body, Entry, EntryWriter, Invalid, Meta};
 use crate::etcd::{Endpoints, Prefix};
-use crate::postgres::{PgSchema, PgUrl};
 use crate::key::{KeyValue, Resolved, SlotId};
+use crate::postgres::{PgSchema, PgUrl};
 use crate::record::{self, Failure, ServiceRecord};
 use crate::say::Say;
 use crate::store::{Paths, Store};
@@ -71,7 +71,10 @@ pub fn open(mut config: Config, store: &Store) -> Result<Box<dyn Backend>> {
         }
         #[cfg(feature = "postgres")]
         Some(BackendUrl::Postgres(url)) => Ok(Box::new(pg::Pg::open(url, config)?)),
-        #[allow(unreachable_patterns, reason = "a build without a backend refuses its URL")]
+        #[allow(
+            unreachable_patterns,
+            reason = "a build without a backend refuses its URL"
+        )]
         Some(other) => {
             let _ = store;
             let message = format!("this singleflight was built without the backend of {other:?}");

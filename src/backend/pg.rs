@@ -75,8 +75,8 @@ impl Pg {
         if let Some(warning) = warning {
             eprintln!("singleflight: warning: {warning}");
         }
-        let tls = tls_config(&url)
-            .map_err(|e| Exit::new(Status::Internal, format!("{url}: {e}")))?;
+        let tls =
+            tls_config(&url).map_err(|e| Exit::new(Status::Internal, format!("{url}: {e}")))?;
         let schema = config.pg_schema.unwrap_or_default();
         Ok(Pg {
             sql: Rc::new(Sql::new(schema.as_str())),
@@ -101,7 +101,10 @@ impl Pg {
     }
 
     /// The session, opened on first use.
-    fn with_conn<T>(&self, work: impl FnOnce(&mut Conn) -> Result<T, PgError>) -> Result<T, PgError> {
+    fn with_conn<T>(
+        &self,
+        work: impl FnOnce(&mut Conn) -> Result<T, PgError>,
+    ) -> Result<T, PgError> {
         let mut slot = self.shared.conn.borrow_mut();
         if slot.is_none() {
             *slot = Some(Conn::open(&self.shared.settings, "singleflight")?);
@@ -242,7 +245,9 @@ impl PgSlot {
 
     fn column(&self, sql: &str) -> Result<Option<Vec<u8>>, PgError> {
         let rows = self.pg.query(sql, &[(&self.slot, Type::TEXT)])?;
-        Ok(rows.first().and_then(|row| row.get::<_, Option<Vec<u8>>>(0)))
+        Ok(rows
+            .first()
+            .and_then(|row| row.get::<_, Option<Vec<u8>>>(0)))
     }
 
     /// Takes the lock row if nobody holds it: the token, and when it was asked for.
@@ -252,7 +257,11 @@ impl PgSlot {
         let sent = Instant::now();
         let rows = self.pg.query(
             &self.pg.sql.lock,
-            &[(&self.slot, Type::TEXT), (&ttl, Type::FLOAT8), (&owner, Type::TEXT)],
+            &[
+                (&self.slot, Type::TEXT),
+                (&ttl, Type::FLOAT8),
+                (&owner, Type::TEXT),
+            ],
         )?;
         Ok(rows.first().map(|row| (row.get::<_, i64>(0), sent)))
     }
@@ -270,9 +279,13 @@ impl PgSlot {
             sent,
         };
         let lead = (self.pg.lease_ttl / 10).min(Duration::from_millis(500));
-        let keeper = Keeper::start(conn, Sql::new(self.pg.schema.as_str()), lease, lead, move |why| {
-            tripped.trip(why)
-        })
+        let keeper = Keeper::start(
+            conn,
+            Sql::new(self.pg.schema.as_str()),
+            lease,
+            lead,
+            move |why| tripped.trip(why),
+        )
         .map_err(|e| {
             let message = format!("{}: cannot start the lease keeper: {e}", self.slot);
             Exit::new(Status::Internal, message)
@@ -305,10 +318,18 @@ impl PgSlot {
         } else {
             String::new()
         };
-        let target = if probe { channel.as_str() } else { "sfprobe_none" };
+        let target = if probe {
+            channel.as_str()
+        } else {
+            "sfprobe_none"
+        };
         let rows = conn.query(
             &self.pg.sql.held,
-            &[(&self.slot, Type::TEXT), (&target, Type::TEXT), (&nonce, Type::TEXT)],
+            &[
+                (&self.slot, Type::TEXT),
+                (&target, Type::TEXT),
+                (&nonce, Type::TEXT),
+            ],
         )?;
         let left: Option<f64> = rows.first().and_then(|row| row.get(0));
         if probe {
@@ -515,7 +536,10 @@ impl Place for PgSlot {
         };
         let rows = self
             .pg
-            .query(&self.pg.sql.clear, &[(&self.slot, Type::TEXT), (&token, Type::INT8)])
+            .query(
+                &self.pg.sql.clear,
+                &[(&self.slot, Type::TEXT), (&token, Type::INT8)],
+            )
             .map_err(fail)?;
         let row = rows.first();
         let held = row.is_some_and(|row| row.get::<_, i64>(0) > 0);
@@ -526,7 +550,10 @@ impl Place for PgSlot {
             );
             return Err(Exit::new(Status::Internal, message).into());
         }
-        let flag = |i| row.and_then(|row| row.get::<_, Option<bool>>(i)).unwrap_or(false);
+        let flag = |i| {
+            row.and_then(|row| row.get::<_, Option<bool>>(i))
+                .unwrap_or(false)
+        };
         let removed: Vec<&'static str> = [(1, "result"), (2, "failure record"), (3, "key values")]
             .into_iter()
             .filter(|(i, _)| flag(*i))

@@ -128,7 +128,8 @@ impl Conn {
         });
         let tls = MakeRustlsConnect::new((*settings.tls).clone());
         let timeout = settings.timeout;
-        let connected = rt.block_on(async { tokio::time::timeout(timeout, config.connect(tls)).await });
+        let connected =
+            rt.block_on(async { tokio::time::timeout(timeout, config.connect(tls)).await });
         let (client, mut connection) = match connected {
             Err(_) => {
                 return Err(PgError::new(format!(
@@ -153,7 +154,9 @@ impl Conn {
                             let _ = notify.send(n);
                         }
                         Poll::Ready(Some(Ok(_))) => {}
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(PgError::of_client(&e).message),
+                        Poll::Ready(Some(Err(e))) => {
+                            return Poll::Ready(PgError::of_client(&e).message);
+                        }
                         Poll::Ready(None) => {
                             return Poll::Ready("the server closed the connection".to_owned());
                         }
@@ -228,7 +231,10 @@ impl Conn {
 
     /// The next notification, waiting until `deadline`; `Ok(None)` at the deadline, an
     /// error if the session ended.
-    pub fn next_notification(&mut self, deadline: Instant) -> Result<Option<Notification>, PgError> {
+    pub fn next_notification(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<Option<Notification>, PgError> {
         let notes = &mut self.notes;
         let ended = &mut self.ended;
         let got = self.rt.block_on(async {

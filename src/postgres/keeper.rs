@@ -29,11 +29,16 @@ const RETRY: Duration = Duration::from_millis(250);
 /// A write of the holder.
 pub enum Op {
     /// Stores the result and releases the lock (forgetting the failure record or not).
-    Result { value: Vec<u8>, forget: bool },
+    Result {
+        value: Vec<u8>,
+        forget: bool,
+    },
     Failure(Vec<u8>),
     KeyValues(Vec<u8>),
     /// Releases the lock; the keeper ends.
-    Release { forget: bool },
+    Release {
+        forget: bool,
+    },
 }
 
 type Reply = Sender<Result<bool, PgError>>;
@@ -78,7 +83,10 @@ impl Keeper {
     /// Has the keeper do a write; `Ok(false)` if the lock was no longer held.
     pub fn write(&self, op: Op) -> Result<bool, PgError> {
         let (reply, answer) = std::sync::mpsc::channel();
-        let sent = self.ops.as_ref().is_some_and(|ops| ops.send((op, reply)).is_ok());
+        let sent = self
+            .ops
+            .as_ref()
+            .is_some_and(|ops| ops.send((op, reply)).is_ok());
         if !sent {
             return Err(PgError::new("the lock was lost"));
         }
@@ -132,7 +140,7 @@ fn keep(
                 }
                 _ = tokio::time::sleep_until(give_up.into()) => return Some(lost_in_time()),
                 op = ops.recv() => {
-                    let Some((op, reply)) = op else { return None };
+                    let (op, reply) = op?;
                     let release = matches!(op, Op::Release { .. } | Op::Result { .. });
                     let limit = give_up.min(Instant::now() + conn.timeout());
                     let done = tokio::time::timeout_at(limit.into(), write(client, sql, lease, op)).await;
@@ -213,7 +221,11 @@ async fn write(
             client
                 .query_typed(
                     statement,
-                    &[(slot, Type::TEXT), (token, Type::INT8), (value, Type::BYTEA)],
+                    &[
+                        (slot, Type::TEXT),
+                        (token, Type::INT8),
+                        (value, Type::BYTEA),
+                    ],
                 )
                 .await
         }
@@ -221,7 +233,11 @@ async fn write(
             client
                 .query_typed(
                     &sql.release,
-                    &[(slot, Type::TEXT), (token, Type::INT8), (forget, Type::BOOL)],
+                    &[
+                        (slot, Type::TEXT),
+                        (token, Type::INT8),
+                        (forget, Type::BOOL),
+                    ],
                 )
                 .await
         }

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use super::url::{Host, PgUrl, DEFAULT_PORT};
+use super::url::{DEFAULT_PORT, Host, PgUrl};
 
 /// The password for this URL and user, if any; warnings for the caller to print.
 pub fn find(url: &PgUrl, user: &str, dbname: &str) -> (Option<String>, Option<String>) {
@@ -85,6 +85,9 @@ mod tests {
 
     #[test]
     fn splits_escaped_fields() {
-        assert_eq!(split(r"h:5432:*:u:pa\:ss\\"), ["h", "5432", "*", "u", r"pa:ss\"]);
+        assert_eq!(
+            split(r"h:5432:*:u:pa\:ss\\"),
+            ["h", "5432", "*", "u", r"pa:ss\"]
+        );
     }
 }

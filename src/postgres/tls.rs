@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
@@ -31,8 +31,8 @@ pub fn config(url: &PgUrl) -> Result<ClientConfig, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?;
     let home = dirs::home_dir().map(|h| h.join(".postgresql"));
-    let verify = url.sslmode.verifies()
-        || (url.sslmode == SslMode::Require && url.sslrootcert.is_some());
+    let verify =
+        url.sslmode.verifies() || (url.sslmode == SslMode::Require && url.sslrootcert.is_some());
     let verifier: Arc<dyn ServerCertVerifier> = if verify {
         let roots = roots(url, home.as_deref())?;
         let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -102,7 +102,9 @@ fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>,
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(&e))?;
     if certs.is_empty() {
-        return Err(bad(&"no PEM certificate (-----BEGIN CERTIFICATE-----) in it"));
+        return Err(bad(
+            &"no PEM certificate (-----BEGIN CERTIFICATE-----) in it",
+        ));
     }
     Ok(certs)
 }
@@ -194,6 +196,3 @@ impl ServerCertVerifier for Unchecked {
         self.0.supported_schemes()
     }
 }
-
-#[allow(dead_code, reason = "keeps the provider type in scope for readers")]
-type Provider = CryptoProvider;

@@ -280,7 +280,10 @@ mod tests {
 
     #[test]
     fn parses_libpq_urls() {
-        let url = PgUrl::parse("postgresql://app@db.example:6543/jobs?sslmode=verify-full&sslrootcert=/ca.pem").unwrap();
+        let url = PgUrl::parse(
+            "postgresql://app@db.example:6543/jobs?sslmode=verify-full&sslrootcert=/ca.pem",
+        )
+        .unwrap();
         assert_eq!(url.user.as_deref(), Some("app"));
         assert_eq!(url.host, Host::Tcp("db.example".into()));
         assert_eq!(url.port, 6543);

@@ -70,10 +70,19 @@ impl Postgres {
         let out = pg.as_server(&pg.bin.join("initdb"), |c| {
             c.arg("-D")
                 .arg(&data)
-                .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"])
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                ])
                 .arg(format!("--pwfile={}", pg.dir.path().join("pw").display()));
         });
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             pg.port,
@@ -109,12 +118,18 @@ impl Postgres {
             Command::new(program)
         };
         args(&mut command);
-        command.current_dir("/tmp").output().expect("run a PostgreSQL tool")
+        command
+            .current_dir("/tmp")
+            .output()
+            .expect("run a PostgreSQL tool")
     }
 
     /// The backend URL (plain TCP, the password from PGPASSWORD).
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
     }
 
     /// Runs SQL through `psql` on the socket; its output, unaligned, tuples only.
@@ -122,18 +137,36 @@ impl Postgres {
         let out = Command::new(self.bin.join("psql"))
             .args(["-h"])
             .arg(self.dir.path())
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-Atc", sql])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-Atc",
+                sql,
+            ])
             .env("PGPASSFILE", "/dev/null")
             .output()
             .expect("psql");
-        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// The postmaster and its backends.
     fn pids(&self) -> Vec<i32> {
-        let pidfile = fs::read_to_string(self.data().join("postmaster.pid")).expect("postmaster.pid");
-        let main: i32 = pidfile.lines().next().and_then(|l| l.trim().parse().ok()).expect("pid");
+        let pidfile =
+            fs::read_to_string(self.data().join("postmaster.pid")).expect("postmaster.pid");
+        let main: i32 = pidfile
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("pid");
         let mut pids = vec![main];
         for entry in fs::read_dir("/proc").expect("/proc").flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {

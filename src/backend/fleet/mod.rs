@@ -13,7 +13,7 @@ use anyhow::Result;
 
 use super::{Backend, Config, Place};
 use crate::etcd::{
-    Client, Credentials, DEFAULT_MAX_VALUE, Endpoints, DEFAULT_TIMEOUT, Prefix, Security, TlsFiles,
+    Client, Credentials, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, Prefix, Security, TlsFiles,
 };
 use crate::exit::{Exit, Status};
 use crate::key::SlotId;
