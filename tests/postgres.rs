@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use common::certs::Certs;
 use common::postgres::{PASSWORD, Postgres};
 use common::{TestEnv, alive, assert_status, finish, marker, stderr, stdout, wait_until};
 
@@ -341,4 +342,204 @@ fn waiters_on_other_machines_wake_on_the_release_notification() {
         p95 < 30.0,
         "woken by the notification, not the 60s lease: p95 {p95}s"
     );
+}
+
+/// `status` and `clear` from a machine that ran nothing see what the others did;
+/// `clear --older-than` removes what nobody wrote for that long.
+#[test]
+fn status_and_clear_see_the_fleet_from_any_machine() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let (a, b) = (Machine::of(&pg), Machine::of(&pg));
+    assert_eq!(stdout(&a.run(&["ok", "--", "echo", "hi"])), "hi\n");
+    assert_status(
+        &a.run(&["failing", "--", "sh", "-c", "echo oops >&2; exit 3"]),
+        3,
+    );
+    let gate = shared.path("gate");
+    let held = format!(
+        "while [ ! -e '{}' ]; do sleep 0.01; done; echo done",
+        gate.display()
+    );
+    let running = a.spawn(&["running", "--", "sh", "-c", &held]);
+    let status = |m: &Machine, names: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec!["status", "--json"];
+        args.extend(names);
+        let out = m.run(&args);
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    wait_until("the run is in flight", || {
+        status(&b, &["running"])
+            .first()
+            .is_some_and(|s| s["in_flight"] == true)
+    });
+    let all = status(&b, &[]);
+    let names: Vec<&str> = all.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["failing", "ok", "running"]);
+    assert_eq!(all[1]["state"], "fresh");
+    assert_eq!(all[0]["last_failure"]["exit_code"], 3);
+    assert_eq!(all[2]["pid"], running.id());
+
+    // Another schema is another fleet.
+    let other = b.run(&["--pg-schema", "elsewhere", "status", "--json"]);
+    assert_eq!(stdout(&other).trim(), "[]", "{}", stderr(&other));
+
+    let out = b.run(&["clear", "-v", "ok", "failing"]);
+    assert_eq!(
+        stderr(&out),
+        "singleflight: ok: cleared (result)\nsingleflight: failing: cleared (failure record)\n"
+    );
+    let counted = format!("echo run >> '{}'; echo hi", shared.path("runs").display());
+    assert_eq!(stdout(&a.run(&["ok", "--", "sh", "-c", &counted])), "hi\n");
+    assert_eq!(shared.runs(), 1, "cleared for machine A too");
+
+    // --older-than leaves what was just written, and the run in flight.
+    let out = b.run(&["clear", "-v", "--older-than", "1h", "--all"]);
+    assert_status(&out, 0);
+    assert!(!stderr(&out).contains("cleared"), "{}", stderr(&out));
+    pg.psql("UPDATE singleflight.slots SET updated = now() - interval '2 hours'");
+    let out = b.run(&["clear", "-v", "--older-than", "1h", "--all"]);
+    assert!(
+        stderr(&out).contains("ok: cleared (result)"),
+        "{}",
+        stderr(&out)
+    );
+    fs::write(&gate, "").unwrap();
+    assert_eq!(stdout(&finish(running)), "done\n");
+    assert_eq!(status(&b, &["running"])[0]["state"], "fresh");
+}
+
+/// Fifteen stale callers on three machines are served at once and start one refresh,
+/// whose refresher (another process) takes the lock over by its token.
+#[test]
+fn a_background_refresh_across_machines_starts_one_refresher() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&pg)).collect();
+    let (version, gate) = (shared.path("version"), shared.path("gate"));
+    let script = format!(
+        "echo run >> '{runs}'; while [ ! -e '{gate}' ]; do sleep 0.01; done; cat '{version}'",
+        runs = shared.path("runs").display(),
+        gate = gate.display(),
+        version = version.display()
+    );
+    let args = [
+        "--background",
+        "bg",
+        "--ttl",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    fs::write(&version, "v1\n").unwrap();
+    fs::write(&gate, "").unwrap();
+    assert_eq!(stdout(&machines[0].run(&args)), "v1\n");
+    wait_until("v1 goes stale", || {
+        let out = machines[0].run(&["status", "--json", "bg"]);
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+            .is_ok_and(|s| s[0]["state"] == "stale")
+    });
+    fs::write(&version, "v2\n").unwrap();
+    fs::remove_file(&gate).unwrap();
+    let callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|m| (0..5).map(|_| m.spawn(&args)))
+        .collect();
+    for caller in callers {
+        let out = finish(caller);
+        assert_eq!(stdout(&out), "v1\n", "{}", stderr(&out));
+    }
+    wait_until("the refresh started", || shared.runs() == 2);
+    fs::write(&gate, "").unwrap();
+    wait_until("the refresh stored v2", || {
+        let out = machines[2].run(&["bg", "--ttl", "1h", "--", "sh", "-c", &script]);
+        stdout(&out) == "v2\n"
+    });
+    assert_eq!(shared.runs(), 2, "one refresh for fifteen stale callers");
+}
+
+/// `--exclusive` across machines: one at a time, each gets its own run, in turn.
+#[test]
+fn exclusive_runs_take_turns_across_machines() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&pg)).collect();
+    let script = format!(
+        "[ -e '{busy}' ] && echo overlap >> '{runs}'; touch '{busy}'; echo run >> '{runs}'; \
+         sleep 0.2; rm '{busy}'",
+        busy = shared.path("busy").display(),
+        runs = shared.path("runs").display()
+    );
+    let callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|m| (0..2).map(|_| m.spawn(&["--exclusive", "ex", "--", "sh", "-c", &script])))
+        .collect();
+    for caller in callers {
+        assert_status(&finish(caller), 0);
+    }
+    let runs = fs::read_to_string(shared.path("runs")).unwrap();
+    assert_eq!(runs, "run\n".repeat(6), "six turns, never two at once");
+}
+
+/// TLS with `sslmode=verify-full`: the server's certificate checked against
+/// `sslrootcert`; a client certificate logs in without a password; a CA that did not
+/// sign the server's certificate ends the call with 125 before anything runs.
+#[test]
+fn tls_verify_full_with_a_client_certificate_and_an_unverifiable_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(dir.path());
+    let Some(pg) = Postgres::with_tls(Some(&certs)) else {
+        return;
+    };
+    let shared = Shared::new();
+    let script = format!("echo run >> '{}'; echo tls", shared.path("runs").display());
+    let url = |user: &str, ca: &std::path::Path, extra: &str| {
+        format!(
+            "postgres://{user}@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}{extra}",
+            pg.port,
+            ca.display()
+        )
+    };
+
+    let mut machine = Machine::of(&pg);
+    machine.backend = url("postgres", &certs.ca, "");
+    let out = machine.run(&["tls", "--", "sh", "-c", &script]);
+    assert_eq!(stdout(&out), "tls\n", "{}", stderr(&out));
+
+    let mut by_cert = Machine::of(&pg);
+    by_cert.password = String::new();
+    by_cert.backend = url(
+        "certuser",
+        &certs.ca,
+        &format!(
+            "&sslcert={}&sslkey={}",
+            certs.pg_client.display(),
+            certs.pg_client_key.display()
+        ),
+    );
+    let out = by_cert.run(&["tls", "--", "sh", "-c", &script]);
+    assert_eq!(
+        stdout(&out),
+        "tls\n",
+        "served over TLS by a client certificate: {}",
+        stderr(&out)
+    );
+
+    let mut untrusting = Machine::of(&pg);
+    untrusting.backend = url("postgres", &certs.other_ca, "");
+    let out = untrusting.run(&["untrusted", "--", "sh", "-c", &script]);
+    assert_status(&out, 125);
+    assert!(
+        stderr(&out).contains("the command was not run"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).to_lowercase().contains("certificate"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(shared.runs(), 1);
 }

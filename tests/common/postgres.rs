@@ -12,6 +12,8 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use super::certs::Certs;
+
 pub const PASSWORD: &str = "sf-pg-test";
 
 pub struct Postgres {
@@ -42,6 +44,13 @@ fn free_port() -> u16 {
 impl Postgres {
     /// A fresh server, or `None` after saying the test is skipped.
     pub fn start() -> Option<Postgres> {
+        Postgres::with_tls(None)
+    }
+
+    /// A fresh server that also speaks TLS with these certificates (the server's, and
+    /// the CA it trusts for client certificates): `hostssl` with a password, and the
+    /// role `certuser` logs in by its client certificate alone.
+    pub fn with_tls(certs: Option<&Certs>) -> Option<Postgres> {
         let Some(bin) = bin_dir() else {
             super::skip("PostgreSQL is not installed; apt-get install postgresql to run this test");
             return None;
@@ -83,11 +92,43 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             pg.port,
             pg.dir.path().display()
         );
+        if let Some(certs) = certs {
+            let copy = |from: &Path, name: &str| {
+                let to = pg.dir.path().join(name);
+                fs::copy(from, &to).expect("copy a PEM file");
+                fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .expect("chmod");
+                if pg.as_postgres {
+                    let chown = Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(&to)
+                        .status();
+                    assert!(chown.expect("chown").success());
+                }
+                to
+            };
+            let (cert, key, ca) = (
+                copy(&certs.server, "server.pem"),
+                copy(&certs.server_key, "server-key.pem"),
+                copy(&certs.ca, "ca.pem"),
+            );
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c ssl_ca_file={}",
+                cert.display(),
+                key.display(),
+                ca.display()
+            ));
+            let hba = data.join("pg_hba.conf");
+            let rules = "local all all trust\n\
+                         hostssl all certuser 127.0.0.1/32 cert\n\
+                         hostssl all all 127.0.0.1/32 scram-sha-256\n";
+            fs::write(&hba, rules).expect("pg_hba.conf");
+        }
         let log = pg.dir.path().join("log");
         let out = pg.as_server(&pg.bin.join("pg_ctl"), |c| {
             c.args(["-w", "-D"])
@@ -102,6 +143,9 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr),
             fs::read_to_string(&log).unwrap_or_default()
         );
+        if certs.is_some() {
+            pg.psql("CREATE ROLE certuser LOGIN SUPERUSER");
+        }
         Some(pg)
     }
 
