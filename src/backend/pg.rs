@@ -117,11 +117,13 @@ impl Pg {
         done
     }
 
-    /// Takes the session away (for a held lock's keeper).
+    /// Takes the session away (for a held lock's keeper); one that listens (this
+    /// caller waited first) is left behind, so that the keeper receives no
+    /// notifications it would keep unread for the whole run.
     fn take_conn(&self) -> Result<Conn, PgError> {
         match self.shared.conn.borrow_mut().take() {
-            Some(conn) => Ok(conn),
-            None => Conn::open(&self.shared.settings, "singleflight"),
+            Some(conn) if conn.listening.is_empty() => Ok(conn),
+            _ => Conn::open(&self.shared.settings, "singleflight"),
         }
     }
 

@@ -85,7 +85,10 @@ pub type Param<'a> = (&'a (dyn ToSql + Sync), Type);
 /// One open session.
 pub struct Conn {
     rt: Runtime,
-    client: Client,
+    /// `None` only while dropped: dropping it ends the session politely.
+    client: Option<Client>,
+    /// The task that drives the session.
+    driver: Option<tokio::task::JoinHandle<()>>,
     notes: mpsc::UnboundedReceiver<Notification>,
     /// Becomes `Some(why)` when the session ends.
     ended: watch::Receiver<Option<String>>,
@@ -146,7 +149,7 @@ impl Conn {
         };
         let (notify, notes) = mpsc::unbounded_channel();
         let (end, ended) = watch::channel(None);
-        rt.spawn(async move {
+        let driver = rt.spawn(async move {
             let why = std::future::poll_fn(|cx| {
                 loop {
                     match connection.poll_message(cx) {
@@ -169,7 +172,8 @@ impl Conn {
         });
         Ok(Conn {
             rt,
-            client,
+            client: Some(client),
+            driver: Some(driver),
             notes,
             ended,
             timeout,
@@ -199,7 +203,7 @@ impl Conn {
     where
         F: Future<Output = Result<T, tokio_postgres::Error>> + 'a,
     {
-        let future = request(&self.client);
+        let future = request(self.client());
         let limit = deadline.saturating_duration_since(Instant::now());
         match self
             .rt
@@ -260,11 +264,27 @@ impl Conn {
     }
 
     pub fn client(&self) -> &Client {
-        &self.client
+        self.client
+            .as_ref()
+            .expect("the client lives until the session is dropped")
     }
 
     /// A receiver that becomes `Some(why)` when the session ends.
     pub fn ended(&self) -> watch::Receiver<Option<String>> {
         self.ended.clone()
+    }
+}
+
+impl Drop for Conn {
+    /// Ends the session with a Terminate message, as libpq does, so that the server
+    /// does not log every call's end as a lost connection; at most 100ms.
+    fn drop(&mut self) {
+        self.client.take();
+        if let Some(driver) = self.driver.take() {
+            let limit = Duration::from_millis(100);
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(limit, driver).await });
+        }
     }
 }
