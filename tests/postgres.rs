@@ -206,7 +206,7 @@ fn the_holders_session_terminated_mid_run_kills_the_tree_with_125() {
 #[test]
 fn a_frozen_server_mid_run_kills_the_tree_with_125_within_the_lease() {
     let Some(pg) = Postgres::start() else { return };
-    lose_the_lock(&pg, "3s", || pg.freeze());
+    lose_the_lock(&pg, "5s", || pg.freeze());
 }
 
 #[test]
