@@ -780,6 +780,19 @@ fn without_the_etcd_feature_a_backend_is_a_usage_error() {
     );
 }
 
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn without_the_postgres_feature_a_postgres_backend_is_a_usage_error() {
+    let machine = Machine::new("postgresql://app@127.0.0.1:5432/app");
+    let out = machine.run(["x", "--", "echo", "hi"]);
+    assert_status(&out, 2);
+    assert!(
+        stderr(&out).contains("built without the PostgreSQL backend"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// A run stopped by a signal gives its etcd lock back on the way out: the next caller
 /// wins at once, not when the lease runs out (a 1h lease here, so a lock left to the
 /// lease would make the next caller wait and give up).
