@@ -543,3 +543,65 @@ fn tls_verify_full_with_a_client_certificate_and_an_unverifiable_server() {
     );
     assert_eq!(shared.runs(), 1);
 }
+
+/// Behind PgBouncer in transaction mode LISTEN cannot be counted on: waiters are
+/// served all the same, and the command runs once.
+#[test]
+fn behind_a_transaction_pooler_waiters_are_served_and_the_command_runs_once() {
+    let Some(pg) = Postgres::start() else { return };
+    let Some(bouncer) = pg.bouncer() else { return };
+    let shared = Shared::new();
+    let gate = shared.path("gate");
+    let script = format!(
+        "echo run >> '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; echo pooled",
+        shared.path("runs").display(),
+        gate.display()
+    );
+    let mut machines: Vec<Machine> = (0..2).map(|_| Machine::of(&pg)).collect();
+    for m in &mut machines {
+        m.backend = format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            bouncer.port
+        );
+    }
+    let holder = machines[0].spawn(&["pooled", "--", "sh", "-c", &script]);
+    wait_until("the run started", || shared.runs() == 1);
+    // A waiter that finds LISTEN unusable says so and looks every 500ms; where the
+    // pooler happens to deliver the notification it is woken by it; where it drops it,
+    // the holder's lease bounds the wait. In every case: served, and run once.
+    let said: Vec<PathBuf> = (0..3)
+        .map(|i| shared.path(&format!("waiter{i}.stderr")))
+        .collect();
+    let waiters: Vec<std::process::Child> = said
+        .iter()
+        .map(|path| {
+            machines[1]
+                .command()
+                .args(["pooled", "--", "sh", "-c", &script])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(fs::File::create(path).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // They wait once the lock statement is behind them (each tried and lost).
+    wait_until("the waiters tried the lock", || {
+        pg.psql("SELECT last_value FROM singleflight.fencing")
+            .parse::<i64>()
+            .is_ok_and(|n| n >= 4)
+    });
+    fs::write(&gate, "").unwrap();
+    assert_eq!(stdout(&finish(holder)), "pooled\n");
+    for (waiter, path) in waiters.into_iter().zip(&said) {
+        let out = finish(waiter);
+        assert_status(&out, 0);
+        assert_eq!(
+            stdout(&out),
+            "pooled\n",
+            "{}",
+            fs::read_to_string(path).unwrap()
+        );
+    }
+    assert_eq!(shared.runs(), 1);
+}

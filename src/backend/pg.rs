@@ -308,10 +308,15 @@ impl PgSlot {
     fn lock_remaining(&self, conn: &mut Conn, probe: bool) -> Result<Option<Duration>, PgError> {
         let channel = format!("sfprobe_{}", std::process::id());
         if conn.listening.is_empty() {
-            conn.batch(&format!(
-                "LISTEN \"{}\"; LISTEN \"{channel}\"",
+            let listen = format!(
+                "LISTEN \"{}\"; LISTEN \"{channel}\"; SELECT pg_backend_pid()",
                 self.pg.sql.channel
-            ))?;
+            );
+            let answers = conn.run(|client| client.simple_query(&listen))?;
+            conn.listener_pid = answers.iter().find_map(|answer| match answer {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
+                _ => None,
+            });
             conn.listening = vec![self.pg.sql.channel.clone(), channel.clone()];
         }
         conn.drain_notifications();
@@ -334,7 +339,15 @@ impl PgSlot {
             ],
         )?;
         let left: Option<f64> = rows.first().and_then(|row| row.get(0));
-        if probe {
+        let pid: Option<i32> = rows.first().and_then(|row| row.get(2));
+        let moved = conn
+            .listener_pid
+            .is_some_and(|listener| pid != Some(listener));
+        if moved && self.pg.shared.listen_works.get() != Some(false) {
+            self.pg.shared.listen_works.set(Some(false));
+            self.say_polling("statements are answered by different server processes");
+        }
+        if probe && !moved {
             let deadline = Instant::now() + conn.timeout();
             let mut heard = false;
             while let Some(note) = conn.next_notification(deadline)? {
@@ -345,15 +358,20 @@ impl PgSlot {
             }
             self.pg.shared.listen_works.set(Some(heard));
             if !heard {
-                eprintln!(
-                    "singleflight: warning: {}: LISTEN gets no notifications (a \
-                     transaction-mode pooler such as PgBouncer?); waiting by polling every {}ms",
-                    self.pg.url(),
-                    POLL.as_millis()
-                );
+                self.say_polling("its own notification did not arrive");
             }
         }
         Ok(left.map(|secs| Duration::from_secs_f64(secs.max(0.0))))
+    }
+
+    /// The warning of a waiter that cannot count on LISTEN.
+    fn say_polling(&self, why: &str) {
+        eprintln!(
+            "singleflight: warning: {}: LISTEN gets no notifications here ({why}: a \
+             transaction-mode pooler such as PgBouncer?); waiting by looking every {}ms",
+            self.pg.url(),
+            POLL.as_millis()
+        );
     }
 }
 

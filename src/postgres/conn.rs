@@ -95,6 +95,9 @@ pub struct Conn {
     timeout: Duration,
     /// The channels it listens on.
     pub listening: Vec<String>,
+    /// The server process that answered the statement that listened: another one
+    /// answering later means a pooler hands statements to several.
+    pub listener_pid: Option<i32>,
 }
 
 impl Conn {
@@ -178,6 +181,7 @@ impl Conn {
             ended,
             timeout,
             listening: Vec::new(),
+            listener_pid: None,
         })
     }
 

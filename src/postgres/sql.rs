@@ -94,7 +94,8 @@ impl Sql {
                  SELECT pg_notify('{channel}', slot) FROM held"
             ),
             held: format!(
-                "SELECT extract(epoch FROM expires - now())::float8, pg_notify($2, $3)::text
+                "SELECT extract(epoch FROM expires - now())::float8, pg_notify($2, $3)::text,
+                        pg_backend_pid()
                  FROM (SELECT 1) one LEFT JOIN {s}.locks ON slot = $1 AND {live}"
             ),
             snapshot: format!(

@@ -245,6 +245,82 @@ impl Postgres {
     }
 }
 
+/// PgBouncer in transaction mode in front of a test server (Debian's `pgbouncer`),
+/// stopped when dropped.
+pub struct Bouncer {
+    pub port: u16,
+    pidfile: PathBuf,
+}
+
+impl Postgres {
+    /// PgBouncer with `pool_mode = transaction` on a free port, or `None` after saying
+    /// the test is skipped.
+    pub fn bouncer(&self) -> Option<Bouncer> {
+        let binary = Path::new("/usr/sbin/pgbouncer");
+        if !binary.is_file() {
+            super::skip("pgbouncer is not installed; apt-get install pgbouncer to run this test");
+            return None;
+        }
+        let port = free_port();
+        let dir = self.dir.path();
+        let ini = dir.join("pgbouncer.ini");
+        let pidfile = dir.join("pgbouncer.pid");
+        fs::write(
+            dir.join("userlist.txt"),
+            format!("\"postgres\" \"{PASSWORD}\"\n"),
+        )
+        .expect("userlist");
+        fs::write(
+            &ini,
+            format!(
+                "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                 unix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {}\n\
+                 pool_mode = transaction\nmax_client_conn = 200\ndefault_pool_size = 5\n\
+                 logfile = {}\npidfile = {}\n",
+                self.port,
+                dir.join("userlist.txt").display(),
+                dir.join("pgbouncer.log").display(),
+                pidfile.display()
+            ),
+        )
+        .expect("pgbouncer.ini");
+        if self.as_postgres {
+            for file in ["pgbouncer.ini", "userlist.txt"] {
+                let chown = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(dir.join(file))
+                    .status();
+                assert!(chown.expect("chown").success());
+            }
+        }
+        let out = self.as_server(binary, |c| {
+            c.arg("-d").arg(&ini);
+        });
+        assert!(
+            out.status.success(),
+            "pgbouncer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        super::wait_until("pgbouncer listens", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(Bouncer { port, pidfile })
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let pid = fs::read_to_string(&self.pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) on the pgbouncer this test started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.thaw();
