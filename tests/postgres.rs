@@ -605,3 +605,53 @@ fn behind_a_transaction_pooler_waiters_are_served_and_the_command_runs_once() {
     }
     assert_eq!(shared.runs(), 1);
 }
+
+/// `--service` across machines: of ten callers on two machines one instance starts, and
+/// every caller returns once it is ready (its `--ready` check looks at a shared file).
+#[test]
+fn one_service_instance_for_callers_on_two_machines() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let mark = marker();
+    let script = format!(
+        "echo $$ >> '{starts}'; while [ ! -e '{gate}' ]; do sleep 0.01; done; \
+         touch '{ready}'; exec sleep {mark}",
+        starts = shared.path("runs").display(),
+        gate = shared.path("gate").display(),
+        ready = shared.path("ready").display()
+    );
+    let ready = format!("test -e '{}'", shared.path("ready").display());
+    let machines: Vec<Machine> = (0..2).map(|_| Machine::of(&pg)).collect();
+    let args = [
+        "--service",
+        "svc",
+        "--ready",
+        &ready,
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let mut callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|m| (0..5).map(|_| m.spawn(&args)))
+        .collect();
+    wait_until("the instance started", || shared.runs() == 1);
+    for caller in &mut callers {
+        assert!(
+            caller.try_wait().unwrap().is_none(),
+            "returned before ready"
+        );
+    }
+    fs::write(shared.path("gate"), "").unwrap();
+    for caller in callers {
+        let out = finish(caller);
+        assert_status(&out, 0);
+    }
+    assert_eq!(shared.runs(), 1, "one instance for two machines");
+    let supervising = machines
+        .iter()
+        .find(|m| common::status(&m.run(&["stop", "svc"])) == 0);
+    assert!(supervising.is_some(), "one machine's stop ends it");
+    wait_until("the instance is gone", || alive(&mark).is_empty());
+}
