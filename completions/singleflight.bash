@@ -47,7 +47,7 @@ _singleflight() {
 
     case "${cmd}" in
         singleflight)
-            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --stdin --key-stdin --key-stdin-json --no-replay-stderr --background --exclusive --slots --service --ready --start-limit --start-window --cache-failures --max-output --lease-ttl --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help --version status stop clear help"
+            opts="-v -q -h -V --ttl --timeout --kill-after --wait --max-stale --retry-after --retry-max --key-cwd --key-env --key-file --stdin --key-stdin --key-stdin-json --no-replay-stderr --background --exclusive --slots --service --ready --start-limit --start-window --cache-failures --max-output --lease-ttl --cache-dir --verbose --quiet --backend --pg-schema --etcd-prefix --backend-timeout --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help --version status stop clear help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -125,6 +125,10 @@ _singleflight() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --pg-schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --etcd-prefix)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -161,7 +165,7 @@ _singleflight() {
             return 0
             ;;
         singleflight__subcmd__clear)
-            opts="-v -q -h --all --older-than --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help"
+            opts="-v -q -h --all --older-than --cache-dir --verbose --quiet --backend --pg-schema --etcd-prefix --backend-timeout --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -176,6 +180,10 @@ _singleflight() {
                     return 0
                     ;;
                 --backend)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pg-schema)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -285,7 +293,7 @@ _singleflight() {
             return 0
             ;;
         singleflight__subcmd__status)
-            opts="-v -q -h --json --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help"
+            opts="-v -q -h --json --cache-dir --verbose --quiet --backend --pg-schema --etcd-prefix --backend-timeout --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -296,6 +304,10 @@ _singleflight() {
                     return 0
                     ;;
                 --backend)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pg-schema)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -335,7 +347,7 @@ _singleflight() {
             return 0
             ;;
         singleflight__subcmd__stop)
-            opts="-v -q -h --kill-after --cache-dir --verbose --quiet --backend --etcd-prefix --backend-timeout --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help"
+            opts="-v -q -h --kill-after --cache-dir --verbose --quiet --backend --pg-schema --etcd-prefix --backend-timeout --etcd-cacert --etcd-cert --etcd-key --etcd-user --etcd-password-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -350,6 +362,10 @@ _singleflight() {
                     return 0
                     ;;
                 --backend)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pg-schema)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

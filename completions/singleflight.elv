@@ -35,7 +35,8 @@ set edit:completion:arg-completer[singleflight] = {|@words|
             cand --max-output 'Cap on captured stdout; past it the run is killed and fails'
             cand --lease-ttl 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]'
             cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
-            cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'
+            cand --backend 'Keep locks and results in etcd or PostgreSQL, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...] or postgres://USER@HOST:PORT/DB?sslmode=... (password from PGPASSWORD or ~/.pgpass)'
+            cand --pg-schema 'The PostgreSQL schema of singleflight''s tables, created on first use [default: singleflight]'
             cand --etcd-prefix 'The etcd key prefix of singleflight''s keys [default: /singleflight/]'
             cand --backend-timeout 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]'
             cand --etcd-cacert 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla''s root certificates]'
@@ -66,7 +67,8 @@ set edit:completion:arg-completer[singleflight] = {|@words|
         }
         &'singleflight;status'= {
             cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
-            cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'
+            cand --backend 'Keep locks and results in etcd or PostgreSQL, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...] or postgres://USER@HOST:PORT/DB?sslmode=... (password from PGPASSWORD or ~/.pgpass)'
+            cand --pg-schema 'The PostgreSQL schema of singleflight''s tables, created on first use [default: singleflight]'
             cand --etcd-prefix 'The etcd key prefix of singleflight''s keys [default: /singleflight/]'
             cand --backend-timeout 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]'
             cand --etcd-cacert 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla''s root certificates]'
@@ -85,7 +87,8 @@ set edit:completion:arg-completer[singleflight] = {|@words|
         &'singleflight;stop'= {
             cand --kill-after 'How long to wait for it to let go before it is killed (its guard then kills the tree)'
             cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
-            cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'
+            cand --backend 'Keep locks and results in etcd or PostgreSQL, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...] or postgres://USER@HOST:PORT/DB?sslmode=... (password from PGPASSWORD or ~/.pgpass)'
+            cand --pg-schema 'The PostgreSQL schema of singleflight''s tables, created on first use [default: singleflight]'
             cand --etcd-prefix 'The etcd key prefix of singleflight''s keys [default: /singleflight/]'
             cand --backend-timeout 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]'
             cand --etcd-cacert 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla''s root certificates]'
@@ -103,7 +106,8 @@ set edit:completion:arg-completer[singleflight] = {|@words|
         &'singleflight;clear'= {
             cand --older-than 'Only NAMEs not written for this long (of every NAME, unless NAMEs are given): their results, failure records and lock files go; a NAME with a run in flight is left alone'
             cand --cache-dir 'Where locks and results live [default: the platform cache dir + /singleflight]'
-            cand --backend 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]'
+            cand --backend 'Keep locks and results in etcd or PostgreSQL, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...] or postgres://USER@HOST:PORT/DB?sslmode=... (password from PGPASSWORD or ~/.pgpass)'
+            cand --pg-schema 'The PostgreSQL schema of singleflight''s tables, created on first use [default: singleflight]'
             cand --etcd-prefix 'The etcd key prefix of singleflight''s keys [default: /singleflight/]'
             cand --backend-timeout 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]'
             cand --etcd-cacert 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla''s root certificates]'

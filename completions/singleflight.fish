@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_singleflight_global_optspecs
-    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= stdin key-stdin key-stdin-json= no-replay-stderr background exclusive slots= service ready= start-limit= start-window= cache-failures max-output= lease-ttl= cache-dir= v/verbose q/quiet backend= etcd-prefix= backend-timeout= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
+    string join \n ttl= timeout= kill-after= wait= max-stale= retry-after= retry-max= key-cwd key-env= key-file= stdin key-stdin key-stdin-json= no-replay-stderr background exclusive slots= service ready= start-limit= start-window= cache-failures max-output= lease-ttl= cache-dir= v/verbose q/quiet backend= pg-schema= etcd-prefix= backend-timeout= etcd-cacert= etcd-cert= etcd-key= etcd-user= etcd-password-file= h/help V/version
 end
 
 function __fish_singleflight_needs_command
@@ -41,7 +41,8 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -l start-window 
 complete -c singleflight -n "__fish_singleflight_needs_command" -l max-output -d 'Cap on captured stdout; past it the run is killed and fails' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l lease-ttl -d 'How long the etcd lock outlives a singleflight that can no longer renew it (killed, cut off from etcd); renewed every third of it, the run killed when renewals failed for most of it. From 2s to 1h, whole seconds [default: 10s]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
-complete -c singleflight -n "__fish_singleflight_needs_command" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l backend -d 'Keep locks and results in etcd or PostgreSQL, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...] or postgres://USER@HOST:PORT/DB?sslmode=... (password from PGPASSWORD or ~/.pgpass)' -r
+complete -c singleflight -n "__fish_singleflight_needs_command" -l pg-schema -d 'The PostgreSQL schema of singleflight\'s tables, created on first use [default: singleflight]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
 complete -c singleflight -n "__fish_singleflight_needs_command" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
@@ -66,7 +67,8 @@ complete -c singleflight -n "__fish_singleflight_needs_command" -a "stop" -d 'St
 complete -c singleflight -n "__fish_singleflight_needs_command" -a "clear" -d 'Remove results, waiting for any run in flight'
 complete -c singleflight -n "__fish_singleflight_needs_command" -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
-complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l backend -d 'Keep locks and results in etcd or PostgreSQL, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...] or postgres://USER@HOST:PORT/DB?sslmode=... (password from PGPASSWORD or ~/.pgpass)' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l pg-schema -d 'The PostgreSQL schema of singleflight\'s tables, created on first use [default: singleflight]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
@@ -80,7 +82,8 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s q -
 complete -c singleflight -n "__fish_singleflight_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l kill-after -d 'How long to wait for it to let go before it is killed (its guard then kills the tree)' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
-complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l backend -d 'Keep locks and results in etcd or PostgreSQL, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...] or postgres://USER@HOST:PORT/DB?sslmode=... (password from PGPASSWORD or ~/.pgpass)' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l pg-schema -d 'The PostgreSQL schema of singleflight\'s tables, created on first use [default: singleflight]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F
@@ -93,7 +96,8 @@ complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s q -l 
 complete -c singleflight -n "__fish_singleflight_using_subcommand stop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l older-than -d 'Only NAMEs not written for this long (of every NAME, unless NAMEs are given): their results, failure records and lock files go; a NAME with a run in flight is left alone' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l cache-dir -d 'Where locks and results live [default: the platform cache dir + /singleflight]' -r -F
-complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend -d 'Keep locks and results in etcd, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...]' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend -d 'Keep locks and results in etcd or PostgreSQL, shared by every machine that uses it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...] or postgres://USER@HOST:PORT/DB?sslmode=... (password from PGPASSWORD or ~/.pgpass)' -r
+complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l pg-schema -d 'The PostgreSQL schema of singleflight\'s tables, created on first use [default: singleflight]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-prefix -d 'The etcd key prefix of singleflight\'s keys [default: /singleflight/]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l backend-timeout -d 'How long one request to one etcd member may take; a caller that cannot reach etcd exits 125 without running the command [default: 2s]' -r
 complete -c singleflight -n "__fish_singleflight_using_subcommand clear" -l etcd-cacert -d 'Trust the etcd+https:// server certificates this CA (PEM) signed, and only those [default: Mozilla\'s root certificates]' -r -F

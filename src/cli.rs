@@ -8,9 +8,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend;
-use crate::etcd::{Endpoints, Prefix, parse_backend, parse_lease_ttl};
+use crate::backend::{BackendUrl, parse_backend};
+use crate::etcd::{Prefix, parse_lease_ttl};
 use crate::exit::Status;
 use crate::key::KeySpec;
+use crate::postgres::PgSchema;
 use crate::values::{LeaseHandover, Name, Refresher, parse_duration, parse_size, parse_timeout};
 
 /// The examples of `--help` and of the man page: what each does, then the command line.
@@ -121,8 +123,9 @@ pub struct GlobalArgs {
     // The backend options have no clap defaults (they are documented in the help and
     // resolved in `backend`): a defaulted value costs allocations on every call, and a
     // fresh local hit pays for nothing it does not use.
-    /// Keep locks and results in etcd, shared by every machine that uses it, instead
-    /// of the cache dir: etcd://HOST:PORT[,HOST:PORT...]
+    /// Keep locks and results in etcd or PostgreSQL, shared by every machine that uses
+    /// it, instead of the cache dir: etcd://HOST:PORT[,HOST:PORT...] or
+    /// postgres://USER@HOST:PORT/DB?sslmode=... (password from PGPASSWORD or ~/.pgpass)
     #[arg(
         long,
         value_name = "URL",
@@ -132,7 +135,21 @@ pub struct GlobalArgs {
         global = true,
         help_heading = "Fleet",
     )]
-    pub backend: Option<Endpoints>,
+    pub backend: Option<BackendUrl>,
+
+    /// The PostgreSQL schema of singleflight's tables, created on first use
+    /// [default: singleflight]
+    #[arg(
+        long,
+        value_name = "NAME",
+        hide_env_values = true,
+        env = "SINGLEFLIGHT_PG_SCHEMA",
+        value_parser = PgSchema::parse,
+        global = true,
+        help_heading = "Fleet",
+        hide_short_help = true
+    )]
+    pub pg_schema: Option<PgSchema>,
 
     /// The etcd key prefix of singleflight's keys [default: /singleflight/]
     #[arg(
@@ -558,7 +575,8 @@ impl GlobalArgs {
     /// What the backend is to be, as given (its defaults are the backend's).
     pub fn backend_config(&self) -> backend::Config {
         backend::Config {
-            endpoints: self.backend.clone(),
+            backend: self.backend.clone(),
+            pg_schema: self.pg_schema.clone(),
             prefix: self.etcd_prefix.clone(),
             timeout: self.backend_timeout,
             // A run's (see `RunArgs::lease_ttl`); a verb's lock takes the default.

@@ -24,6 +24,7 @@ mod guard;
 mod input;
 mod key;
 mod lock;
+mod postgres;
 mod reap;
 mod record;
 mod say;

@@ -361,7 +361,7 @@ fn lose_the_lease(etcd: &Etcd, ttl: u64) {
     // etcd is still frozen: the tree died because the lease was lost, not on an answer.
     assert_status(&out, 125);
     assert!(
-        stderr(&out).contains("lost the etcd lock mid-run")
+        stderr(&out).contains("lost the fleet lock mid-run")
             && stderr(&out).contains("nothing was stored"),
         "{}",
         stderr(&out)
@@ -620,7 +620,7 @@ fn status_and_clear_see_the_fleet_from_any_machine() {
     assert_status(&out, 2);
     assert_eq!(
         stderr(&out),
-        "singleflight: clear --older-than works on the cache dir only, not with --backend\n"
+        "singleflight: clear --older-than works on the cache dir and PostgreSQL only, not with an etcd --backend\n"
     );
     assert_eq!(
         b.status_json(&["ok"]).expect("ok is kept")[0]["state"],
@@ -788,6 +788,19 @@ fn without_the_etcd_feature_a_backend_is_a_usage_error() {
     assert_status(&out, 2);
     assert!(
         stderr(&out).contains("built without the etcd backend"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn without_the_postgres_feature_a_postgres_backend_is_a_usage_error() {
+    let machine = Machine::new("postgresql://app@127.0.0.1:5432/app");
+    let out = machine.run(["x", "--", "echo", "hi"]);
+    assert_status(&out, 2);
+    assert!(
+        stderr(&out).contains("built without the PostgreSQL backend"),
         "{}",
         stderr(&out)
     );

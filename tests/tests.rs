@@ -21,6 +21,7 @@ mod input;
 mod jobcontrol;
 mod keys;
 mod modes;
+mod postgres;
 mod slots;
 mod startup;
 mod status;

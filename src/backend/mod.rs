@@ -12,6 +12,8 @@
 #[cfg(feature = "etcd")]
 mod fleet;
 mod local;
+#[cfg(feature = "postgres")]
+mod pg;
 mod semaphore;
 
 use std::ffi::OsString;
@@ -25,6 +27,7 @@ use crate::abort::Abort;
 use crate::entry::{self, Body, Entry, EntryWriter, Invalid, Meta};
 use crate::etcd::{Endpoints, Prefix};
 use crate::key::{KeyValue, Resolved, SlotId};
+use crate::postgres::{PgSchema, PgUrl};
 use crate::record::{self, ExclusiveRun, Failure, ServiceRecord};
 use crate::say::Say;
 use crate::store::{Paths, Store};
@@ -36,8 +39,10 @@ pub const FENCING_TOKEN_ENV: &str = "SINGLEFLIGHT_FENCING_TOKEN";
 /// The backend options as the command line gave them; `None` is the default.
 #[derive(Debug, Default)]
 pub struct Config {
-    /// `--backend`: the etcd to use instead of the cache dir.
-    pub endpoints: Option<Endpoints>,
+    /// `--backend`: the etcd or PostgreSQL to use instead of the cache dir.
+    pub backend: Option<BackendUrl>,
+    /// `--pg-schema`.
+    pub pg_schema: Option<PgSchema>,
     /// `--etcd-prefix`.
     pub prefix: Option<Prefix>,
     /// `--backend-timeout`.
@@ -58,14 +63,51 @@ pub struct Config {
 /// sent to etcd yet, nothing touches the cache dir; the etcd options' files (TLS,
 /// password) are read now, and only with `--backend`. (A build without the etcd
 /// backend refuses `--backend` when it parses it.)
-pub fn open(config: Config, store: &Store) -> Result<Box<dyn Backend>> {
-    #[cfg(feature = "etcd")]
-    if config.endpoints.is_some() {
-        return Ok(Box::new(fleet::Fleet::open(config, store)?));
+pub fn open(mut config: Config, store: &Store) -> Result<Box<dyn Backend>> {
+    match config.backend.take() {
+        None => Ok(Box::new(local::Local)),
+        #[cfg(feature = "etcd")]
+        Some(BackendUrl::Etcd(endpoints)) => {
+            Ok(Box::new(fleet::Fleet::open(endpoints, config, store)?))
+        }
+        #[cfg(feature = "postgres")]
+        Some(BackendUrl::Postgres(url)) => Ok(Box::new(pg::Pg::open(url, config)?)),
+        #[allow(
+            unreachable_patterns,
+            reason = "a build without a backend refuses its URL"
+        )]
+        Some(other) => {
+            let _ = store;
+            let message = format!("this singleflight was built without the backend of {other:?}");
+            Err(crate::exit::Exit::new(crate::exit::Status::Usage, message).into())
+        }
     }
-    #[cfg(not(feature = "etcd"))]
-    let _ = (config, store);
-    Ok(Box::new(local::Local))
+}
+
+/// `--backend` as given: an etcd or a PostgreSQL.
+#[derive(Clone, Debug)]
+pub enum BackendUrl {
+    Etcd(Endpoints),
+    Postgres(PgUrl),
+}
+
+/// Parses `--backend`: `postgres://` or `postgresql://` is a PostgreSQL, anything else
+/// an etcd. A build without that backend refuses it, so the command line is the same
+/// in every build.
+pub fn parse_backend(value: &str) -> Result<BackendUrl, String> {
+    if crate::postgres::is_postgres(value) {
+        if cfg!(feature = "postgres") {
+            PgUrl::parse(value).map(BackendUrl::Postgres)
+        } else {
+            Err(
+                "this singleflight was built without the PostgreSQL backend: build it with \
+                 the cargo feature postgres, which is on unless --no-default-features"
+                    .to_owned(),
+            )
+        }
+    } else {
+        crate::etcd::parse_backend(value).map(BackendUrl::Etcd)
+    }
 }
 
 /// Where every NAME's lock and result live.
@@ -167,7 +209,8 @@ pub trait Place {
     /// waiting for one for at most `limit`; `None` if every slot stayed in use.
     fn lock_slot_within(&self, slots: u32, limit: Duration) -> Result<Option<Held>> {
         let _ = (slots, limit);
-        let message = "--slots works on the cache dir only for now, not with --backend";
+        let message =
+            "--slots works on the cache dir and with etcd, not yet with a PostgreSQL --backend";
         Err(crate::exit::Exit::new(crate::exit::Status::Usage, message).into())
     }
 
@@ -210,7 +253,7 @@ pub trait Place {
     /// `clear --older-than`: where results are files in the cache dir.
     fn clear_older(&self, name: &Name, older_than: Duration, say: &Say) -> Result<Cleared> {
         let _ = (name, older_than, say);
-        let message = "clear --older-than works on the cache dir only, not with --backend";
+        let message = "clear --older-than works on the cache dir and PostgreSQL only, not with an etcd --backend";
         Err(crate::exit::Exit::new(crate::exit::Status::Usage, message).into())
     }
 }

@@ -292,7 +292,7 @@ impl Flight {
         if finished.outcome == Outcome::LeaseLost {
             let why = held.abort().and_then(|abort| abort.reason());
             let message = format!(
-                "{}: lost the etcd lock mid-run: {}; the command's process tree was killed \
+                "{}: lost the fleet lock mid-run: {}; the command's process tree was killed \
                  and nothing was stored",
                 self.opts.name,
                 why.as_deref().unwrap_or("lease lost")
@@ -372,7 +372,7 @@ impl Flight {
                 ),
                 None => format!("singleflight got signal {signal}; the run was stopped"),
             },
-            Outcome::LeaseLost => "the etcd lock was lost; the run was stopped".to_owned(),
+            Outcome::LeaseLost => "the fleet lock was lost; the run was stopped".to_owned(),
         }
     }
 

@@ -21,6 +21,10 @@ pub struct Certs {
     pub server_key: PathBuf,
     pub client: PathBuf,
     pub client_key: PathBuf,
+    /// A client certificate whose CommonName is `certuser`: PostgreSQL's `cert` login
+    /// takes the role from it.
+    pub pg_client: PathBuf,
+    pub pg_client_key: PathBuf,
 }
 
 fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
@@ -76,7 +80,14 @@ impl Certs {
         );
         let (client, client_key) =
             leaf(&authority, None, vec![ExtendedKeyUsagePurpose::ClientAuth]);
+        let (pg_client, pg_client_key) = leaf(
+            &authority,
+            Some("certuser"),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        );
         Certs {
+            pg_client: write("pg-client.pem", &pg_client),
+            pg_client_key: write("pg-client-key.pem", &pg_client_key),
             ca: write("ca.pem", &authority.pem()),
             other_ca: write("other-ca.pem", &other.pem()),
             server: write("server.pem", &server),

@@ -7,6 +7,9 @@ pub mod certs;
 // A real etcd is started, paused and killed with Unix signals: the etcd tests are Unix-only.
 #[cfg(unix)]
 pub mod etcd;
+// A real PostgreSQL, frozen with SIGSTOP: Linux only, as Debian's package.
+#[cfg(target_os = "linux")]
+pub mod postgres;
 
 use std::ffi::{OsStr, OsString};
 use std::fs;

@@ -13,7 +13,7 @@ use anyhow::Result;
 
 use super::{Backend, Config, Place};
 use crate::etcd::{
-    Client, Credentials, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Prefix, Security, TlsFiles,
+    Client, Credentials, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, Prefix, Security, TlsFiles,
 };
 use crate::exit::{Exit, Status};
 use crate::key::SlotId;
@@ -38,13 +38,12 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// The etcd of `config.endpoints` with the other options as given (`None`: their
+    /// The etcd of `endpoints` with the other options as given (`None`: their
     /// defaults). TLS options with a plain `etcd://` backend, or a user without a
     /// password, are usage errors (2); a TLS or password file that cannot be read or
     /// used is singleflight's failure (125). The login's token is kept in the cache
     /// dir `store` between calls.
-    pub fn open(config: Config, store: &Store) -> Result<Fleet> {
-        let endpoints = config.endpoints.expect("a backend to open");
+    pub fn open(endpoints: Endpoints, config: Config, store: &Store) -> Result<Fleet> {
         let tls = TlsFiles {
             cacert: config.cacert,
             cert: config.cert,

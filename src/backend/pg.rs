@@ -1,0 +1,760 @@
+//! The PostgreSQL arm of the backend: a NAME's lock is a lease row whose expiry the
+//! server judges (`now()`), renewed by the holder's session on a keeper thread; its
+//! fencing token comes from a sequence; its result, failure record and key values are
+//! a row of their own. Waiters `LISTEN` for the release. See docs/fleet.md.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::OsString;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::types::Type;
+
+use super::{
+    Backend, Cleared, Config, FENCING_TOKEN_ENV, Files, Held, InFlight, Lock, Place, Read,
+    Snapshot, Unsaved,
+};
+use crate::abort::Abort;
+use crate::entry::{self, Body, EntryWriter, Meta};
+use crate::exit::{Exit, Status};
+use crate::key::SlotId;
+use crate::postgres::{
+    Conn, Keeper, Lease, Op, PgError, PgSchema, PgUrl, Settings, Sql, VERSION, find_password,
+    tls_config,
+};
+use crate::record::{self, Failure};
+use crate::say::Say;
+use crate::store::Store;
+use crate::values::{LeaseHandover, Name, Refresher, later};
+
+/// `--backend-timeout` default.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// `--lease-ttl` default.
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// The largest result stored (the entry's bytes): a result is read into memory.
+const MAX_VALUE: u64 = 64 << 20;
+/// See the etcd backend: results written by another machine.
+const CLOCK_SKEW: Duration = Duration::from_secs(1);
+/// How often a waiter looks where `LISTEN` delivers nothing (a transaction pooler).
+const POLL: Duration = Duration::from_millis(500);
+/// How long `clear` waits for a run in flight between two looks.
+const CLEAR_WAIT: Duration = Duration::from_secs(3600);
+
+/// The session, shared by every slot of a call until a held lock takes it.
+struct Shared {
+    settings: Settings,
+    conn: RefCell<Option<Conn>>,
+    /// Whether `LISTEN` is known to deliver (`None`: not tried yet).
+    listen_works: Cell<Option<bool>>,
+}
+
+/// The PostgreSQL backend as the command line gives it; cheap to clone.
+#[derive(Clone)]
+pub struct Pg {
+    shared: Rc<Shared>,
+    sql: Rc<Sql>,
+    schema: PgSchema,
+    lease_ttl: Duration,
+}
+
+impl Pg {
+    /// The database of `url`: its password and TLS files are read now (a file that
+    /// cannot be used is 125); nothing is sent until a slot needs it.
+    pub fn open(url: PgUrl, config: Config) -> Result<Pg> {
+        let user = url
+            .user
+            .clone()
+            .or_else(|| std::env::var("PGUSER").ok())
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "postgres".to_owned());
+        let dbname = url.dbname.clone().unwrap_or_else(|| user.clone());
+        let (password, warning) = find_password(&url, &user, &dbname);
+        if let Some(warning) = warning {
+            eprintln!("singleflight: warning: {warning}");
+        }
+        let tls =
+            tls_config(&url).map_err(|e| Exit::new(Status::Internal, format!("{url}: {e}")))?;
+        let schema = config.pg_schema.unwrap_or_default();
+        Ok(Pg {
+            sql: Rc::new(Sql::new(schema.as_str())),
+            shared: Rc::new(Shared {
+                settings: Settings {
+                    url,
+                    user,
+                    password,
+                    timeout: config.timeout.unwrap_or(DEFAULT_TIMEOUT),
+                    tls: Arc::new(tls),
+                },
+                conn: RefCell::new(None),
+                listen_works: Cell::new(None),
+            }),
+            schema,
+            lease_ttl: config.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL),
+        })
+    }
+
+    fn url(&self) -> &PgUrl {
+        &self.shared.settings.url
+    }
+
+    /// The session, opened on first use.
+    fn with_conn<T>(
+        &self,
+        work: impl FnOnce(&mut Conn) -> Result<T, PgError>,
+    ) -> Result<T, PgError> {
+        let mut slot = self.shared.conn.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(Conn::open(&self.shared.settings, "singleflight")?);
+        }
+        let conn = slot.as_mut().expect("opened above");
+        let done = work(conn);
+        if done.as_ref().is_err_and(|e| e.closed) {
+            *slot = None;
+        }
+        done
+    }
+
+    /// Takes the session away (for a held lock's keeper); one that listens (this
+    /// caller waited first) is left behind, so that the keeper receives no
+    /// notifications it would keep unread for the whole run.
+    fn take_conn(&self) -> Result<Conn, PgError> {
+        match self.shared.conn.borrow_mut().take() {
+            Some(conn) if conn.listening.is_empty() => Ok(conn),
+            _ => Conn::open(&self.shared.settings, "singleflight"),
+        }
+    }
+
+    /// One statement; the schema is created on first use and the statement tried again.
+    fn query(
+        &self,
+        sql: &str,
+        params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)],
+    ) -> Result<Vec<tokio_postgres::Row>, PgError> {
+        self.with_conn(|conn| match conn.query(sql, params) {
+            Err(e) if e.missing_schema => {
+                self.create_schema(conn)?;
+                conn.query(sql, params)
+            }
+            other => other,
+        })
+    }
+
+    fn create_schema(&self, conn: &Conn) -> Result<(), PgError> {
+        conn.batch(&self.sql.create).map_err(|e| {
+            PgError::new(format!(
+                "cannot create the schema {} ({e}); see docs/fleet.md for the privileges it needs",
+                self.schema.as_str()
+            ))
+        })?;
+        let rows = conn.query(&self.sql.version, &[])?;
+        let version: Option<i32> = rows.first().and_then(|row| row.get(0));
+        if version.is_some_and(|v| v > VERSION) {
+            return Err(PgError::new(format!(
+                "the schema {} is at version {}, newer than this singleflight's {VERSION}: \
+                 upgrade singleflight",
+                self.schema.as_str(),
+                version.unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Pg {
+    fn place(&self, store: Store, id: &SlotId) -> Box<dyn Place> {
+        Box::new(PgSlot {
+            files: Files {
+                paths: store.paths(id),
+                store,
+            },
+            pg: self.clone(),
+            slot: id.to_string(),
+        })
+    }
+
+    fn verify(&self, _: &Store) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn slots(&self, _: &Store) -> Result<Vec<SlotId>> {
+        let rows = self
+            .query(&self.sql.slots, &[])
+            .map_err(|e| Exit::new(Status::Internal, format!("{self}: {e}")))?;
+        let mut slots: Vec<SlotId> = rows
+            .iter()
+            .filter_map(|row| SlotId::parse(row.get::<_, &str>(0)))
+            .collect();
+        slots.sort();
+        slots.dedup();
+        Ok(slots)
+    }
+
+    fn describe(&self, _: &Store) -> String {
+        self.to_string()
+    }
+
+    fn is_cache_dir(&self) -> bool {
+        false
+    }
+}
+
+impl std::fmt::Display for Pg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} schema {}", self.url(), self.schema.as_str())
+    }
+}
+
+/// Who holds a lock, in its row for `status`.
+#[derive(Serialize, Deserialize)]
+struct Owner {
+    host: String,
+    pid: u32,
+    started_at_ms: u64,
+}
+
+fn owner() -> String {
+    let owner = Owner {
+        host: hostname(),
+        pid: std::process::id(),
+        started_at_ms: entry::now_ms(SystemTime::now()),
+    };
+    serde_json::to_string(&owner).expect("Owner serializes")
+}
+
+/// One slot of a NAME in PostgreSQL.
+struct PgSlot {
+    files: Files,
+    pg: Pg,
+    slot: String,
+}
+
+impl PgSlot {
+    fn not_run(&self, error: PgError) -> anyhow::Error {
+        let message = format!("{}: {error}; the command was not run", self.slot);
+        Exit::new(Status::Internal, message).into()
+    }
+
+    fn failed(&self, error: PgError) -> anyhow::Error {
+        Exit::new(Status::Internal, format!("{}: {error}", self.slot)).into()
+    }
+
+    fn column(&self, sql: &str) -> Result<Option<Vec<u8>>, PgError> {
+        let rows = self.pg.query(sql, &[(&self.slot, Type::TEXT)])?;
+        Ok(rows
+            .first()
+            .and_then(|row| row.get::<_, Option<Vec<u8>>>(0)))
+    }
+
+    /// Takes the lock row if nobody holds it: the token, and when it was asked for.
+    fn take(&self) -> Result<Option<(i64, Instant)>, PgError> {
+        let ttl = self.pg.lease_ttl.as_secs_f64();
+        let owner = owner();
+        let sent = Instant::now();
+        let rows = self.pg.query(
+            &self.pg.sql.lock,
+            &[
+                (&self.slot, Type::TEXT),
+                (&ttl, Type::FLOAT8),
+                (&owner, Type::TEXT),
+            ],
+        )?;
+        Ok(rows.first().map(|row| (row.get::<_, i64>(0), sent)))
+    }
+
+    /// Holds a taken lock: the session goes to a keeper that renews the lease, and a
+    /// loss trips the run's abort.
+    fn hold(&self, token: i64, sent: Instant) -> Result<Held> {
+        let conn = self.pg.take_conn().map_err(|e| self.not_run(e))?;
+        let abort = Arc::new(Abort::default());
+        let tripped = abort.clone();
+        let lease = Lease {
+            slot: self.slot.clone(),
+            token,
+            ttl: self.pg.lease_ttl,
+            sent,
+        };
+        let lead = (self.pg.lease_ttl / 10).min(Duration::from_millis(500));
+        let keeper = Keeper::start(
+            conn,
+            Sql::new(self.pg.schema.as_str()),
+            lease,
+            lead,
+            move |why| tripped.trip(why),
+        )
+        .map_err(|e| {
+            let message = format!("{}: cannot start the lease keeper: {e}", self.slot);
+            Exit::new(Status::Internal, message)
+        })?;
+        Ok(Box::new(PgHeld {
+            slot: self.slot.clone(),
+            token,
+            keeper: Some(keeper),
+            abort,
+            env: [(FENCING_TOKEN_ENV.into(), token.to_string().into())],
+            handed_over: false,
+            forgetting_failure: Cell::new(false),
+        }))
+    }
+
+    /// Listens for releases, once per session, and finds out whether notifications
+    /// arrive (they do not behind a transaction-mode pooler).
+    fn lock_remaining(&self, conn: &mut Conn, probe: bool) -> Result<Option<Duration>, PgError> {
+        let channel = format!("sfprobe_{}", std::process::id());
+        if conn.listening.is_empty() {
+            let listen = format!(
+                "LISTEN \"{}\"; LISTEN \"{channel}\"; SELECT pg_backend_pid()",
+                self.pg.sql.channel
+            );
+            let answers = conn.run(|client| client.simple_query(&listen))?;
+            conn.listener_pid = answers.iter().find_map(|answer| match answer {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
+                _ => None,
+            });
+            conn.listening = vec![self.pg.sql.channel.clone(), channel.clone()];
+        }
+        conn.drain_notifications();
+        let nonce = if probe {
+            format!("{:?}", Instant::now())
+        } else {
+            String::new()
+        };
+        let target = if probe {
+            channel.as_str()
+        } else {
+            "sfprobe_none"
+        };
+        let rows = conn.query(
+            &self.pg.sql.held,
+            &[
+                (&self.slot, Type::TEXT),
+                (&target, Type::TEXT),
+                (&nonce, Type::TEXT),
+            ],
+        )?;
+        let left: Option<f64> = rows.first().and_then(|row| row.get(0));
+        let pid: Option<i32> = rows.first().and_then(|row| row.get(2));
+        let moved = conn
+            .listener_pid
+            .is_some_and(|listener| pid != Some(listener));
+        if moved && self.pg.shared.listen_works.get() != Some(false) {
+            self.pg.shared.listen_works.set(Some(false));
+            self.say_polling("statements are answered by different server processes");
+        }
+        if probe && !moved {
+            let deadline = Instant::now() + conn.timeout();
+            let mut heard = false;
+            while let Some(note) = conn.next_notification(deadline)? {
+                if note.channel() == channel && note.payload() == nonce {
+                    heard = true;
+                    break;
+                }
+            }
+            self.pg.shared.listen_works.set(Some(heard));
+            if !heard {
+                self.say_polling("its own notification did not arrive");
+            }
+        }
+        Ok(left.map(|secs| Duration::from_secs_f64(secs.max(0.0))))
+    }
+
+    /// The warning of a waiter that cannot count on LISTEN.
+    fn say_polling(&self, why: &str) {
+        eprintln!(
+            "singleflight: warning: {}: LISTEN gets no notifications here ({why}: a \
+             transaction-mode pooler such as PgBouncer?); waiting by looking every {}ms",
+            self.pg.url(),
+            POLL.as_millis()
+        );
+    }
+}
+
+impl Place for PgSlot {
+    fn files(&self) -> &Files {
+        &self.files
+    }
+
+    fn clock_skew(&self) -> Duration {
+        CLOCK_SKEW
+    }
+
+    fn exists(&self) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn read_result(&self) -> Result<Read> {
+        let value = self
+            .column(&self.pg.sql.read_result)
+            .map_err(|e| self.not_run(e))?;
+        Ok(match value {
+            None => Read::Missing,
+            Some(bytes) => match entry::from_bytes(bytes) {
+                Ok(entry) => Read::Found(entry),
+                Err(invalid) => Read::Invalid(invalid),
+            },
+        })
+    }
+
+    fn result_location(&self) -> String {
+        format!("{} slot {}", self.pg, self.slot)
+    }
+
+    fn read_failure(&self) -> Result<Option<Failure>> {
+        let value = self
+            .column(&self.pg.sql.read_failure)
+            .map_err(|e| self.not_run(e))?;
+        Ok(value.and_then(|bytes| record::from_bytes(&bytes)))
+    }
+
+    fn try_lock(&self) -> Result<Option<Held>> {
+        match self.take().map_err(|e| self.not_run(e))? {
+            Some((token, sent)) => self.hold(token, sent).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits for the release's notification, or for the holder's lease to pass (a
+    /// holder that died notifies nobody), whichever comes first.
+    fn wait_released(&self, limit: Duration) -> Result<bool> {
+        let deadline = later(Instant::now(), limit);
+        let waited = self.pg.with_conn(|conn| {
+            loop {
+                let probe = self.pg.shared.listen_works.get().is_none();
+                let Some(left) = self.lock_remaining(conn, probe)? else {
+                    return Ok(true);
+                };
+                let polling = self.pg.shared.listen_works.get() == Some(false);
+                let wake = if polling {
+                    Instant::now() + POLL.min(left)
+                } else {
+                    later(Instant::now(), left + Duration::from_millis(20))
+                };
+                let until = wake.min(deadline);
+                loop {
+                    match conn.next_notification(until)? {
+                        Some(note) if note.payload() == self.slot => return Ok(true),
+                        Some(_) => continue,
+                        None => break,
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Ok(false);
+                }
+            }
+        });
+        waited.map_err(|e| self.not_run(e))
+    }
+
+    unsafe fn take_handed(&self, handover: Refresher) -> Result<Option<Held>> {
+        let Refresher::Lease(LeaseHandover { token, .. }) = handover else {
+            return Err(Exit::new(
+                Status::Internal,
+                "--refresher (internal): a lock file is handed over only with the cache dir backend",
+            )
+            .into());
+        };
+        let ttl = self.pg.lease_ttl.as_secs_f64();
+        let owner = owner();
+        let sent = Instant::now();
+        let rows = self
+            .pg
+            .query(
+                &self.pg.sql.adopt,
+                &[
+                    (&self.slot, Type::TEXT),
+                    (&token, Type::INT8),
+                    (&ttl, Type::FLOAT8),
+                    (&owner, Type::TEXT),
+                ],
+            )
+            .map_err(|e| self.not_run(e))?;
+        if rows.is_empty() {
+            let message = format!(
+                "{}: the PostgreSQL lock handed to the refresher is no longer held with token \
+                 {token}; the command was not run",
+                self.slot
+            );
+            return Err(Exit::new(Status::Internal, message).into());
+        }
+        self.hold(token, sent).map(Some)
+    }
+
+    fn room_for_body(&self, meta: &Meta) -> Option<u64> {
+        Some(MAX_VALUE.saturating_sub(entry::encoded_len(0, 0, meta)))
+    }
+
+    fn value_limit(&self) -> Option<u64> {
+        Some(MAX_VALUE)
+    }
+
+    fn results_in_cache_dir(&self) -> bool {
+        false
+    }
+
+    fn snapshot(&self) -> Result<Snapshot> {
+        let rows = self
+            .pg
+            .query(&self.pg.sql.snapshot, &[(&self.slot, Type::TEXT)])
+            .map_err(|e| self.failed(e))?;
+        let row = rows.first();
+        let bytes = |i| row.and_then(|row| row.get::<_, Option<Vec<u8>>>(i));
+        let result = match bytes(0) {
+            None => Read::Missing,
+            Some(bytes) => match entry::from_bytes(bytes) {
+                Ok(entry) => Read::Found(entry),
+                Err(invalid) => Read::Invalid(invalid),
+            },
+        };
+        let failure = bytes(1).and_then(|b| record::from_bytes(&b));
+        let key_values = bytes(2).and_then(|b| serde_json::from_slice(&b).ok());
+        let in_flight = row
+            .and_then(|row| row.get::<_, Option<String>>(3))
+            .map(|owner| match serde_json::from_str::<Owner>(&owner) {
+                Ok(owner) => InFlight {
+                    pid: Some(owner.pid),
+                    command_pid: None,
+                    started_at_ms: Some(owner.started_at_ms),
+                    host: Some(owner.host),
+                },
+                Err(_) => InFlight {
+                    pid: None,
+                    command_pid: None,
+                    started_at_ms: None,
+                    host: None,
+                },
+            });
+        Ok(Snapshot {
+            result,
+            in_flight,
+            failure,
+            key_values,
+            service: None,
+            slots: None,
+            last_exclusive: None,
+        })
+    }
+
+    fn clear(&self, _: &Name, say: &Say) -> Result<Cleared> {
+        let fail = |e| self.failed(e);
+        let mut said = false;
+        let token = loop {
+            if let Some((token, _)) = self.take().map_err(fail)? {
+                break token;
+            }
+            if !said {
+                say.warn(format_args!(
+                    "{}: a run is in flight; waiting for it to end before clearing",
+                    self.slot
+                ));
+                said = true;
+            }
+            self.wait_released(CLEAR_WAIT)?;
+        };
+        let rows = self
+            .pg
+            .query(
+                &self.pg.sql.clear,
+                &[(&self.slot, Type::TEXT), (&token, Type::INT8)],
+            )
+            .map_err(fail)?;
+        let row = rows.first();
+        let held = row.is_some_and(|row| row.get::<_, i64>(0) > 0);
+        if !held {
+            let message = format!(
+                "{}: the PostgreSQL lock was lost while clearing (its lease expired); try again",
+                self.slot
+            );
+            return Err(Exit::new(Status::Internal, message).into());
+        }
+        let flag = |i| {
+            row.and_then(|row| row.get::<_, Option<bool>>(i))
+                .unwrap_or(false)
+        };
+        let removed: Vec<&'static str> = [(1, "result"), (2, "failure record"), (3, "key values")]
+            .into_iter()
+            .filter(|(i, _)| flag(*i))
+            .map(|(_, what)| what)
+            .collect();
+        Ok(if removed.is_empty() {
+            Cleared::Nothing
+        } else {
+            Cleared::Removed(removed)
+        })
+    }
+
+    /// Removes the slot's row when nothing was written to it for `older_than` (by the
+    /// server's clock) and no run holds its lock.
+    fn clear_older(&self, name: &Name, older_than: Duration, say: &Say) -> Result<Cleared> {
+        let _ = (name, say);
+        let secs = older_than.as_secs_f64();
+        let rows = self
+            .pg
+            .query(
+                &self.pg.sql.clear_older,
+                &[(&self.slot, Type::TEXT), (&secs, Type::FLOAT8)],
+            )
+            .map_err(|e| self.failed(e))?;
+        let Some(row) = rows.first() else {
+            return Ok(Cleared::Nothing);
+        };
+        let removed: Vec<&'static str> = [(0, "result"), (1, "failure record"), (2, "key values")]
+            .into_iter()
+            .filter(|(i, _)| row.get::<_, bool>(*i))
+            .map(|(_, what)| what)
+            .collect();
+        Ok(Cleared::Removed(removed))
+    }
+}
+
+/// A held lock: its session is the keeper's, which does the writes.
+struct PgHeld {
+    slot: String,
+    token: i64,
+    keeper: Option<Keeper>,
+    abort: Arc<Abort>,
+    env: [(OsString, OsString); 1],
+    handed_over: bool,
+    forgetting_failure: Cell<bool>,
+}
+
+impl PgHeld {
+    fn write(&self, op: Op) -> Result<bool, PgError> {
+        match &self.keeper {
+            Some(keeper) => keeper.write(op),
+            None => Err(PgError::new("the lock was let go")),
+        }
+    }
+}
+
+impl Lock for PgHeld {
+    /// Stores the result and releases the lock in one statement, if the lease is still
+    /// ours; the release notifies the waiters.
+    fn save_result(
+        &self,
+        stdout: EntryWriter,
+        stderr: &[u8],
+        meta: &Meta,
+    ) -> Result<Body, Unsaved> {
+        let body = stdout.into_body();
+        let mut bytes = Vec::with_capacity(body.len() as usize);
+        if let Err(e) = body.print(&mut bytes) {
+            return Err(Unsaved {
+                reason: format!("cannot read the run's output back: {e}"),
+                body: memory(bytes),
+            });
+        }
+        // The run's stderr, cut to what is left of the limit after stdout.
+        let room = MAX_VALUE.saturating_sub(entry::encoded_len(bytes.len() as u64, 0, meta));
+        let stderr = entry::fit_stderr(stderr, room);
+        let value = entry::to_bytes(&bytes, &stderr, meta);
+        let out = memory(bytes);
+        if value.len() as u64 > MAX_VALUE {
+            return Err(Unsaved {
+                reason: format!(
+                    "the result is {} bytes, over the PostgreSQL backend's limit of {MAX_VALUE}",
+                    value.len()
+                ),
+                body: out,
+            });
+        }
+        let op = Op::Result {
+            value,
+            forget: self.forgetting_failure.get(),
+        };
+        match self.write(op) {
+            Ok(true) => {
+                self.forgetting_failure.set(false);
+                Ok(out)
+            }
+            Ok(false) => Err(Unsaved {
+                reason: "the PostgreSQL lock was lost before the result could be stored (its \
+                         lease expired); nothing was stored"
+                    .to_owned(),
+                body: out,
+            }),
+            Err(e) => Err(Unsaved {
+                reason: format!("{e}; nothing was stored"),
+                body: out,
+            }),
+        }
+    }
+
+    fn save_failure(&self, failure: &Failure) -> Result<()> {
+        let stored = self
+            .write(Op::Failure(record::to_bytes(failure)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if !stored {
+            anyhow::bail!("the PostgreSQL lock was lost (its lease expired)");
+        }
+        Ok(())
+    }
+
+    fn forget_failure(&self) {
+        self.forgetting_failure.set(true);
+    }
+
+    fn save_key_values(&self, bytes: &[u8]) {
+        let _ = self.write(Op::KeyValues(bytes.to_vec()));
+    }
+
+    fn env(&self) -> &[(OsString, OsString)] {
+        &self.env
+    }
+
+    fn abort(&self) -> Option<&Abort> {
+        Some(&self.abort)
+    }
+
+    fn refresher_arg(&self) -> OsString {
+        let handover = LeaseHandover {
+            lease: self.token,
+            token: self.token,
+        };
+        format!("--refresher-lease={handover}").into()
+    }
+
+    fn hand_over(mut self: Box<Self>, _: std::process::Child) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.stop();
+        }
+        self.handed_over = true;
+    }
+}
+
+impl Drop for PgHeld {
+    fn drop(&mut self) {
+        if !self.handed_over && self.abort.reason().is_none() {
+            let forget = self.forgetting_failure.get();
+            let _ = self.write(Op::Release { forget });
+        }
+        let _ = &self.slot;
+        if let Some(keeper) = self.keeper.take() {
+            keeper.stop();
+        }
+    }
+}
+
+fn memory(bytes: Vec<u8>) -> Body {
+    Body::Memory {
+        end: bytes.len(),
+        bytes,
+        start: 0,
+    }
+}
+
+/// This machine's name, for `status` of a run in flight.
+fn hostname() -> String {
+    #[cfg(unix)]
+    {
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
+    }
+    #[cfg(not(unix))]
+    {
+        std::env::var("COMPUTERNAME").unwrap_or_default()
+    }
+}

@@ -1,0 +1,657 @@
+//! The PostgreSQL backend end to end (issue 27): the real binary on several "machines"
+//! (each its own cache dir) against a real PostgreSQL (Debian's, started by the test):
+//! one run per NAME fleet-wide, the holder's session terminated or the server frozen
+//! mid-run (the tree is killed, exit 125, before the lease row could pass to anyone),
+//! fencing tokens, a server that is down, a wrong password, waiters woken by NOTIFY.
+#![cfg(all(target_os = "linux", feature = "postgres"))]
+
+use crate::common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use common::certs::Certs;
+use common::postgres::{PASSWORD, Postgres};
+use common::{TestEnv, alive, assert_status, finish, marker, stderr, stdout, wait_until};
+
+/// One machine: its own cache dir, the shared PostgreSQL as its backend.
+struct Machine {
+    env: TestEnv,
+    backend: String,
+    password: String,
+}
+
+impl Machine {
+    fn of(pg: &Postgres) -> Machine {
+        Machine {
+            env: TestEnv::new(),
+            backend: pg.url(),
+            password: PASSWORD.to_owned(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = self.env.command();
+        command
+            .env("SINGLEFLIGHT_BACKEND", &self.backend)
+            .env("PGPASSWORD", &self.password)
+            .env("PGPASSFILE", "/dev/null");
+        command
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        common::start(self.command().args(args))
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        finish(self.spawn(args))
+    }
+}
+
+/// Files the commands of every machine share.
+struct Shared {
+    dir: tempfile::TempDir,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn runs(&self) -> usize {
+        fs::read_to_string(self.path("runs")).map_or(0, |s| s.lines().count())
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64()
+}
+
+#[test]
+fn a_herd_of_sixty_callers_on_three_machines_runs_the_command_once() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let script = format!(
+        "echo run >> '{}'; sleep 1; echo herd",
+        shared.path("runs").display()
+    );
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&pg)).collect();
+    let callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|m| {
+            (0..20).map(|_| {
+                m.spawn(&[
+                    "--backend-timeout",
+                    "20s",
+                    "herd",
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ])
+            })
+        })
+        .collect();
+    for caller in callers {
+        let out = finish(caller);
+        assert_status(&out, 0);
+        assert_eq!(stdout(&out), "herd\n", "{}", stderr(&out));
+    }
+    assert_eq!(
+        shared.runs(),
+        1,
+        "one run for sixty callers on three machines"
+    );
+}
+
+/// A run whose lock is lost: the tree is killed, the exit is 125, nothing is stored,
+/// and singleflight exited before the lease row's expiry (the server's clock, the same
+/// machine's here), so before any other machine could take the NAME.
+fn lose_the_lock(pg: &Postgres, ttl: &str, how: impl FnOnce()) {
+    let shared = Shared::new();
+    let machine = Machine::of(pg);
+    let mark = marker();
+    let script = format!(
+        "echo $SINGLEFLIGHT_FENCING_TOKEN > '{}'; echo run >> '{}'; sleep {mark} & sleep {mark}; wait",
+        shared.path("token").display(),
+        shared.path("runs").display()
+    );
+    let run = machine.spawn(&[
+        "--lease-ttl",
+        ttl,
+        "lose",
+        "--kill-after",
+        "1s",
+        "--timeout",
+        "10m",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    wait_until("the run started", || {
+        shared.runs() == 1 && alive(&mark).len() >= 2
+    });
+    let first: i64 = fs::read_to_string(shared.path("token"))
+        .expect("token")
+        .trim()
+        .parse()
+        .expect("a number");
+    let lost = Instant::now();
+    how();
+    let out = finish(run);
+    let exited = now_secs();
+    wait_until("the tree is dead", || alive(&mark).is_empty());
+    eprintln!(
+        "singleflight exited {:?} after the lock was lost (lease {ttl})",
+        lost.elapsed()
+    );
+    pg.thaw();
+    assert_status(&out, 125);
+    assert!(
+        stderr(&out).contains("nothing was stored"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "");
+    let expires: f64 = pg
+        .psql("SELECT extract(epoch FROM expires) FROM singleflight.locks WHERE slot = 'lose'")
+        .parse()
+        .expect("the lease row is still there");
+    assert!(
+        exited < expires,
+        "exited at {exited}, the lease ran until {expires}"
+    );
+
+    // The next run (once the lease passed) gets a larger token.
+    let again = format!(
+        "echo $SINGLEFLIGHT_FENCING_TOKEN > '{}'; echo again",
+        shared.path("token").display()
+    );
+    wait_until("the lease passed", || {
+        let out = machine.run(&["lose", "--", "sh", "-c", &again]);
+        common::status(&out) == 0
+    });
+    let second: i64 = fs::read_to_string(shared.path("token"))
+        .expect("token")
+        .trim()
+        .parse()
+        .expect("a number");
+    assert!(second > first, "token {second} after {first}");
+}
+
+#[test]
+fn the_holders_session_terminated_mid_run_kills_the_tree_with_125() {
+    let Some(pg) = Postgres::start() else { return };
+    lose_the_lock(&pg, "10s", || {
+        let killed = pg.psql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'singleflight'",
+        );
+        assert_ne!(killed, "0", "the holder's session");
+    });
+}
+
+#[test]
+fn a_frozen_server_mid_run_kills_the_tree_with_125_within_the_lease() {
+    let Some(pg) = Postgres::start() else { return };
+    lose_the_lock(&pg, "5s", || pg.freeze());
+}
+
+#[test]
+fn with_the_server_down_a_caller_exits_125_at_once_and_never_runs_the_command() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let mut machine = Machine::of(&pg);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    machine.backend = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
+    let script = format!("echo run >> '{}'; echo hi", shared.path("runs").display());
+    for args in [
+        vec!["down", "--", "sh", "-c", &script],
+        vec!["--background", "down", "--", "sh", "-c", &script],
+        vec!["status"],
+        vec!["clear", "down"],
+    ] {
+        let out = machine.run(&args);
+        assert_status(&out, 125);
+        assert!(
+            stderr(&out).contains("cannot connect to"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(stdout(&out), "");
+    }
+    assert_eq!(shared.runs(), 0);
+}
+
+#[test]
+fn a_wrong_password_exits_125_and_never_runs_the_command() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let mut machine = Machine::of(&pg);
+    machine.password = "wrong".to_owned();
+    let script = format!("echo run >> '{}'; echo hi", shared.path("runs").display());
+    let out = machine.run(&["pw", "--", "sh", "-c", &script]);
+    assert_status(&out, 125);
+    assert!(
+        stderr(&out).contains("password authentication failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("wrong"),
+        "never echoes the password: {}",
+        stderr(&out)
+    );
+    assert_eq!(shared.runs(), 0);
+}
+
+/// Waiters on other machines are woken by the release's NOTIFY, not by the lease's
+/// expiry (60s here): the p95 from the run's end to their exits is printed.
+#[test]
+fn waiters_on_other_machines_wake_on_the_release_notification() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let go = shared.path("go");
+    let end = shared.path("end");
+    let script = format!(
+        "echo run >> '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; date +%s.%N > '{}'; echo done",
+        shared.path("runs").display(),
+        go.display(),
+        end.display()
+    );
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&pg)).collect();
+    let holder = machines[0].spawn(&["--lease-ttl", "60s", "wake", "--", "sh", "-c", &script]);
+    wait_until("the run started", || shared.runs() == 1);
+    let waiters: Vec<Child> = machines
+        .iter()
+        .flat_map(|m| {
+            (0..5).map(|_| {
+                m.spawn(&[
+                    "--backend-timeout",
+                    "20s",
+                    "--lease-ttl",
+                    "60s",
+                    "wake",
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ])
+            })
+        })
+        .collect();
+    // Every waiter is listening once it has its session: give them the time to start.
+    wait_until("the waiters listen", || {
+        pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_notify($2, $3)%'")
+            .parse::<usize>()
+            .is_ok_and(|n| n >= 15)
+    });
+    fs::write(&go, "").expect("go");
+    let exits: Vec<f64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = waiters
+            .into_iter()
+            .map(|w| {
+                scope.spawn(move || {
+                    let out = finish(w);
+                    (now_secs(), out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let (at, out) = h.join().expect("waiter");
+                assert_status(&out, 0);
+                assert_eq!(stdout(&out), "done\n");
+                at
+            })
+            .collect()
+    });
+    assert_status(&finish(holder), 0);
+    let ended: f64 = fs::read_to_string(&end)
+        .expect("end")
+        .trim()
+        .parse()
+        .expect("a time");
+    let mut delays: Vec<f64> = exits.iter().map(|at| at - ended).collect();
+    delays.sort_by(f64::total_cmp);
+    let p95 = delays[(delays.len() * 95).div_ceil(100) - 1];
+    eprintln!(
+        "run end to waiter exit: p95 {:.1}ms, max {:.1}ms",
+        p95 * 1e3,
+        delays[delays.len() - 1] * 1e3
+    );
+    assert_eq!(shared.runs(), 1);
+    assert!(
+        p95 < 30.0,
+        "woken by the notification, not the 60s lease: p95 {p95}s"
+    );
+}
+
+/// `status` and `clear` from a machine that ran nothing see what the others did;
+/// `clear --older-than` removes what nobody wrote for that long.
+#[test]
+fn status_and_clear_see_the_fleet_from_any_machine() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let (a, b) = (Machine::of(&pg), Machine::of(&pg));
+    assert_eq!(stdout(&a.run(&["ok", "--", "echo", "hi"])), "hi\n");
+    assert_status(
+        &a.run(&["failing", "--", "sh", "-c", "echo oops >&2; exit 3"]),
+        3,
+    );
+    let gate = shared.path("gate");
+    let held = format!(
+        "while [ ! -e '{}' ]; do sleep 0.01; done; echo done",
+        gate.display()
+    );
+    let running = a.spawn(&["running", "--", "sh", "-c", &held]);
+    let status = |m: &Machine, names: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec!["status", "--json"];
+        args.extend(names);
+        let out = m.run(&args);
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    wait_until("the run is in flight", || {
+        status(&b, &["running"])
+            .first()
+            .is_some_and(|s| s["in_flight"] == true)
+    });
+    let all = status(&b, &[]);
+    let names: Vec<&str> = all.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["failing", "ok", "running"]);
+    assert_eq!(all[1]["state"], "fresh");
+    assert_eq!(all[0]["last_failure"]["exit_code"], 3);
+    assert_eq!(all[2]["pid"], running.id());
+
+    // Another schema is another fleet.
+    let other = b.run(&["--pg-schema", "elsewhere", "status", "--json"]);
+    assert_eq!(stdout(&other).trim(), "[]", "{}", stderr(&other));
+
+    let out = b.run(&["clear", "-v", "ok", "failing"]);
+    assert_eq!(
+        stderr(&out),
+        "singleflight: ok: cleared (result)\nsingleflight: failing: cleared (failure record)\n"
+    );
+    let counted = format!("echo run >> '{}'; echo hi", shared.path("runs").display());
+    assert_eq!(stdout(&a.run(&["ok", "--", "sh", "-c", &counted])), "hi\n");
+    assert_eq!(shared.runs(), 1, "cleared for machine A too");
+
+    // --older-than leaves what was just written, and the run in flight.
+    let out = b.run(&["clear", "-v", "--older-than", "1h", "--all"]);
+    assert_status(&out, 0);
+    assert!(!stderr(&out).contains("cleared"), "{}", stderr(&out));
+    pg.psql("UPDATE singleflight.slots SET updated = now() - interval '2 hours'");
+    let out = b.run(&["clear", "-v", "--older-than", "1h", "--all"]);
+    assert!(
+        stderr(&out).contains("ok: cleared (result)"),
+        "{}",
+        stderr(&out)
+    );
+    fs::write(&gate, "").unwrap();
+    assert_eq!(stdout(&finish(running)), "done\n");
+    assert_eq!(status(&b, &["running"])[0]["state"], "fresh");
+}
+
+/// Fifteen stale callers on three machines are served at once and start one refresh,
+/// whose refresher (another process) takes the lock over by its token.
+#[test]
+fn a_background_refresh_across_machines_starts_one_refresher() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&pg)).collect();
+    let (version, gate) = (shared.path("version"), shared.path("gate"));
+    let script = format!(
+        "echo run >> '{runs}'; while [ ! -e '{gate}' ]; do sleep 0.01; done; cat '{version}'",
+        runs = shared.path("runs").display(),
+        gate = gate.display(),
+        version = version.display()
+    );
+    let args = [
+        "--background",
+        "bg",
+        "--ttl",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    fs::write(&version, "v1\n").unwrap();
+    fs::write(&gate, "").unwrap();
+    assert_eq!(stdout(&machines[0].run(&args)), "v1\n");
+    wait_until("v1 goes stale", || {
+        let out = machines[0].run(&["status", "--json", "bg"]);
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+            .is_ok_and(|s| s[0]["state"] == "stale")
+    });
+    fs::write(&version, "v2\n").unwrap();
+    fs::remove_file(&gate).unwrap();
+    let callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|m| (0..5).map(|_| m.spawn(&args)))
+        .collect();
+    for caller in callers {
+        let out = finish(caller);
+        assert_eq!(stdout(&out), "v1\n", "{}", stderr(&out));
+    }
+    wait_until("the refresh started", || shared.runs() == 2);
+    fs::write(&gate, "").unwrap();
+    wait_until("the refresh stored v2", || {
+        let out = machines[2].run(&["bg", "--ttl", "1h", "--", "sh", "-c", &script]);
+        stdout(&out) == "v2\n"
+    });
+    assert_eq!(shared.runs(), 2, "one refresh for fifteen stale callers");
+}
+
+/// `--exclusive` across machines: one at a time, each gets its own run, in turn.
+#[test]
+fn exclusive_runs_take_turns_across_machines() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&pg)).collect();
+    let script = format!(
+        "[ -e '{busy}' ] && echo overlap >> '{runs}'; touch '{busy}'; echo run >> '{runs}'; \
+         sleep 0.2; rm '{busy}'",
+        busy = shared.path("busy").display(),
+        runs = shared.path("runs").display()
+    );
+    let callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|m| (0..2).map(|_| m.spawn(&["--exclusive", "ex", "--", "sh", "-c", &script])))
+        .collect();
+    for caller in callers {
+        assert_status(&finish(caller), 0);
+    }
+    let runs = fs::read_to_string(shared.path("runs")).unwrap();
+    assert_eq!(runs, "run\n".repeat(6), "six turns, never two at once");
+}
+
+/// TLS with `sslmode=verify-full`: the server's certificate checked against
+/// `sslrootcert`; a client certificate logs in without a password; a CA that did not
+/// sign the server's certificate ends the call with 125 before anything runs.
+#[test]
+fn tls_verify_full_with_a_client_certificate_and_an_unverifiable_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(dir.path());
+    let Some(pg) = Postgres::with_tls(Some(&certs)) else {
+        return;
+    };
+    let shared = Shared::new();
+    let script = format!("echo run >> '{}'; echo tls", shared.path("runs").display());
+    let url = |user: &str, ca: &std::path::Path, extra: &str| {
+        format!(
+            "postgres://{user}@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}{extra}",
+            pg.port,
+            ca.display()
+        )
+    };
+
+    let mut machine = Machine::of(&pg);
+    machine.backend = url("postgres", &certs.ca, "");
+    let out = machine.run(&["tls", "--", "sh", "-c", &script]);
+    assert_eq!(stdout(&out), "tls\n", "{}", stderr(&out));
+
+    let mut by_cert = Machine::of(&pg);
+    by_cert.password = String::new();
+    by_cert.backend = url(
+        "certuser",
+        &certs.ca,
+        &format!(
+            "&sslcert={}&sslkey={}",
+            certs.pg_client.display(),
+            certs.pg_client_key.display()
+        ),
+    );
+    let out = by_cert.run(&["tls", "--", "sh", "-c", &script]);
+    assert_eq!(
+        stdout(&out),
+        "tls\n",
+        "served over TLS by a client certificate: {}",
+        stderr(&out)
+    );
+
+    let mut untrusting = Machine::of(&pg);
+    untrusting.backend = url("postgres", &certs.other_ca, "");
+    let out = untrusting.run(&["untrusted", "--", "sh", "-c", &script]);
+    assert_status(&out, 125);
+    assert!(
+        stderr(&out).contains("the command was not run"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).to_lowercase().contains("certificate"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(shared.runs(), 1);
+}
+
+/// Behind PgBouncer in transaction mode LISTEN cannot be counted on: waiters are
+/// served all the same, and the command runs once.
+#[test]
+fn behind_a_transaction_pooler_waiters_are_served_and_the_command_runs_once() {
+    let Some(pg) = Postgres::start() else { return };
+    let Some(bouncer) = pg.bouncer() else { return };
+    let shared = Shared::new();
+    let gate = shared.path("gate");
+    let script = format!(
+        "echo run >> '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; echo pooled",
+        shared.path("runs").display(),
+        gate.display()
+    );
+    let mut machines: Vec<Machine> = (0..2).map(|_| Machine::of(&pg)).collect();
+    for m in &mut machines {
+        m.backend = format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            bouncer.port
+        );
+    }
+    let holder = machines[0].spawn(&["pooled", "--", "sh", "-c", &script]);
+    wait_until("the run started", || shared.runs() == 1);
+    // A waiter that finds LISTEN unusable says so and looks every 500ms; where the
+    // pooler happens to deliver the notification it is woken by it; where it drops it,
+    // the holder's lease bounds the wait. In every case: served, and run once.
+    let said: Vec<PathBuf> = (0..3)
+        .map(|i| shared.path(&format!("waiter{i}.stderr")))
+        .collect();
+    let waiters: Vec<std::process::Child> = said
+        .iter()
+        .map(|path| {
+            machines[1]
+                .command()
+                .args(["pooled", "--", "sh", "-c", &script])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(fs::File::create(path).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // They wait once the lock statement is behind them (each tried and lost).
+    wait_until("the waiters tried the lock", || {
+        pg.psql("SELECT last_value FROM singleflight.fencing")
+            .parse::<i64>()
+            .is_ok_and(|n| n >= 4)
+    });
+    fs::write(&gate, "").unwrap();
+    assert_eq!(stdout(&finish(holder)), "pooled\n");
+    for (waiter, path) in waiters.into_iter().zip(&said) {
+        let out = finish(waiter);
+        assert_status(&out, 0);
+        assert_eq!(
+            stdout(&out),
+            "pooled\n",
+            "{}",
+            fs::read_to_string(path).unwrap()
+        );
+    }
+    assert_eq!(shared.runs(), 1);
+}
+
+/// `--service` across machines: of ten callers on two machines one instance starts, and
+/// every caller returns once it is ready (its `--ready` check looks at a shared file).
+#[test]
+fn one_service_instance_for_callers_on_two_machines() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let mark = marker();
+    let script = format!(
+        "echo $$ >> '{starts}'; while [ ! -e '{gate}' ]; do sleep 0.01; done; \
+         touch '{ready}'; exec sleep {mark}",
+        starts = shared.path("runs").display(),
+        gate = shared.path("gate").display(),
+        ready = shared.path("ready").display()
+    );
+    let ready = format!("test -e '{}'", shared.path("ready").display());
+    let machines: Vec<Machine> = (0..2).map(|_| Machine::of(&pg)).collect();
+    let args = [
+        "--service",
+        "svc",
+        "--ready",
+        &ready,
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let mut callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|m| (0..5).map(|_| m.spawn(&args)))
+        .collect();
+    wait_until("the instance started", || shared.runs() == 1);
+    for caller in &mut callers {
+        assert!(
+            caller.try_wait().unwrap().is_none(),
+            "returned before ready"
+        );
+    }
+    fs::write(shared.path("gate"), "").unwrap();
+    for caller in callers {
+        let out = finish(caller);
+        assert_status(&out, 0);
+    }
+    assert_eq!(shared.runs(), 1, "one instance for two machines");
+    let supervising = machines
+        .iter()
+        .find(|m| common::status(&m.run(&["stop", "svc"])) == 0);
+    assert!(supervising.is_some(), "one machine's stop ends it");
+    wait_until("the instance is gone", || alive(&mark).is_empty());
+}
