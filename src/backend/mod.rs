@@ -320,6 +320,25 @@ pub struct Unsaved {
     pub body: Body,
 }
 
+/// The run's stdout read back into memory, for a backend that stores a result as one
+/// value (etcd, PostgreSQL); a read error is an unsaved result with what was read.
+#[cfg_attr(
+    not(any(feature = "etcd", feature = "postgres")),
+    allow(dead_code, reason = "only the fleet backends store values")
+)]
+pub(crate) fn stdout_in_memory(stdout: crate::entry::EntryWriter) -> Result<Vec<u8>, Unsaved> {
+    // A write error of the temp file left the rest in memory: all of it is here.
+    let body = stdout.into_body();
+    let mut bytes = Vec::with_capacity(body.len() as usize);
+    match body.print(&mut bytes) {
+        Ok(()) => Ok(bytes),
+        Err(e) => Err(Unsaved {
+            reason: format!("cannot read the run's output back: {e}"),
+            body: Body::in_memory(bytes),
+        }),
+    }
+}
+
 /// A result as read.
 pub enum Read {
     Found(Entry),

@@ -637,19 +637,12 @@ impl Lock for PgHeld {
         stderr: &[u8],
         meta: &Meta,
     ) -> Result<Body, Unsaved> {
-        let body = stdout.into_body();
-        let mut bytes = Vec::with_capacity(body.len() as usize);
-        if let Err(e) = body.print(&mut bytes) {
-            return Err(Unsaved {
-                reason: format!("cannot read the run's output back: {e}"),
-                body: memory(bytes),
-            });
-        }
+        let bytes = crate::backend::stdout_in_memory(stdout)?;
         // The run's stderr, cut to what is left of the limit after stdout.
         let room = MAX_VALUE.saturating_sub(entry::encoded_len(bytes.len() as u64, 0, meta));
         let stderr = entry::fit_stderr(stderr, room);
         let value = entry::to_bytes(&bytes, &stderr, meta);
-        let out = memory(bytes);
+        let out = Body::in_memory(bytes);
         if value.len() as u64 > MAX_VALUE {
             return Err(Unsaved {
                 reason: format!(
@@ -733,14 +726,6 @@ impl Drop for PgHeld {
         if let Some(keeper) = self.keeper.take() {
             keeper.stop();
         }
-    }
-}
-
-fn memory(bytes: Vec<u8>) -> Body {
-    Body::Memory {
-        end: bytes.len(),
-        bytes,
-        start: 0,
     }
 }
 

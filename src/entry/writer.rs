@@ -29,6 +29,15 @@ pub enum Body {
 }
 
 impl Body {
+    /// All of `bytes`.
+    pub fn in_memory(bytes: Vec<u8>) -> Body {
+        Body::Memory {
+            end: bytes.len(),
+            bytes,
+            start: 0,
+        }
+    }
+
     /// How many bytes `print` writes.
     pub fn len(&self) -> u64 {
         match self {

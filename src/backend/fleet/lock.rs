@@ -53,21 +53,13 @@ impl Lock for FleetLock {
         stderr: &[u8],
         meta: &Meta,
     ) -> Result<Body, Unsaved> {
-        // A write error of the temp file left the rest in memory: all of it is here.
-        let body = stdout.into_body();
-        let mut bytes = Vec::with_capacity(body.len() as usize);
-        if let Err(e) = body.print(&mut bytes) {
-            return Err(Unsaved {
-                reason: format!("cannot read the run's output back: {e}"),
-                body: memory(bytes),
-            });
-        }
+        let bytes = crate::backend::stdout_in_memory(stdout)?;
         let room = self
             .max_value
             .saturating_sub(entry::encoded_len(bytes.len() as u64, 0, meta));
         let stderr = entry::fit_stderr(stderr, room);
         let value = entry::to_bytes(&bytes, &stderr, meta);
-        let out = memory(bytes);
+        let out = Body::in_memory(bytes);
         if let Err(too_large) = check_size(value.len() as u64, self.max_value) {
             return Err(Unsaved {
                 reason: too_large.to_string(),
@@ -171,13 +163,5 @@ impl Drop for FleetLock {
             }
             let _ = client.revoke(self.lease);
         }
-    }
-}
-
-fn memory(bytes: Vec<u8>) -> Body {
-    Body::Memory {
-        end: bytes.len(),
-        bytes,
-        start: 0,
     }
 }
