@@ -655,3 +655,124 @@ fn one_service_instance_for_callers_on_two_machines() {
     assert!(supervising.is_some(), "one machine's stop ends it");
     wait_until("the instance is gone", || alive(&mark).is_empty());
 }
+
+/// `--exclusive --slots 2` across machines: 3 machines × 6 callers never have more
+/// than 2 runs at once (counted under flock(1) in a dir they share), have 2 at once at
+/// some point, all run, and each run gets its own fencing token. Then two holders on
+/// two machines show in a third machine's `status`, and a waiter there runs once one
+/// of them lets go.
+#[test]
+fn two_slots_across_three_machines_never_run_more_than_two_at_once() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&pg)).collect();
+    let dir = shared.dir.path().display().to_string();
+    let script = format!(
+        "cd '{dir}'; \
+         ( flock 9; c=$(( $(cat cur 2>/dev/null || echo 0) + 1 )); echo $c > cur; \
+           m=$(cat max 2>/dev/null || echo 0); [ $c -gt $m ] && echo $c > max; \
+           echo $SINGLEFLIGHT_FENCING_TOKEN >> tokens ) 9>counter.lock; \
+         sleep 0.3; \
+         ( flock 9; echo $(( $(cat cur) - 1 )) > cur ) 9>counter.lock"
+    );
+    let args = [
+        "--exclusive",
+        "--slots",
+        "2",
+        "--wait",
+        "10m",
+        "pool",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let callers: Vec<Child> = machines
+        .iter()
+        .flat_map(|machine| (0..6).map(|_| machine.spawn(&args)))
+        .collect();
+    for caller in callers {
+        assert_status(&finish(caller), 0);
+    }
+    let lines = |file: &str| -> Vec<String> {
+        fs::read_to_string(shared.path(file))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut tokens = lines("tokens");
+    assert_eq!(tokens.len(), 18, "every caller ran: {tokens:?}");
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 18, "a fencing token of its own each");
+    assert_eq!(
+        lines("max"),
+        ["2"],
+        "at most 2 at once across the machines, and 2 at some point"
+    );
+    // Two holders on two machines: a third machine's status shows both slots.
+    let gate = shared.path("gate");
+    let hold = format!(
+        "touch '{dir}/held.'$1; while [ ! -e '{}' ]; do sleep 0.01; done",
+        gate.display()
+    );
+    let holders: Vec<Child> = ["a", "b"]
+        .iter()
+        .zip(&machines)
+        .map(|(id, machine)| {
+            machine.spawn(&[
+                "--exclusive",
+                "--slots",
+                "2",
+                "pool",
+                "--",
+                "sh",
+                "-c",
+                &hold,
+                "sh",
+                id,
+            ])
+        })
+        .collect();
+    wait_until("both hold a slot", || {
+        shared.path("held.a").exists() && shared.path("held.b").exists()
+    });
+    let out = machines[2].run(&["status", "--json", "pool"]);
+    assert_status(&out, 0);
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let slots = &seen[0]["slots"];
+    assert_eq!(slots["count"], 2, "{seen}");
+    let mut pids: Vec<u64> = slots["in_use"]
+        .as_array()
+        .expect("in_use")
+        .iter()
+        .map(|slot| slot["pid"].as_u64().expect("pid"))
+        .collect();
+    pids.sort_unstable();
+    let mut expected: Vec<u64> = holders.iter().map(|h| u64::from(h.id())).collect();
+    expected.sort_unstable();
+    assert_eq!(pids, expected, "{seen}");
+    // A waiter on the third machine runs once a holder lets go (woken by NOTIFY).
+    let ran = shared.path("ran.c");
+    let touch = format!("touch '{}'", ran.display());
+    let waiter = machines[2].spawn(&[
+        "--exclusive",
+        "--slots",
+        "2",
+        "--wait",
+        "10m",
+        "pool",
+        "--",
+        "sh",
+        "-c",
+        &touch,
+    ]);
+    assert!(!ran.exists(), "ran while both slots were held");
+    fs::write(&gate, "").expect("gate");
+    for holder in holders {
+        assert_status(&finish(holder), 0);
+    }
+    assert_status(&finish(waiter), 0);
+    assert!(ran.exists());
+}

@@ -209,8 +209,7 @@ pub trait Place {
     /// waiting for one for at most `limit`; `None` if every slot stayed in use.
     fn lock_slot_within(&self, slots: u32, limit: Duration) -> Result<Option<Held>> {
         let _ = (slots, limit);
-        let message =
-            "--slots works on the cache dir and with etcd, not yet with a PostgreSQL --backend";
+        let message = "--slots does not work with this --backend";
         Err(crate::exit::Exit::new(crate::exit::Status::Usage, message).into())
     }
 

@@ -15,7 +15,7 @@ use tokio_postgres::types::Type;
 
 use super::{
     Backend, Cleared, Config, FENCING_TOKEN_ENV, Files, Held, InFlight, Lock, Place, Read,
-    Snapshot, Unsaved,
+    Slots, Snapshot, Unsaved,
 };
 use crate::abort::Abort;
 use crate::entry::{self, Body, EntryWriter, Meta};
@@ -224,6 +224,16 @@ fn owner() -> String {
     serde_json::to_string(&owner).expect("Owner serializes")
 }
 
+/// What one try at a run slot of `--slots` came to.
+enum Try {
+    /// This slot, with its fencing token, and when it was asked for.
+    Taken(u32, i64, Instant),
+    /// Every slot of the N in force (this one) is in use.
+    AllInUse(u32),
+    /// A caller without `--slots` took the NAME's own lock first.
+    Raced,
+}
+
 /// One slot of a NAME in PostgreSQL.
 struct PgSlot {
     files: Files,
@@ -267,11 +277,17 @@ impl PgSlot {
     /// Holds a taken lock: the session goes to a keeper that renews the lease, and a
     /// loss trips the run's abort.
     fn hold(&self, token: i64, sent: Instant) -> Result<Held> {
+        Ok(Box::new(self.hold_slot(0, token, sent)?))
+    }
+
+    /// [`PgSlot::hold`] of run slot `index` of `--slots` (0: the NAME's own lock).
+    fn hold_slot(&self, index: u32, token: i64, sent: Instant) -> Result<PgHeld> {
+        let row = self.slot_row(index);
         let conn = self.pg.take_conn().map_err(|e| self.not_run(e))?;
         let abort = Arc::new(Abort::default());
         let tripped = abort.clone();
         let lease = Lease {
-            slot: self.slot.clone(),
+            slot: row.clone(),
             token,
             ttl: self.pg.lease_ttl,
             sent,
@@ -288,20 +304,146 @@ impl PgSlot {
             let message = format!("{}: cannot start the lease keeper: {e}", self.slot);
             Exit::new(Status::Internal, message)
         })?;
-        Ok(Box::new(PgHeld {
-            slot: self.slot.clone(),
+        Ok(PgHeld {
+            slot: row,
             token,
             keeper: Some(keeper),
             abort,
             env: [(FENCING_TOKEN_ENV.into(), token.to_string().into())],
             handed_over: false,
             forgetting_failure: Cell::new(false),
-        }))
+            index,
+            run: (index > 0)
+                .then(|| crate::backend::semaphore::slot_paths(&self.files.paths, index).run),
+        })
+    }
+
+    /// The lock row of run slot `index` of `--slots`: the NAME's own for 0, else
+    /// `NAME#index`.
+    fn slot_row(&self, index: u32) -> String {
+        match index {
+            0 => self.slot.clone(),
+            _ => format!("{}#{index}", self.slot),
+        }
+    }
+
+    /// Whether a release notification is of one of the NAME's run slots.
+    fn is_slot_row(&self, payload: &str) -> bool {
+        payload == self.slot
+            || payload
+                .strip_prefix(self.slot.as_str())
+                .and_then(|rest| rest.strip_prefix('#'))
+                .is_some_and(|index| index.bytes().all(|b| b.is_ascii_digit()))
+    }
+
+    /// The N recorded for `--slots` (`None`: none) and the run slots held now, each
+    /// with its owner.
+    fn slot_rows(&self, conn: &Conn) -> Result<(Option<u32>, Vec<(u32, String)>), PgError> {
+        let rows = conn.query(&self.pg.sql.slot_rows, &[(&self.slot, Type::TEXT)])?;
+        let count_row = format!("{}#slots", self.slot);
+        let mut count = None;
+        let mut held = Vec::new();
+        for row in &rows {
+            let slot: &str = row.get(0);
+            let owner: String = row.get(1);
+            if slot == count_row {
+                count = owner.trim().parse().ok().filter(|n: &u32| *n > 0);
+            } else if slot == self.slot {
+                held.push((0, owner));
+            } else if let Some(index) = slot
+                .strip_prefix(self.slot.as_str())
+                .and_then(|rest| rest.strip_prefix('#'))
+                .and_then(|index| index.parse().ok())
+            {
+                held.push((index, owner));
+            }
+        }
+        held.sort_by_key(|(index, _)| *index);
+        Ok((count, held))
+    }
+
+    /// One try at a run slot, in one transaction under the NAME's advisory lock: reads
+    /// the N recorded and the slots held, takes the first free one of the N in force
+    /// (the recorded N while any slot is held, else `slots`, which is then recorded).
+    fn try_slot(&self, conn: &Conn, slots: u32) -> Result<Try, PgError> {
+        conn.batch("BEGIN")?;
+        let tried = (|| {
+            conn.query(&self.pg.sql.slot_guard, &[(&self.slot, Type::TEXT)])?;
+            let (recorded, held) = self.slot_rows(conn)?;
+            let count = match recorded {
+                Some(count) if !held.is_empty() => count,
+                _ => slots,
+            };
+            let Some(index) = (0..count).find(|i| !held.iter().any(|(h, _)| h == i)) else {
+                return Ok(Try::AllInUse(count));
+            };
+            if recorded != Some(count) {
+                let text = count.to_string();
+                conn.query(
+                    &self.pg.sql.slot_count,
+                    &[(&self.slot, Type::TEXT), (&text, Type::TEXT)],
+                )?;
+            }
+            let ttl = self.pg.lease_ttl.as_secs_f64();
+            let owner = owner();
+            let row = self.slot_row(index);
+            let sent = Instant::now();
+            let rows = conn.query(
+                &self.pg.sql.lock,
+                &[
+                    (&row, Type::TEXT),
+                    (&ttl, Type::FLOAT8),
+                    (&owner, Type::TEXT),
+                ],
+            )?;
+            // Held by a caller without --slots (which takes no advisory lock): look again.
+            Ok(match rows.first() {
+                Some(taken) => Try::Taken(index, taken.get(0), sent),
+                None => Try::Raced,
+            })
+        })();
+        let end = match &tried {
+            Ok(Try::Taken(..)) => "COMMIT",
+            _ => "ROLLBACK",
+        };
+        match conn.batch(end) {
+            Ok(()) => tried,
+            Err(e) => tried.and(Err(e)),
+        }
+    }
+
+    /// Waits for the release of any run slot of the NAME (or the earliest lease of
+    /// them to pass), until `deadline`; at once if fewer than `count` are held now.
+    fn wait_any_slot(&self, conn: &mut Conn, count: u32, deadline: Instant) -> Result<(), PgError> {
+        let probe = self.pg.shared.listen_works.get().is_none();
+        let (left, held) = self.look(conn, probe, &self.pg.sql.slots_held)?;
+        let Some(left) = left else { return Ok(()) };
+        if held < i64::from(count) {
+            return Ok(());
+        }
+        let polling = self.pg.shared.listen_works.get() == Some(false);
+        let wake = if polling {
+            Instant::now() + POLL.min(left)
+        } else {
+            later(Instant::now(), left + Duration::from_millis(20))
+        };
+        let until = wake.min(deadline);
+        while let Some(note) = conn.next_notification(until)? {
+            if self.is_slot_row(note.payload()) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Listens for releases, once per session, and finds out whether notifications
     /// arrive (they do not behind a transaction-mode pooler).
     fn lock_remaining(&self, conn: &mut Conn, probe: bool) -> Result<Option<Duration>, PgError> {
+        Ok(self.look(conn, probe, &self.pg.sql.held)?.0)
+    }
+
+    /// Listens for releases, once per session.
+    fn listen(&self, conn: &mut Conn) -> Result<(), PgError> {
         let channel = format!("sfprobe_{}", std::process::id());
         if conn.listening.is_empty() {
             let listen = format!(
@@ -313,8 +455,23 @@ impl PgSlot {
                 tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
                 _ => None,
             });
-            conn.listening = vec![self.pg.sql.channel.clone(), channel.clone()];
+            conn.listening = vec![self.pg.sql.channel.clone(), channel];
         }
+        Ok(())
+    }
+
+    /// [`PgSlot::listen`], then one look with `sql` (`held` or `slots_held`): how long
+    /// the (earliest) lease has left, `None` if nothing is held, and how many are held;
+    /// a probe finds out whether notifications arrive (they do not behind a
+    /// transaction-mode pooler).
+    fn look(
+        &self,
+        conn: &mut Conn,
+        probe: bool,
+        sql: &str,
+    ) -> Result<(Option<Duration>, i64), PgError> {
+        let channel = format!("sfprobe_{}", std::process::id());
+        self.listen(conn)?;
         conn.drain_notifications();
         let nonce = if probe {
             format!("{:?}", Instant::now())
@@ -327,7 +484,7 @@ impl PgSlot {
             "sfprobe_none"
         };
         let rows = conn.query(
-            &self.pg.sql.held,
+            sql,
             &[
                 (&self.slot, Type::TEXT),
                 (&target, Type::TEXT),
@@ -336,6 +493,10 @@ impl PgSlot {
         )?;
         let left: Option<f64> = rows.first().and_then(|row| row.get(0));
         let pid: Option<i32> = rows.first().and_then(|row| row.get(2));
+        let held = rows
+            .first()
+            .and_then(|row| row.try_get::<_, i64>(3).ok())
+            .unwrap_or(i64::from(left.is_some()));
         let moved = conn
             .listener_pid
             .is_some_and(|listener| pid != Some(listener));
@@ -357,7 +518,7 @@ impl PgSlot {
                 self.say_polling("its own notification did not arrive");
             }
         }
-        Ok(left.map(|secs| Duration::from_secs_f64(secs.max(0.0))))
+        Ok((left.map(|secs| Duration::from_secs_f64(secs.max(0.0))), held))
     }
 
     /// The warning of a waiter that cannot count on LISTEN.
@@ -411,6 +572,39 @@ impl Place for PgSlot {
     fn try_lock(&self) -> Result<Option<Held>> {
         match self.take().map_err(|e| self.not_run(e))? {
             Some((token, sent)) => self.hold(token, sent).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Listens first, then tries the slots; while all are in use, waits for any of
+    /// them to be released or for the earliest lease of them to pass.
+    fn lock_slot_within(&self, slots: u32, limit: Duration) -> Result<Option<Held>> {
+        let deadline = later(Instant::now(), limit);
+        let taken = self.pg.with_conn(|conn| {
+            loop {
+                self.listen(conn)?;
+                let tried = match self.try_slot(conn, slots) {
+                    Err(e) if e.missing_schema => {
+                        self.pg.create_schema(conn)?;
+                        self.try_slot(conn, slots)
+                    }
+                    other => other,
+                };
+                let count = match tried? {
+                    Try::Taken(index, token, sent) => return Ok(Some((index, token, sent))),
+                    Try::AllInUse(count) => Some(count),
+                    Try::Raced => None,
+                };
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                if let Some(count) = count {
+                    self.wait_any_slot(conn, count, deadline)?;
+                }
+            }
+        });
+        match taken.map_err(|e| self.not_run(e))? {
+            Some((index, token, sent)) => Ok(Some(Box::new(self.hold_slot(index, token, sent)?))),
             None => Ok(None),
         }
     }
@@ -511,27 +705,27 @@ impl Place for PgSlot {
         let key_values = bytes(2).and_then(|b| serde_json::from_slice(&b).ok());
         let in_flight = row
             .and_then(|row| row.get::<_, Option<String>>(3))
-            .map(|owner| match serde_json::from_str::<Owner>(&owner) {
-                Ok(owner) => InFlight {
-                    pid: Some(owner.pid),
-                    command_pid: None,
-                    started_at_ms: Some(owner.started_at_ms),
-                    host: Some(owner.host),
-                },
-                Err(_) => InFlight {
-                    pid: None,
-                    command_pid: None,
-                    started_at_ms: None,
-                    host: None,
-                },
-            });
+            .map(|owner| owner_of(&owner));
+        let (count, held) = self
+            .pg
+            .with_conn(|conn| self.slot_rows(conn))
+            .map_err(|e| self.failed(e))?;
+        let slots = count.map(|count| Slots {
+            count,
+            in_use: held
+                .iter()
+                .filter(|(index, _)| *index < count)
+                .map(|(index, owner)| (*index, owner_of(owner)))
+                .collect(),
+            waiters: None,
+        });
         Ok(Snapshot {
             result,
             in_flight,
             failure,
             key_values,
             service: None,
-            slots: None,
+            slots,
             last_exclusive: None,
         })
     }
@@ -617,6 +811,10 @@ struct PgHeld {
     env: [(OsString, OsString); 1],
     handed_over: bool,
     forgetting_failure: Cell<bool>,
+    /// Which run slot of `--slots` (0: the NAME's own lock).
+    index: u32,
+    /// The run record of a run slot other than the first.
+    run: Option<std::path::PathBuf>,
 }
 
 impl PgHeld {
@@ -692,6 +890,14 @@ impl Lock for PgHeld {
         let _ = self.write(Op::KeyValues(bytes.to_vec()));
     }
 
+    fn run_record(&self) -> Option<&std::path::Path> {
+        self.run.as_deref()
+    }
+
+    fn slot_index(&self) -> u32 {
+        self.index
+    }
+
     fn env(&self) -> &[(OsString, OsString)] {
         &self.env
     }
@@ -726,6 +932,24 @@ impl Drop for PgHeld {
         if let Some(keeper) = self.keeper.take() {
             keeper.stop();
         }
+    }
+}
+
+/// Who runs under a lock, as its holder wrote it into the lock row.
+fn owner_of(owner: &str) -> InFlight {
+    match serde_json::from_str::<Owner>(owner) {
+        Ok(owner) => InFlight {
+            pid: Some(owner.pid),
+            command_pid: None,
+            started_at_ms: Some(owner.started_at_ms),
+            host: Some(owner.host),
+        },
+        Err(_) => InFlight {
+            pid: None,
+            command_pid: None,
+            started_at_ms: None,
+            host: None,
+        },
     }
 }
 

@@ -13,6 +13,12 @@
 //! A holder's writes are guarded by its token and an unexpired lease row in the same
 //! statement: a holder whose lease passed writes nothing. The release notifies
 //! `<schema>_released` with the slot as payload.
+//!
+//! The run slots of `--exclusive --slots N` are lock rows too: slot 0 is the NAME's
+//! own (`NAME`), slot i > 0 is `NAME#i`, and the N in force is the `owner` of a row
+//! `NAME#slots` that never holds anything (its `expires` is `-infinity`). `#` is in
+//! no NAME, so none of these rows is taken for a NAME's. A taker serialises with the
+//! NAME's other takers under a transaction-scoped advisory lock (see `slot_guard`).
 
 /// The layout this release reads and writes.
 pub const VERSION: i32 = 1;
@@ -35,6 +41,10 @@ pub struct Sql {
     pub slots: String,
     pub clear: String,
     pub clear_older: String,
+    pub slot_guard: String,
+    pub slot_rows: String,
+    pub slot_count: String,
+    pub slots_held: String,
 }
 
 impl Sql {
@@ -122,6 +132,23 @@ impl Sql {
                 "DELETE FROM {s}.slots WHERE slot = $1 AND updated <= now() - $2 * interval '1 second'
                      AND NOT EXISTS (SELECT FROM {s}.locks WHERE slot = $1 AND {live})
                  RETURNING result IS NOT NULL, failure IS NOT NULL, key_values IS NOT NULL"
+            ),
+            slot_guard: format!("SELECT pg_advisory_xact_lock(hashtext('singleflight slots {schema} ' || $1))::text"),
+            slot_rows: format!(
+                "SELECT slot, owner FROM {s}.locks
+                 WHERE (slot = $1 AND {live})
+                    OR (left(slot, length($1) + 1) = $1 || '#' AND ({live} OR slot = $1 || '#slots'))"
+            ),
+            slot_count: format!(
+                "INSERT INTO {s}.locks (slot, token, expires, owner)
+                 VALUES ($1 || '#slots', 0, '-infinity', $2)
+                 ON CONFLICT (slot) DO UPDATE SET owner = excluded.owner"
+            ),
+            slots_held: format!(
+                "SELECT extract(epoch FROM min(expires) - now())::float8, pg_notify($2, $3)::text,
+                        pg_backend_pid(), count(*)
+                 FROM {s}.locks
+                 WHERE (slot = $1 OR left(slot, length($1) + 1) = $1 || '#') AND {live}"
             ),
             channel,
         }
