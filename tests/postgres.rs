@@ -776,3 +776,79 @@ fn two_slots_across_three_machines_never_run_more_than_two_at_once() {
     assert_status(&finish(waiter), 0);
     assert!(ran.exists());
 }
+
+/// Callers on different machines that disagree on N: the N recorded by the caller that
+/// found every slot free holds until all holders have let go (docs/modes.md).
+#[test]
+fn callers_that_disagree_on_n_use_the_n_in_force_until_every_slot_is_free() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let machines: Vec<Machine> = (0..3).map(|_| Machine::of(&pg)).collect();
+    let dir = shared.dir.path().display().to_string();
+    let hold =
+        format!("touch '{dir}/held.'$1; while [ ! -e '{dir}/gate.'$1 ]; do sleep 0.01; done");
+    let slotted = |machine: &Machine, n: &str, id: &str| {
+        machine.spawn(&[
+            "--exclusive",
+            "--slots",
+            n,
+            "w",
+            "--",
+            "sh",
+            "-c",
+            &hold,
+            "sh",
+            id,
+        ])
+    };
+    let count = |machine: &Machine| {
+        let out = machine.run(&["status", "--json", "w"]);
+        assert_status(&out, 0);
+        let seen: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        seen[0]["slots"]["count"].clone()
+    };
+    let first = slotted(&machines[0], "2", "a");
+    wait_until("the first caller holds a slot", || {
+        shared.path("held.a").exists()
+    });
+    // Says 3, but 2 are in force: takes the second slot.
+    let second = slotted(&machines[1], "3", "b");
+    wait_until("the second caller holds a slot", || {
+        shared.path("held.b").exists()
+    });
+    assert_eq!(count(&machines[2]), 2);
+    // Says 3 too: both slots in force are in use, so it waits (and gives up).
+    let ran = shared.path("ran.c");
+    let touch = format!("touch '{}'", ran.display());
+    let third = machines[2].run(&[
+        "--exclusive",
+        "--slots",
+        "3",
+        "--wait",
+        "300ms",
+        "w",
+        "--",
+        "sh",
+        "-c",
+        &touch,
+    ]);
+    assert_status(&third, 75);
+    assert!(
+        stderr(&third).contains("all 3 slots still in use"),
+        "{}",
+        stderr(&third)
+    );
+    assert!(!ran.exists(), "a third run while 2 are in force");
+    for (id, caller) in [("a", first), ("b", second)] {
+        fs::write(shared.path(&format!("gate.{id}")), "").expect("gate");
+        assert_status(&finish(caller), 0);
+    }
+    // Every slot is free: the next caller's N is the one in force.
+    let fourth = slotted(&machines[2], "3", "d");
+    wait_until("the fourth caller holds a slot", || {
+        shared.path("held.d").exists()
+    });
+    assert_eq!(count(&machines[0]), 3);
+    fs::write(shared.path("gate.d"), "").expect("gate");
+    assert_status(&finish(fourth), 0);
+}

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
 
 use super::{
-    Backend, Cleared, Config, FENCING_TOKEN_ENV, Files, Held, InFlight, Lock, Place, Read,
-    Slots, Snapshot, Unsaved,
+    Backend, Cleared, Config, FENCING_TOKEN_ENV, Files, Held, InFlight, Lock, Place, Read, Slots,
+    Snapshot, Unsaved,
 };
 use crate::abort::Abort;
 use crate::entry::{self, Body, EntryWriter, Meta};
@@ -518,7 +518,10 @@ impl PgSlot {
                 self.say_polling("its own notification did not arrive");
             }
         }
-        Ok((left.map(|secs| Duration::from_secs_f64(secs.max(0.0))), held))
+        Ok((
+            left.map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+            held,
+        ))
     }
 
     /// The warning of a waiter that cannot count on LISTEN.
