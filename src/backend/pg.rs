@@ -224,6 +224,9 @@ fn owner() -> String {
     serde_json::to_string(&owner).expect("Owner serializes")
 }
 
+/// The N recorded for `--slots`, and each run slot held with its owner.
+type SlotRows = (Option<u32>, Vec<(u32, String)>);
+
 /// What one try at a run slot of `--slots` came to.
 enum Try {
     /// This slot, with its fencing token, and when it was asked for.
@@ -338,7 +341,7 @@ impl PgSlot {
 
     /// The N recorded for `--slots` (`None`: none) and the run slots held now, each
     /// with its owner.
-    fn slot_rows(&self, conn: &Conn) -> Result<(Option<u32>, Vec<(u32, String)>), PgError> {
+    fn slot_rows(&self, conn: &Conn) -> Result<SlotRows, PgError> {
         let rows = conn.query(&self.pg.sql.slot_rows, &[(&self.slot, Type::TEXT)])?;
         let count_row = format!("{}#slots", self.slot);
         let mut count = None;
