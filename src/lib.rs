@@ -21,6 +21,7 @@ pub mod exit;
 mod flight;
 #[cfg(unix)]
 mod guard;
+mod hit;
 mod input;
 mod key;
 mod lock;
@@ -40,6 +41,7 @@ pub use crate::cli::Cli;
 pub use crate::command::die_of;
 #[cfg(unix)]
 pub use crate::guard::{ARG as GUARD_ARG, main as guard_main};
+pub use crate::hit::serve_fresh;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub use crate::start::prepare;
 

@@ -16,9 +16,21 @@ fn parse_and_run() -> u8 {
     {
         return guard_main();
     }
+    // A fresh hit is served before clap parses anything (see `singleflight::serve_fresh`);
+    // anything else goes the whole way.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(result) = singleflight::serve_fresh(&args) {
+        return finish(result, false);
+    }
+    drop(args);
     let cli = Cli::parse_args();
     let quiet = cli.global.quiet;
-    let status = match singleflight::run(cli) {
+    finish(singleflight::run(cli), quiet)
+}
+
+/// Reports the outcome of a call; returns the exit status.
+fn finish(result: anyhow::Result<i32>, quiet: bool) -> u8 {
+    let status = match result {
         Ok(status) => status,
         // A reader that went away (`status | head`) is not worth a word.
         Err(error) if is_broken_pipe(&error) => 0,
