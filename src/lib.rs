@@ -11,6 +11,7 @@
 //! what `main`, the tests and the example need, listed below, nothing else.
 
 mod abort;
+mod arena;
 mod backend;
 mod cli;
 mod command;
@@ -37,6 +38,7 @@ mod threads;
 mod values;
 
 // For `main`.
+pub use crate::arena::Arena;
 pub use crate::cli::Cli;
 pub use crate::command::die_of;
 #[cfg(unix)]

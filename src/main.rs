@@ -7,6 +7,10 @@ use std::io::Write;
 use singleflight::Cli;
 use singleflight::exit;
 
+/// A static arena first (see `singleflight::Arena`): a hit maps no memory.
+#[global_allocator]
+static ALLOCATOR: singleflight::Arena = singleflight::Arena;
+
 /// Parses the command line, runs it, reports an error; returns the exit status.
 fn parse_and_run() -> u8 {
     #[cfg(all(unix, not(all(target_os = "linux", target_env = "gnu", not(test)))))]
