@@ -110,7 +110,7 @@ impl Flight {
         }
         command
             .arg(held.refresher_arg())
-            .args(std::env::args_os().skip(1));
+            .args(crate::args().iter().skip(1));
         #[cfg(windows)]
         let child = windows::spawn_detached(&mut command);
         #[cfg(not(windows))]
@@ -238,8 +238,9 @@ fn refresher_command() -> Result<std::process::Command> {
     if std::path::Path::new("/proc/self/exe").exists() {
         use std::os::unix::process::CommandExt;
         let mut command = std::process::Command::new("/proc/self/exe");
-        let name = std::env::args_os()
-            .next()
+        let name = crate::args()
+            .first()
+            .cloned()
             .unwrap_or_else(|| "singleflight".into());
         command.arg0(name);
         return Ok(command);
