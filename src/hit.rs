@@ -56,10 +56,9 @@ struct HitArgs {
 /// done, nothing printed) when the full path must decide. `args` without argv[0].
 pub fn serve_fresh(args: &[OsString]) -> Option<Result<i32>> {
     let hit = parse(args)?;
-    if FLEET_ENV.iter().any(|var| std::env::var_os(var).is_some()) {
-        return None;
-    }
-    let store = Store::locate(hit.cache_dir).ok()?;
+    let from_env = env_cache_dir()?;
+    let cache_dir = hit.cache_dir.or(from_env);
+    let store = Store::locate(cache_dir).ok()?;
     if !store.verify_existing().ok()? {
         return None;
     }
@@ -101,10 +100,7 @@ fn parse(args: &[OsString]) -> Option<HitArgs> {
                     Some(ttl) => ttl,
                     None => parse_duration("30s").ok()?,
                 },
-                cache_dir: match cache_dir {
-                    Some(dir) => Some(dir),
-                    None => env_cache_dir()?,
-                },
+                cache_dir,
                 replay_stderr: !seen.contains(&"--no-replay-stderr"),
                 keys,
                 command,
@@ -191,13 +187,65 @@ fn parse(args: &[OsString]) -> Option<HitArgs> {
 }
 
 /// `SINGLEFLIGHT_CACHE_DIR` as clap reads it: `Some(None)` when unset; `None` (fall
-/// back) when set but empty, which is clap's usage error.
+/// back) when set but empty, which is clap's usage error, or when any of the fleet's
+/// variables ([`FLEET_ENV`]) is set.
 fn env_cache_dir() -> Option<Option<PathBuf>> {
-    match std::env::var_os("SINGLEFLIGHT_CACHE_DIR") {
+    let mut cache_dir = None;
+    for (name, value) in singleflight_vars() {
+        if name == b"CACHE_DIR" {
+            cache_dir = Some(value);
+        } else if FLEET_ENV
+            .iter()
+            .any(|var| var.as_bytes()[PREFIX.len()..] == *name)
+        {
+            return None;
+        }
+    }
+    match cache_dir {
         None => Some(None),
         Some(dir) if dir.is_empty() => None,
         Some(dir) => Some(Some(PathBuf::from(dir))),
     }
+}
+
+const PREFIX: &str = "SINGLEFLIGHT_";
+
+/// The environment's `SINGLEFLIGHT_*` variables, as (the name after the prefix,
+/// value). On Linux one pass over `environ` that looks no further than the prefix of
+/// the others: eight `getenv`s, each comparing every variable's name, were a third
+/// of a hit's instructions.
+#[cfg(target_os = "linux")]
+fn singleflight_vars() -> Vec<(&'static [u8], OsString)> {
+    use std::os::unix::ffi::OsStrExt;
+    unsafe extern "C" {
+        static environ: *const *const libc::c_char;
+    }
+    let mut found = Vec::new();
+    // SAFETY: called first thing in main, before any thread exists that could change
+    // the environment; `environ` is a null-terminated array of NUL-terminated strings.
+    unsafe {
+        let mut at = environ;
+        while !at.is_null() && !(*at).is_null() {
+            let entry = std::ffi::CStr::from_ptr(*at).to_bytes();
+            at = at.add(1);
+            let Some(rest) = entry.strip_prefix(PREFIX.as_bytes()) else {
+                continue;
+            };
+            if let Some(eq) = rest.iter().position(|&b| b == b'=') {
+                let value = OsStr::from_bytes(&rest[eq + 1..]).to_owned();
+                found.push((&rest[..eq], value));
+            }
+        }
+    }
+    found
+}
+
+#[cfg(not(target_os = "linux"))]
+fn singleflight_vars() -> Vec<(&'static [u8], OsString)> {
+    std::iter::once("SINGLEFLIGHT_CACHE_DIR")
+        .chain(FLEET_ENV.iter().copied())
+        .filter_map(|var| Some((var[PREFIX.len()..].as_bytes(), std::env::var_os(var)?)))
+        .collect()
 }
 
 #[cfg(test)]
