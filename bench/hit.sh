@@ -54,7 +54,7 @@ need_tools() {
     fi
     [[ -x /usr/bin/time ]] || { say "installing GNU time"; apt_install time; }
     command -v python3 > /dev/null || { say "installing python3"; apt_install python3; }
-    if ! command -v zig > /dev/null && ! python3 -c 'import ziglang' 2> /dev/null; then
+    if ! type -P zig > /dev/null && ! python3 -c 'import ziglang' 2> /dev/null; then
         say "installing zig (pip install ziglang)"
         python3 -m pip install --quiet ziglang 2> /dev/null ||
             python3 -m pip install --quiet --break-system-packages ziglang
@@ -63,7 +63,7 @@ need_tools() {
 
 # zig, from PATH or pip's ziglang.
 zig() {
-    if command -v zig > /dev/null; then command zig "$@"; else python3 -m ziglang "$@"; fi
+    if type -P zig > /dev/null; then command zig "$@"; else python3 -m ziglang "$@"; fi
 }
 
 need_tools
