@@ -6,11 +6,15 @@
 #           `npm install -g` into a temp prefix, as a user gets it,
 #   cargo   the `cargo install --path .` build (glibc),
 #   cat     `cat` of the same bytes,
+#   floor   bench/floor.c: a static C program that only opens, reads and writes the file,
+#           built with the static binary's toolchain (zig's clang and musl, as
+#           `python3 -m ziglang cc -target <arch>-linux-musl -static -O2 -s`): what no hit can beat,
 #   keyed   a static hit with --key-cwd, --key-env and --key-file (one getcwd and one stat more),
 #   bkt     a hit of the same command;
 # with the ratios and each one's max RSS. Not a test: it prints figures, it asserts
 # nothing about speed. The figures are only as good as the machine is quiet: the load
-# average is printed with them. Targets: static <= 0.7x cat, npm within 1.05x of static.
+# average is printed with them. Targets: static <= 1.5x floor, static <= 0.7x cat, npm
+# within 1.05x of static.
 #
 #   bench/hit.sh              # 10 KiB result, then a 100 MiB one (static only)
 #   SKIP_LARGE=1 bench/hit.sh # 10 KiB only
@@ -19,7 +23,8 @@
 #   SF_CARGO=/path/to/singleflight bench/hit.sh  # and that one as `cargo` (no cargo install)
 #
 # Builds what is missing (dist/build.sh, cargo install into a temp root) and installs
-# hyperfine (apt, else cargo), bkt (cargo, into bench/.tools), GNU time and python3 (apt).
+# hyperfine (apt, else cargo), bkt (cargo, into bench/.tools), GNU time and python3 (apt),
+# zig (pip's ziglang, as dist/build.sh does) for the floor program.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -49,6 +54,16 @@ need_tools() {
     fi
     [[ -x /usr/bin/time ]] || { say "installing GNU time"; apt_install time; }
     command -v python3 > /dev/null || { say "installing python3"; apt_install python3; }
+    if ! type -P zig > /dev/null && ! python3 -c 'import ziglang' 2> /dev/null; then
+        say "installing zig (pip install ziglang)"
+        python3 -m pip install --quiet ziglang 2> /dev/null ||
+            python3 -m pip install --quiet --break-system-packages ziglang
+    fi
+}
+
+# zig, from PATH or pip's ziglang.
+zig() {
+    if type -P zig > /dev/null; then command zig "$@"; else python3 -m ziglang "$@"; fi
 }
 
 need_tools
@@ -84,6 +99,9 @@ if [[ -z $sf_cargo ]]; then
     cargo install --quiet --locked --path "$root" --root "$work/cargo" --target-dir "$target_dir"
     sf_cargo="$work/cargo/bin/singleflight"
 fi
+# floor: the C program, static, with the static binary's C toolchain.
+floor="$work/floor"
+zig cc -target "$(uname -m)-linux-musl" -static -O2 -s -o "$floor" bench/floor.c
 say "static: $sf ($(file -b "$sf" | cut -d, -f1-2 | tr -d '\n'))"
 say "npm:    $sf_npm -> $(readlink -f "$sf_npm")"
 say "cargo:  $sf_cargo"
@@ -146,17 +164,19 @@ hyperfine -N --warmup 100 --runs "$runs" --style basic --export-json "$work/smal
     -n npm "$sf_npm bench --ttl 1h -- cat $small" \
     -n cargo "$sf_cargo bench --ttl 1h -- cat $small" \
     -n cat "cat $small" \
+    -n floor "$floor $small" \
     -n keyed "$sf keyed --key-cwd --key-env HOME --key-file $small --ttl 1h -- cat $small" \
     -n bkt "$bkt --ttl=1h -- cat $small" >&2
 
 echo
 echo "== 10 KiB result, $runs runs each (hyperfine -N), $(uname -sr), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg) =="
-ratios "$work/small.json" static,npm,cargo,cat,keyed,bkt \
-    static/cat,npm/static,cargo/cat,cargo/static,keyed/static,static/bkt
+ratios "$work/small.json" static,npm,cargo,cat,floor,keyed,bkt \
+    static/floor,static/cat,npm/static,cargo/cat,cargo/static,keyed/static,static/bkt
 echo "max RSS: static $(max_rss_kib "$sf" bench --ttl 1h -- cat "$small") KiB," \
     "npm $(max_rss_kib "$sf_npm" bench --ttl 1h -- cat "$small") KiB," \
     "cargo $(max_rss_kib "$sf_cargo" bench --ttl 1h -- cat "$small") KiB," \
     "cat $(max_rss_kib cat "$small") KiB," \
+    "floor $(max_rss_kib "$floor" "$small") KiB," \
     "bkt $(max_rss_kib "$bkt" --ttl=1h -- cat "$small") KiB"
 
 if [[ ${SKIP_LARGE:-} == 1 ]]; then
@@ -168,9 +188,10 @@ head -c $((100 << 20)) /dev/urandom > "$large"
 prime "$large" large --max-output 200MiB
 hyperfine -N --warmup 2 --runs 20 --style basic --export-json "$work/large.json" \
     -n hit "$sf large --ttl 1h -- cat $large" \
-    -n cat "cat $large" >&2
+    -n cat "cat $large" \
+    -n floor "$floor $large" >&2
 echo
 echo "== 100 MiB result, 20 runs each (hyperfine -N) =="
-ratios "$work/large.json" hit,cat hit/cat
+ratios "$work/large.json" hit,cat,floor hit/floor,hit/cat
 echo "max RSS: hit $(max_rss_kib "$sf" large --ttl 1h -- cat "$large") KiB," \
     "cat $(max_rss_kib cat "$large") KiB"

@@ -449,10 +449,13 @@ impl Cli {
     /// options may come before a verb (`singleflight -v status`), but a NAME may not.
     pub fn parse_args() -> Cli {
         use clap::{CommandFactory, Parser, error::ErrorKind};
-        let cli = Cli::try_parse().unwrap_or_else(|error| match first_hour_advice(&error) {
-            Some((kind, message)) => Cli::command().error(kind, message).exit(),
-            None => error.exit(),
-        });
+        let cli =
+            Cli::try_parse_from(crate::args()).unwrap_or_else(|error| {
+                match first_hour_advice(&error) {
+                    Some((kind, message)) => Cli::command().error(kind, message).exit(),
+                    None => error.exit(),
+                }
+            });
         if let (Some(verb), Some(name)) = (&cli.verb, &cli.run.name) {
             let verb = match verb {
                 Verb::Status { .. } => "status",
@@ -475,7 +478,8 @@ impl Cli {
 /// `SINGLEFLIGHT_CACHE_DIR`, a command without `--` before it.
 fn first_hour_advice(error: &clap::Error) -> Option<(clap::error::ErrorKind, String)> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    let args: Vec<String> = std::env::args_os()
+    let args: Vec<String> = crate::args()
+        .iter()
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())
         .collect();

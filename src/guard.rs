@@ -112,7 +112,11 @@ impl Drop for Guard {
 /// The guard's life (`singleflight __guard OWNER_PID TOKEN`, stdin the pipe); returns
 /// its exit status.
 pub fn main() -> i32 {
-    let args: Vec<String> = std::env::args().skip(2).collect();
+    let args: Vec<String> = crate::args()
+        .iter()
+        .skip(2)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let (Some(owner), Some(token)) = (args.first().and_then(|a| a.parse().ok()), args.get(1))
     else {
         return 2;

@@ -11,6 +11,7 @@
 //! what `main`, the tests and the example need, listed below, nothing else.
 
 mod abort;
+mod arena;
 mod backend;
 mod cli;
 mod command;
@@ -21,6 +22,7 @@ pub mod exit;
 mod flight;
 #[cfg(unix)]
 mod guard;
+mod hit;
 mod input;
 mod key;
 mod lock;
@@ -28,7 +30,7 @@ mod postgres;
 mod reap;
 mod record;
 mod say;
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(target_os = "linux")]
 mod start;
 mod status;
 mod stop;
@@ -37,11 +39,13 @@ mod threads;
 mod values;
 
 // For `main`.
+pub use crate::arena::Arena;
 pub use crate::cli::Cli;
 pub use crate::command::die_of;
 #[cfg(unix)]
 pub use crate::guard::{ARG as GUARD_ARG, main as guard_main};
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub use crate::hit::serve_fresh;
+#[cfg(target_os = "linux")]
 pub use crate::start::prepare;
 
 // For the man page and the completions, generated from the definition (tests/generated.rs).
@@ -64,11 +68,28 @@ pub mod etcd_client {
     pub use crate::values::Name;
 }
 
+use std::ffi::OsString;
+use std::sync::OnceLock;
+
 use anyhow::Result;
 
 use crate::cli::Verb;
 use crate::say::Say;
 use crate::store::Store;
+
+static ARGS: OnceLock<Vec<OsString>> = OnceLock::new();
+
+/// The command line, argv\[0\] first: as [`keep_args`] was given it, else std's.
+/// On Linux the executable has its own entry point (see `main.rs`), and with musl
+/// std never learns argv: everything reads it here.
+pub fn args() -> &'static [OsString] {
+    ARGS.get_or_init(|| std::env::args_os().collect())
+}
+
+/// Keeps argv for [`args`] (the executable's own entry point, before anything reads it).
+pub fn keep_args(args: Vec<OsString>) {
+    let _ = ARGS.set(args);
+}
 
 /// Carries out a parsed command line; returns the exit status.
 pub fn run(cli: Cli) -> Result<i32> {

@@ -1,4 +1,4 @@
-//! Process start-up for the executable's own entry point on Linux with glibc, which
+//! Process start-up for the executable's own entry point on Linux (glibc or musl), which
 //! skips std's runtime set-up (see `main.rs`): the part of it singleflight relies on.
 
 /// What std would have done before `main`, minus its stack-overflow handler:

@@ -105,6 +105,11 @@ impl Store {
         }
     }
 
+    /// The result file of a slot alone: what a hit reads (see [`paths`](Store::paths)).
+    pub fn result_path(&self, slot: &SlotId) -> PathBuf {
+        self.dir.join(format!("{slot}.result"))
+    }
+
     /// Checks the dir if it exists: `Ok(false)` when it does not (nothing is cached).
     /// This is the only check on the hit path: one `stat`.
     pub fn verify_existing(&self) -> Result<bool> {

@@ -1332,4 +1332,111 @@ fn two_slots_across_three_machines_never_run_more_than_two_at_once() {
     for holder in holders {
         assert_status(&finish(holder), 0);
     }
+
+/// `singleflight NAME --ttl TTL -- sh -c 'echo $(cat OUT); echo run >> COUNTER'`: prints
+/// what the shared file `out` holds at the run, and counts its runs.
+#[cfg(feature = "etcd")]
+fn mirror_call(shared: &Shared, name: &str, ttl: &str) -> Vec<String> {
+    let script = format!(
+        "cat '{}'; echo run >> '{}'",
+        shared.path("out").display(),
+        shared.counter().display()
+    );
+    call_args(name, &["--ttl", ttl], &["sh", "-c", &script])
+}
+
+/// The number of reads (ranges) etcd has served, from its metrics.
+#[cfg(feature = "etcd")]
+fn ranges(etcd: &Etcd) -> f64 {
+    etcd.metric(0, "etcd_mvcc_range_total")
+        .expect("etcd reports etcd_mvcc_range_total")
+}
+
+/// A fresh fleet result read once is served from the machine's local copy: later
+/// calls ask etcd nothing, until the result's own TTL is over.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_fresh_fleet_result_is_served_from_the_local_copy_without_asking_etcd() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = Shared::new();
+    fs::write(shared.path("out"), "one\n").unwrap();
+    let (a, b) = (Machine::new(&etcd.url()), Machine::new(&etcd.url()));
+    let args = mirror_call(&shared, "mirrored", "1h");
+    assert_served(&a.run(&args), "one\n");
+    assert_served(&b.run(&args), "one\n");
+    assert!(
+        b.env.cache.join("mirrored.fleet").is_file(),
+        "b kept a copy"
+    );
+    let before = ranges(&etcd);
+    for _ in 0..5 {
+        assert_served(&b.run(&args), "one\n");
+    }
+    assert_eq!(
+        ranges(&etcd),
+        before,
+        "no range request for a hit from the copy"
+    );
+    assert_eq!(shared.runs(), 1);
+}
+
+/// A `clear` on another machine is seen once the local copy is past the result's own
+/// TTL, even by a caller with a longer --ttl; a newer result on another machine is
+/// served once the local copy is stale; a damaged copy is never served.
+#[cfg(feature = "etcd")]
+#[test]
+fn the_local_copy_gives_way_to_a_clear_a_newer_result_and_damage() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = Shared::new();
+    let (a, b) = (Machine::new(&etcd.url()), Machine::new(&etcd.url()));
+    let short = mirror_call(&shared, "m", "2s");
+    let long = mirror_call(&shared, "m", "1h");
+    // A clear on A: B serves its copy at most until the result's own TTL (2s), then
+    // asks etcd, finds nothing and runs.
+    fs::write(shared.path("out"), "one\n").unwrap();
+    assert_served(&a.run(&short), "one\n");
+    assert_served(&b.run(&long), "one\n");
+    assert!(b.env.cache.join("m.fleet").is_file(), "b kept a copy");
+    assert_status(&a.run(["clear", "m"]), 0);
+    fs::write(shared.path("out"), "two\n").unwrap();
+    let mut outputs = Vec::new();
+    wait_until("B runs the command after the clear", || {
+        let out = b.run(&long);
+        outputs.push(stdout(&out));
+        stdout(&out) == "two\n"
+    });
+    assert!(
+        outputs.iter().all(|o| o == "one\n" || o == "two\n"),
+        "{outputs:?}"
+    );
+    assert_eq!(
+        shared.runs(),
+        2,
+        "A's run, then B's once its copy was stale"
+    );
+    // B keeps a copy of its result; A writes a newer one (its --ttl 0 call runs): B
+    // serves it once its copy is stale for B's --ttl, and never runs.
+    assert_served(&b.run(&short), "two\n");
+    fs::write(shared.path("out"), "three\n").unwrap();
+    let now = call_args("m", &["--ttl", "0"], &short[short.len() - 3..]);
+    assert_served(&a.run(&now), "three\n");
+    wait_until("B serves A's newer result", || {
+        stdout(&b.run(&short)) == "three\n"
+    });
+    assert_eq!(shared.runs(), 3, "B never ran for it");
+    // A damaged copy is never served: with the fleet's result cleared, B runs.
+    assert_status(&a.run(["clear", "m"]), 0);
+    fs::write(shared.path("out"), "four\n").unwrap();
+    assert_served(&b.run(&short), "four\n");
+    assert_served(&b.run(&short), "four\n");
+    assert_eq!(shared.runs(), 4);
+    let copy = b.env.cache.join("m.fleet");
+    let mut bytes = fs::read(&copy).expect("B keeps a copy");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    fs::write(&copy, &bytes).unwrap();
+    assert_status(&a.run(["clear", "m"]), 0);
+    fs::write(shared.path("out"), "five\n").unwrap();
+    assert_served(&b.run(&short), "five\n");
+    assert_eq!(shared.runs(), 5);
 }

@@ -17,6 +17,7 @@ mod faults;
 mod first_hour;
 mod generated;
 mod guard;
+mod hit;
 mod input;
 mod jobcontrol;
 mod keys;

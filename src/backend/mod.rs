@@ -180,6 +180,12 @@ pub trait Place {
     /// Reads and checks the result. An error is the backend's (etcd unreachable).
     fn read_result(&self) -> Result<Read>;
 
+    /// A local copy of the result that may be served without asking the backend (the
+    /// fleet's, while fresh by its own TTL: see `fleet/mirror.rs`); `None` elsewhere.
+    fn read_mirror(&self) -> Option<Entry> {
+        None
+    }
+
     /// Where the result is, for a warning about it.
     fn result_location(&self) -> String;
 

@@ -101,7 +101,7 @@ impl Flight {
         let inherit: [Option<i32>; 0] = [];
         command
             .arg(held.refresher_arg())
-            .args(std::env::args_os().skip(1));
+            .args(crate::args().iter().skip(1));
         let child = reap::spawn_detached(&mut command, &inherit)
             .context("cannot start the background refresher")?;
         // Our copy of the write end goes now: the pipe ends when the refresher does.

@@ -14,8 +14,9 @@ pub fn own_executable() -> io::Result<Command> {
     if std::path::Path::new("/proc/self/exe").exists() {
         use std::os::unix::process::CommandExt;
         let mut command = Command::new("/proc/self/exe");
-        let name = std::env::args_os()
-            .next()
+        let name = crate::args()
+            .first()
+            .cloned()
             .unwrap_or_else(|| "singleflight".into());
         command.arg0(name);
         return Ok(command);

@@ -20,6 +20,7 @@ use crate::key::SlotId;
 use crate::store::Store;
 
 mod lock;
+mod mirror;
 mod place;
 
 use place::FleetPlace;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Fleet;
 use super::lock::FleetLock;
+use super::mirror;
 use crate::abort::Abort;
 use crate::backend::{
     Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Place, Read, Slots, Snapshot,
@@ -99,10 +100,35 @@ impl FleetPlace {
         Exit::new(Status::Internal, format!("{}: {error}", self.name)).into()
     }
 
+    /// The local copy of the result (see `mirror`): `NAME.fleet` in the cache dir.
+    fn mirror_path(&self) -> std::path::PathBuf {
+        self.files.paths.result.with_extension("fleet")
+    }
+
+    /// What a local copy is of: this backend (endpoints, prefix) and the result's key.
+    fn mirror_source(&self) -> Vec<u8> {
+        [self.fleet.to_string().as_bytes(), b"\n", &self.keys.result].concat()
+    }
+
     fn get_result(&self) -> Result<Read, EtcdError> {
         let value = match self.delivered.take() {
             Some(bytes) => Some(bytes),
-            None => self.client().get(&self.keys.result)?.map(|v| v.bytes),
+            None => {
+                let value = self.client().get(&self.keys.result)?;
+                match &value {
+                    Some(value) => mirror::keep(
+                        &self.files.store,
+                        &self.name.name,
+                        &self.mirror_path(),
+                        &self.mirror_source(),
+                        value.mod_revision,
+                        &value.bytes,
+                        CLOCK_SKEW,
+                    ),
+                    None => mirror::forget(&self.mirror_path()),
+                }
+                value.map(|v| v.bytes)
+            }
         };
         Ok(match value {
             None => Read::Missing,
@@ -307,6 +333,10 @@ impl Place for FleetPlace {
         format!("etcd key {}", String::from_utf8_lossy(&self.keys.result))
     }
 
+    fn read_mirror(&self) -> Option<entry::Entry> {
+        mirror::read(&self.mirror_path(), &self.mirror_source(), CLOCK_SKEW)
+    }
+
     fn read_result(&self) -> Result<Read> {
         self.get_result().map_err(|e| self.not_run(e))
     }
@@ -420,6 +450,7 @@ impl Place for FleetPlace {
     /// Takes the lock (waiting for a run in flight), then deletes the result, the
     /// failure record and the lock in one guarded transaction.
     fn clear(&self, _: &Name, say: &Say) -> Result<Cleared> {
+        mirror::forget(&self.mirror_path());
         let client = self.client();
         let fail = |e| self.failed(e);
         if client.list(&self.name_prefix).map_err(fail)?.is_empty() {
