@@ -1332,6 +1332,7 @@ fn two_slots_across_three_machines_never_run_more_than_two_at_once() {
     for holder in holders {
         assert_status(&finish(holder), 0);
     }
+}
 
 /// `singleflight NAME --ttl TTL -- sh -c 'echo $(cat OUT); echo run >> COUNTER'`: prints
 /// what the shared file `out` holds at the run, and counts its runs.
