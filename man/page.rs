@@ -274,6 +274,10 @@ fn files(roff: &mut Roff) {
         ("NAME.ready", "the instance that passed --ready"),
         ("NAME.stopping", "the run singleflight stop stopped"),
         (
+            "NAME.fleet",
+            "with an etcd --backend, the last fresh result read from the fleet, served here while its own TTL lasts",
+        ),
+        (
             "NAME@<16 hex>.*",
             "the same files of one set of key values, with its .key file (the values, for status)",
         ),
