@@ -244,7 +244,7 @@ fn singleflight_vars() -> Vec<(&'static [u8], OsString)> {
 fn singleflight_vars() -> Vec<(&'static [u8], OsString)> {
     std::iter::once("SINGLEFLIGHT_CACHE_DIR")
         .chain(FLEET_ENV.iter().copied())
-        .filter_map(|var| Some((var[PREFIX.len()..].as_bytes(), std::env::var_os(var)?)))
+        .filter_map(|var| Some((&var.as_bytes()[PREFIX.len()..], std::env::var_os(var)?)))
         .collect()
 }
 
