@@ -77,8 +77,11 @@ build_binary() {
         ;;
     *-apple-darwin)
         need_zigbuild
-        # zig links a Mach-O without an SDK; it warns once that none was found.
-        RUSTFLAGS="$remap" cargo zigbuild --release --locked --quiet --target "$target" 2>&1 |
+        # zig links a Mach-O without an SDK; it warns once that none was found. Without
+        # the PostgreSQL backend: tokio-postgres's whoami links the SystemConfiguration
+        # and CoreFoundation frameworks, which only a macOS SDK has (the link fails here).
+        RUSTFLAGS="$remap" cargo zigbuild --release --locked --quiet \
+            --no-default-features --features etcd --target "$target" 2>&1 |
             grep -v -e xcrun -e 'the SDK is needed' -e '^ *|$' -e '^$' >&2 || true
         [[ ${PIPESTATUS[0]} == 0 ]] || die "$target: cargo zigbuild failed"
         ;;
