@@ -107,7 +107,7 @@ grep -q 'is another process now.*nothing was signalled' "$work/err" || fail "sto
 echo "wine smoke: stop refuses a pid whose creation time is not the record's: ok ($(tr -d '\r' <"$work/err"))"
 cp "$work/run.kept" "$run"
 sf -v stop svc 2>"$work/err" || fail "stop exited $?: $(cat "$work/err")"
-grep -Eq 'svc: stopped \(singleflight pid [0-9]+\)' "$work/err" || fail "stop: $(cat "$work/err")"
+grep -Eq 'svc: stopped pid [0-9]+ \(its singleflight\), terminated' "$work/err" || fail "stop: $(cat "$work/err")"
 said=$(tr -d '\r' <"$work/err")
 for _ in $(seq 50); do [ -z "$(tree_pids)$(sf_pids)" ] && break; sleep 0.1; done
 [ -z "$(tree_pids)" ] || fail "the instance is alive after stop: $(tree_pids)"

@@ -71,6 +71,12 @@ struct Stopped {
 impl std::fmt::Display for Stopped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.killed_after {
+            // No TERM to another console on Windows: it is terminated at once.
+            None if cfg!(windows) => write!(
+                f,
+                "pid {} (its singleflight), terminated; its Job Object ends the command's tree",
+                self.pid
+            ),
             None => write!(f, "pid {} (its singleflight) with TERM", self.pid),
             Some(after) => write!(
                 f,
