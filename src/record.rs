@@ -166,7 +166,7 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Option<T> {
 }
 
 /// Decodes a record held in memory (a value from etcd), with the same limit.
-#[cfg(feature = "etcd")]
+#[cfg(any(feature = "etcd", feature = "postgres"))]
 pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     if bytes.len() as u64 > RECORD_MAX {
         return None;

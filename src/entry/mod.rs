@@ -300,7 +300,7 @@ impl Header {
 /// A whole result as bytes in the same format as a result file (header, body,
 /// metadata), for a backend that stores values rather than files (etcd), so that a
 /// value is checked exactly as a file is.
-#[cfg(any(feature = "etcd", test))]
+#[cfg(any(feature = "etcd", feature = "postgres", test))]
 pub fn to_bytes(body: &[u8], stderr: &[u8], meta: &Meta) -> Vec<u8> {
     let meta_bytes = serde_json::to_vec(meta).expect("Meta serializes");
     let mut hasher = Xxh3::new();
@@ -325,7 +325,7 @@ pub fn to_bytes(body: &[u8], stderr: &[u8], meta: &Meta) -> Vec<u8> {
 
 /// How long [`to_bytes`] of a body of `body_len` bytes and a stderr of `stderr_len`
 /// is, to check a size limit before reading the body into memory.
-#[cfg(any(feature = "etcd", test))]
+#[cfg(any(feature = "etcd", feature = "postgres", test))]
 pub fn encoded_len(body_len: u64, stderr_len: u64, meta: &Meta) -> u64 {
     let meta_len = serde_json::to_vec(meta).expect("Meta serializes").len() as u64;
     HEADER_LEN + body_len + stderr_len + meta_len
