@@ -12,6 +12,8 @@
 #[cfg(feature = "etcd")]
 mod fleet;
 mod local;
+#[cfg(any(feature = "etcd", feature = "postgres"))]
+mod owner;
 #[cfg(feature = "postgres")]
 mod pg;
 mod semaphore;

@@ -7,15 +7,15 @@ use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
 
+use super::owner;
 use super::{
-    Backend, Cleared, Config, FENCING_TOKEN_ENV, Files, Held, InFlight, Lock, Place, Read, Slots,
-    Snapshot, Unsaved,
+    Backend, Cleared, Config, FENCING_TOKEN_ENV, Files, Held, Lock, Place, Read, Slots, Snapshot,
+    Unsaved,
 };
 use crate::abort::Abort;
 use crate::entry::{self, Body, EntryWriter, Meta};
@@ -207,23 +207,6 @@ impl std::fmt::Display for Pg {
     }
 }
 
-/// Who holds a lock, in its row for `status`.
-#[derive(Serialize, Deserialize)]
-struct Owner {
-    host: String,
-    pid: u32,
-    started_at_ms: u64,
-}
-
-fn owner() -> String {
-    let owner = Owner {
-        host: hostname(),
-        pid: std::process::id(),
-        started_at_ms: entry::now_ms(SystemTime::now()),
-    };
-    serde_json::to_string(&owner).expect("Owner serializes")
-}
-
 /// The N recorded for `--slots`, and each run slot held with its owner.
 type SlotRows = (Option<u32>, Vec<(u32, String)>);
 
@@ -264,7 +247,7 @@ impl PgSlot {
     /// Takes the lock row if nobody holds it: the token, and when it was asked for.
     fn take(&self) -> Result<Option<(i64, Instant)>, PgError> {
         let ttl = self.pg.lease_ttl.as_secs_f64();
-        let owner = owner();
+        let owner = owner::this_process();
         let sent = Instant::now();
         let rows = self.pg.query(
             &self.pg.sql.lock,
@@ -388,7 +371,7 @@ impl PgSlot {
                 )?;
             }
             let ttl = self.pg.lease_ttl.as_secs_f64();
-            let owner = owner();
+            let owner = owner::this_process();
             let row = self.slot_row(index);
             let sent = Instant::now();
             let rows = conn.query(
@@ -656,7 +639,7 @@ impl Place for PgSlot {
             .into());
         };
         let ttl = self.pg.lease_ttl.as_secs_f64();
-        let owner = owner();
+        let owner = owner::this_process();
         let sent = Instant::now();
         let rows = self
             .pg
@@ -711,7 +694,7 @@ impl Place for PgSlot {
         let key_values = bytes(2).and_then(|b| serde_json::from_slice(&b).ok());
         let in_flight = row
             .and_then(|row| row.get::<_, Option<String>>(3))
-            .map(|owner| owner_of(&owner));
+            .map(|owner| owner::in_flight(owner.as_bytes()));
         let (count, held) = self
             .pg
             .with_conn(|conn| self.slot_rows(conn))
@@ -721,7 +704,7 @@ impl Place for PgSlot {
             in_use: held
                 .iter()
                 .filter(|(index, _)| *index < count)
-                .map(|(index, owner)| (*index, owner_of(owner)))
+                .map(|(index, owner)| (*index, owner::in_flight(owner.as_bytes())))
                 .collect(),
             waiters: None,
         });
@@ -938,38 +921,5 @@ impl Drop for PgHeld {
         if let Some(keeper) = self.keeper.take() {
             keeper.stop();
         }
-    }
-}
-
-/// Who runs under a lock, as its holder wrote it into the lock row.
-fn owner_of(owner: &str) -> InFlight {
-    match serde_json::from_str::<Owner>(owner) {
-        Ok(owner) => InFlight {
-            pid: Some(owner.pid),
-            command_pid: None,
-            started_at_ms: Some(owner.started_at_ms),
-            host: Some(owner.host),
-        },
-        Err(_) => InFlight {
-            pid: None,
-            command_pid: None,
-            started_at_ms: None,
-            host: None,
-        },
-    }
-}
-
-/// This machine's name, for `status` of a run in flight.
-fn hostname() -> String {
-    #[cfg(unix)]
-    {
-        rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned()
-    }
-    #[cfg(not(unix))]
-    {
-        std::env::var("COMPUTERNAME").unwrap_or_default()
     }
 }

@@ -5,15 +5,15 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 
 use super::Fleet;
 use super::lock::FleetLock;
 use super::mirror;
 use crate::abort::Abort;
+use crate::backend::owner;
 use crate::backend::{
     Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Place, Read, Slots, Snapshot,
 };
@@ -45,14 +45,6 @@ enum Try {
     AllInUse(i64),
     /// Another caller took the slot, or changed the N in force, first.
     Raced,
-}
-
-/// Who holds a lock, written into the lock key for `status`.
-#[derive(Serialize, Deserialize)]
-struct Owner {
-    host: String,
-    pid: u32,
-    started_at_ms: u64,
 }
 
 /// One slot of a NAME in etcd, with its files in the local cache dir; its held lock
@@ -145,12 +137,7 @@ impl FleetPlace {
     }
 
     fn owner(&self) -> Vec<u8> {
-        let owner = Owner {
-            host: hostname(),
-            pid: std::process::id(),
-            started_at_ms: entry::now_ms(SystemTime::now()),
-        };
-        serde_json::to_vec(&owner).expect("Owner serializes")
+        owner::this_process().into_bytes()
     }
 
     fn take_lock(&self) -> Result<Option<(Lease, FencingToken)>, EtcdError> {
@@ -408,7 +395,7 @@ impl Place for FleetPlace {
             .client()
             .lock_holder(&self.keys.lock)
             .map_err(|e| self.failed(e))?;
-        let in_flight = holder.map(|holder| owner_of(&holder.owner));
+        let in_flight = holder.map(|holder| owner::in_flight(&holder.owner));
         let slots = match self.recorded_count().map_err(|e| self.failed(e))?.0 {
             Some(count) => {
                 let (holders, _) = self
@@ -419,7 +406,7 @@ impl Place for FleetPlace {
                     .filter_map(|index| {
                         let key = self.slot_key(index);
                         let (_, holder) = holders.iter().find(|(held, _)| *held == key)?;
-                        Some((index, owner_of(&holder.owner)))
+                        Some((index, owner::in_flight(&holder.owner)))
                     })
                     .collect();
                 in_use.sort_by_key(|(index, _)| *index);
@@ -542,38 +529,5 @@ impl Place for FleetPlace {
 
     fn results_in_cache_dir(&self) -> bool {
         false
-    }
-}
-
-/// This machine's name, for `status` of a run in flight.
-/// Who runs under a lock, as its holder wrote it into the lock key.
-fn owner_of(owner: &[u8]) -> InFlight {
-    match serde_json::from_slice::<Owner>(owner) {
-        Ok(owner) => InFlight {
-            pid: Some(owner.pid),
-            command_pid: None,
-            started_at_ms: Some(owner.started_at_ms),
-            host: Some(owner.host),
-        },
-        Err(_) => InFlight {
-            pid: None,
-            command_pid: None,
-            started_at_ms: None,
-            host: None,
-        },
-    }
-}
-
-fn hostname() -> String {
-    #[cfg(unix)]
-    {
-        rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned()
-    }
-    #[cfg(not(unix))]
-    {
-        std::env::var("COMPUTERNAME").unwrap_or_default()
     }
 }
