@@ -11,11 +11,18 @@
 //! `--ttl`, `--timeout`, `--kill-after`, `--wait`, `--max-stale`, `--retry-after`,
 //! `--retry-max`, `--max-output`, `--cache-dir`, `--key-cwd`, `--key-env`,
 //! `--key-file`, `--no-replay-stderr`, `--background`, `--cache-failures`, `-q`/
-//! `--quiet`. Those that do not change a fresh hit are parsed only so that a bad value
-//! is clap's usage error, not a hit. Everything else falls back: verbs, `-v`, `-h`,
-//! `--stdin` and the stdin keys, the modes, the fleet options, an option given twice,
-//! an empty value or one that starts with `-`, a value that does not parse, non-UTF-8
-//! where clap wants UTF-8, and any of the fleet's environment variables.
+//! `--quiet`, and with the etcd backend built in, `--backend etcd://…` and the etcd
+//! options (and their environment variables). Those that do not change a fresh hit
+//! are parsed only so that a bad value is clap's usage error, not a hit. Everything
+//! else falls back: verbs, `-v`, `-h`, `--stdin` and the stdin keys, the modes, a
+//! PostgreSQL backend, an option given twice, an empty value or one that starts with
+//! `-`, a value that does not parse, non-UTF-8 where clap wants UTF-8, and options
+//! that clap or the backend would refuse together.
+//!
+//! With `--backend etcd://…` the hit is the machine's local copy of the fleet's result
+//! (`NAME.fleet`, see `backend/fleet/mirror.rs`), with the same checks; nothing is
+//! sent to etcd, so the TLS and password files are not read (a call that asks etcd
+//! reads them, and reports one that cannot be used).
 
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
@@ -25,21 +32,146 @@ use anyhow::Result;
 
 use crate::decide::Cached;
 use crate::entry;
+#[cfg(feature = "etcd")]
+use crate::etcd::{Endpoints, Prefix};
 use crate::key::{self, KeySpec};
 use crate::store::Store;
 use crate::values::{Name, parse_duration, parse_size, parse_timeout};
 
-/// The environment variables clap reads besides `SINGLEFLIGHT_CACHE_DIR`: any of them
-/// set (to anything) means the fleet, or a usage error of it: the full path decides.
+/// The environment variables read besides `SINGLEFLIGHT_CACHE_DIR`, after the prefix.
+/// Without the etcd backend built in, any of them set means the full path decides;
+/// with it, those of etcd are read as clap reads them ([`Fleet::from_env`]).
 const FLEET_ENV: &[&str] = &[
-    "SINGLEFLIGHT_BACKEND",
-    "SINGLEFLIGHT_ETCD_PREFIX",
-    "SINGLEFLIGHT_ETCD_CACERT",
-    "SINGLEFLIGHT_ETCD_CERT",
-    "SINGLEFLIGHT_ETCD_KEY",
-    "SINGLEFLIGHT_ETCD_USER",
-    "SINGLEFLIGHT_ETCD_PASSWORD_FILE",
+    "BACKEND",
+    "PG_SCHEMA",
+    "ETCD_PREFIX",
+    "ETCD_CACERT",
+    "ETCD_CERT",
+    "ETCD_KEY",
+    "ETCD_USER",
+    "ETCD_PASSWORD_FILE",
+    "ETCD_PASSWORD",
 ];
+
+/// The options of the etcd backend that take a value.
+const FLEET_OPTIONS: &[&str] = if cfg!(feature = "etcd") {
+    &[
+        "--backend",
+        "--etcd-prefix",
+        "--backend-timeout",
+        "--lease-ttl",
+        "--etcd-cacert",
+        "--etcd-cert",
+        "--etcd-key",
+        "--etcd-user",
+        "--etcd-password-file",
+    ]
+} else {
+    &[]
+};
+
+/// `--backend etcd://…` and the etcd options, from the command line and then the
+/// environment (the command line wins, as in clap). Only what decides whether the
+/// full path would refuse them, and where the copy is, is kept.
+#[derive(Debug, Default)]
+#[cfg_attr(
+    not(feature = "etcd"),
+    allow(dead_code, reason = "no etcd to check them for")
+)]
+struct Fleet {
+    #[cfg(feature = "etcd")]
+    endpoints: Option<Endpoints>,
+    #[cfg(feature = "etcd")]
+    prefix: Option<Prefix>,
+    /// `--etcd-cacert`, `--etcd-cert`, `--etcd-key`, `--etcd-user`,
+    /// `--etcd-password-file` given, and `SINGLEFLIGHT_ETCD_PASSWORD` set.
+    cacert: bool,
+    cert: bool,
+    key: bool,
+    user: bool,
+    password_file: bool,
+    password_env: bool,
+}
+
+impl Fleet {
+    /// Takes the value of one of [`FLEET_OPTIONS`] (from the command line, or from
+    /// the environment when `from_env`); `None` when clap would refuse it.
+    #[cfg(feature = "etcd")]
+    fn take(&mut self, option: &str, value: &OsStr, from_env: bool) -> Option<()> {
+        match option {
+            "--backend" if from_env && self.endpoints.is_some() => {}
+            "--backend" => match crate::backend::parse_backend(value.to_str()?).ok()? {
+                crate::backend::BackendUrl::Etcd(endpoints) => self.endpoints = Some(endpoints),
+                // No copy of PostgreSQL results: the full path decides.
+                _ => return None,
+            },
+            "--etcd-prefix" if from_env && self.prefix.is_some() => {}
+            "--etcd-prefix" => self.prefix = Some(Prefix::parse(value.to_str()?).ok()?),
+            "--backend-timeout" => {
+                parse_duration(value.to_str()?).ok()?;
+            }
+            "--lease-ttl" => {
+                crate::etcd::parse_lease_ttl(value.to_str()?).ok()?;
+            }
+            "--etcd-user" => {
+                value.to_str()?;
+                self.user = true;
+            }
+            "--etcd-cacert" => self.cacert = true,
+            "--etcd-cert" => self.cert = true,
+            "--etcd-key" => self.key = true,
+            "--etcd-password-file" => self.password_file = true,
+            _ => return None,
+        }
+        Some(())
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn take(&mut self, _: &str, _: &OsStr, _: bool) -> Option<()> {
+        None
+    }
+
+    /// Takes `SINGLEFLIGHT_<name>=value`, one of [`FLEET_ENV`]; `None` when the full
+    /// path must decide (a value clap would refuse, an empty one, `PG_SCHEMA`).
+    fn from_env(&mut self, name: &[u8], value: &OsStr) -> Option<()> {
+        if value.is_empty() {
+            return None;
+        }
+        let option = match name {
+            b"ETCD_PASSWORD" => {
+                // Read by the login, not clap: set (and UTF-8) is all it asks.
+                value.to_str()?;
+                self.password_env = true;
+                return Some(());
+            }
+            b"BACKEND" => "--backend",
+            b"ETCD_PREFIX" => "--etcd-prefix",
+            b"ETCD_CACERT" => "--etcd-cacert",
+            b"ETCD_CERT" => "--etcd-cert",
+            b"ETCD_KEY" => "--etcd-key",
+            b"ETCD_USER" => "--etcd-user",
+            b"ETCD_PASSWORD_FILE" => "--etcd-password-file",
+            _ => return None,
+        };
+        self.take(option, value, true)
+    }
+
+    /// Whether clap and the backend would take these options together: `--etcd-cert`
+    /// and `--etcd-key` both or neither, `--etcd-password-file` only with a user; with
+    /// an etcd, TLS options only for `etcd+https://`, a user only with a password.
+    fn accepted(&self) -> bool {
+        if self.cert != self.key || (self.password_file && !self.user) {
+            return false;
+        }
+        #[cfg(feature = "etcd")]
+        if let Some(endpoints) = &self.endpoints {
+            let tls = self.cacert || self.cert || self.key;
+            let password = self.password_file || self.password_env;
+            return (endpoints.tls() || !tls) && (password || !self.user);
+        }
+        true
+    }
+}
 
 /// What a fresh hit needs of the command line.
 #[derive(Debug)]
@@ -50,23 +182,30 @@ struct HitArgs {
     keys: KeySpec,
     replay_stderr: bool,
     command: Vec<OsString>,
+    fleet: Fleet,
 }
 
 /// Serves a fresh result if the full path would serve it at once; `None` (nothing
 /// done, nothing printed) when the full path must decide. `args` without argv[0].
 pub fn serve_fresh(args: &[OsString]) -> Option<Result<i32>> {
-    let hit = parse(args)?;
-    let from_env = env_cache_dir()?;
+    let mut hit = parse(args)?;
+    let from_env = environment(&mut hit.fleet)?;
+    if !hit.fleet.accepted() {
+        return None;
+    }
     let cache_dir = hit.cache_dir.or(from_env);
     let store = Store::locate(cache_dir).ok()?;
     if !store.verify_existing().ok()? {
         return None;
     }
     let key = key::resolve(&hit.name, &hit.keys, None).ok()?;
-    let path = store.result_path(&key.id);
-    let entry = match entry::read(&path) {
-        Ok(Ok(Some(entry))) => entry,
-        _ => return None,
+    let entry = match fleet_copy(&hit.fleet) {
+        None => match entry::read(&store.result_path(&key.id)) {
+            Ok(Ok(Some(entry))) => entry,
+            _ => return None,
+        },
+        #[cfg(feature = "etcd")]
+        Some((endpoints, prefix)) => crate::backend::read_copy(&store, endpoints, prefix, &key.id)?,
     };
     if entry.meta.argv_digest != key.result_digest(entry::argv_digest(&hit.command)) {
         return None;
@@ -78,12 +217,30 @@ pub fn serve_fresh(args: &[OsString]) -> Option<Result<i32>> {
     Some(crate::flight::serve_entry(entry, hit.replay_stderr))
 }
 
+/// The etcd and prefix whose copy a fleet hit serves; `None` for a local hit.
+#[cfg(feature = "etcd")]
+fn fleet_copy(fleet: &Fleet) -> Option<(&Endpoints, &Prefix)> {
+    static DEFAULT_PREFIX: std::sync::OnceLock<Prefix> = std::sync::OnceLock::new();
+    let endpoints = fleet.endpoints.as_ref()?;
+    let prefix = fleet
+        .prefix
+        .as_ref()
+        .unwrap_or_else(|| DEFAULT_PREFIX.get_or_init(Prefix::default));
+    Some((endpoints, prefix))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn fleet_copy(_: &Fleet) -> Option<std::convert::Infallible> {
+    None
+}
+
 /// The command line as clap would read it, if every part of it is understood here.
 fn parse(args: &[OsString]) -> Option<HitArgs> {
     let mut name = None;
     let mut ttl = None;
     let mut cache_dir = None;
     let mut keys = KeySpec::default();
+    let mut fleet = Fleet::default();
     let mut seen: Vec<&str> = Vec::new();
     let mut i = 0;
     while i < args.len() {
@@ -104,6 +261,7 @@ fn parse(args: &[OsString]) -> Option<HitArgs> {
                 replay_stderr: !seen.contains(&"--no-replay-stderr"),
                 keys,
                 command,
+                fleet,
             });
         }
         if !arg.starts_with('-') {
@@ -132,7 +290,7 @@ fn parse(args: &[OsString]) -> Option<HitArgs> {
                 | "--cache-dir"
                 | "--key-env"
                 | "--key-file"
-        );
+        ) || FLEET_OPTIONS.contains(&option);
         let flag = matches!(
             option,
             "--key-cwd" | "--no-replay-stderr" | "--background" | "--cache-failures" | "--quiet"
@@ -177,6 +335,7 @@ fn parse(args: &[OsString]) -> Option<HitArgs> {
                 parse_timeout(value.to_str()?).ok()?;
             }
             "--ttl" => ttl = Some(parse_duration(value.to_str()?).ok()?),
+            _ if FLEET_OPTIONS.contains(&option) => fleet.take(option, value, false)?,
             _ => {
                 parse_duration(value.to_str()?).ok()?;
             }
@@ -187,18 +346,16 @@ fn parse(args: &[OsString]) -> Option<HitArgs> {
 }
 
 /// `SINGLEFLIGHT_CACHE_DIR` as clap reads it: `Some(None)` when unset; `None` (fall
-/// back) when set but empty, which is clap's usage error, or when any of the fleet's
-/// variables ([`FLEET_ENV`]) is set.
-fn env_cache_dir() -> Option<Option<PathBuf>> {
+/// back) when set but empty, which is clap's usage error. The fleet's variables
+/// ([`FLEET_ENV`]) go to `fleet` where the command line did not give their option;
+/// `None` when one of them means the full path must decide.
+fn environment(fleet: &mut Fleet) -> Option<Option<PathBuf>> {
     let mut cache_dir = None;
     for (name, value) in singleflight_vars() {
         if name == b"CACHE_DIR" {
             cache_dir = Some(value);
-        } else if FLEET_ENV
-            .iter()
-            .any(|var| var.as_bytes()[PREFIX.len()..] == *name)
-        {
-            return None;
+        } else if FLEET_ENV.iter().any(|var| var.as_bytes() == name) {
+            fleet.from_env(name, &value)?;
         }
     }
     match cache_dir {
@@ -242,9 +399,9 @@ fn singleflight_vars() -> Vec<(&'static [u8], OsString)> {
 
 #[cfg(not(target_os = "linux"))]
 fn singleflight_vars() -> Vec<(&'static [u8], OsString)> {
-    std::iter::once("SINGLEFLIGHT_CACHE_DIR")
+    std::iter::once("CACHE_DIR")
         .chain(FLEET_ENV.iter().copied())
-        .filter_map(|var| Some((&var.as_bytes()[PREFIX.len()..], std::env::var_os(var)?)))
+        .filter_map(|var| Some((var.as_bytes(), std::env::var_os(format!("{PREFIX}{var}"))?)))
         .collect()
 }
 
@@ -273,6 +430,67 @@ mod tests {
         assert!(!hit.replay_stderr);
     }
 
+    /// The etcd options: parsed as clap parses them, and taken together only as clap
+    /// and `Fleet::open` would take them.
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn reads_the_etcd_options_as_the_full_path_takes_them() {
+        let fleet = |line: &str| parse(&args(line)).expect(line).fleet;
+        let plain = fleet("n --backend etcd://h:1 --lease-ttl 5s --backend-timeout 1s -- c");
+        assert_eq!(plain.endpoints.as_ref().unwrap().to_string(), "etcd://h:1");
+        assert!(plain.prefix.is_none() && plain.accepted());
+        let prefixed = fleet("--etcd-prefix=/p n --backend=etcd://h:1 -- c");
+        assert_eq!(prefixed.prefix.unwrap().as_bytes(), b"/p/");
+        for (line, accepted) in [
+            ("n --backend etcd+https://h:1 --etcd-cacert ca -- c", true),
+            ("n --backend etcd://h:1 --etcd-cacert ca -- c", false),
+            (
+                "n --backend etcd+https://h:1 --etcd-cert c --etcd-key k -- c",
+                true,
+            ),
+            ("n --backend etcd+https://h:1 --etcd-cert c -- c", false),
+            ("n --backend etcd+https://h:1 --etcd-key k -- c", false),
+            (
+                "n --backend etcd://h:1 --etcd-user u --etcd-password-file f -- c",
+                true,
+            ),
+            ("n --backend etcd://h:1 --etcd-user u -- c", false),
+            ("n --backend etcd://h:1 --etcd-password-file f -- c", false),
+            // Without a backend the etcd options are only checked by clap.
+            ("n --etcd-cacert ca -- c", true),
+            ("n --etcd-user u -- c", true),
+            ("n --etcd-password-file f -- c", false),
+        ] {
+            assert_eq!(fleet(line).accepted(), accepted, "{line}");
+        }
+        let mut with_env = fleet("n --backend etcd://h:1 --etcd-user u -- c");
+        with_env
+            .from_env(b"ETCD_PASSWORD", OsStr::new("pw"))
+            .unwrap();
+        assert!(with_env.accepted());
+        // The command line wins over the environment, which clap then does not parse.
+        let mut both = fleet("n --backend etcd://h:1 -- c");
+        both.from_env(b"BACKEND", OsStr::new("not a url")).unwrap();
+        assert_eq!(both.endpoints.unwrap().to_string(), "etcd://h:1");
+        let mut env_only = Fleet::default();
+        env_only
+            .from_env(b"BACKEND", OsStr::new("etcd+https://e:2"))
+            .unwrap();
+        env_only.from_env(b"ETCD_CACERT", OsStr::new("ca")).unwrap();
+        assert!(env_only.accepted());
+        for (name, value) in [
+            (&b"BACKEND"[..], "postgres://u@h:5432/db"),
+            (b"BACKEND", ""),
+            (b"ETCD_PREFIX", ""),
+            (b"PG_SCHEMA", "s"),
+        ] {
+            assert!(
+                Fleet::default().from_env(name, OsStr::new(value)).is_none(),
+                "{value}"
+            );
+        }
+    }
+
     #[test]
     fn leaves_everything_else_to_clap() {
         for line in [
@@ -296,8 +514,12 @@ mod tests {
             "n --key-stdin -- c",
             "n --exclusive -- c",
             "n --service -- c",
-            "n --backend etcd://h:1 -- c",
-            "n --lease-ttl 5s -- c",
+            "n --backend postgres://u@h:5432/db -- c",
+            "n --backend etcd://h:1 --backend etcd://h:2 -- c",
+            "n --backend etcd://h:1 --etcd-prefix= -- c",
+            "n --backend etcd://h:1 --lease-ttl 2h -- c",
+            "n --backend etcd://h:1 --backend-timeout x -- c",
+            "n --pg-schema s -- c",
             "n --refresher 3 -- c",
             "n --background=yes -- c",
             "n --tt 1h -- c",

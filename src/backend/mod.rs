@@ -11,6 +11,8 @@
 
 #[cfg(feature = "etcd")]
 mod fleet;
+#[cfg(feature = "etcd")]
+pub use fleet::read_copy;
 mod local;
 #[cfg(any(feature = "etcd", feature = "postgres"))]
 mod owner;

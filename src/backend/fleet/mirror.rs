@@ -18,7 +18,7 @@
 //! sharing a cache dir never serve each other's copies. A copy whose checksum, source
 //! or result does not check is never served.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -29,6 +29,17 @@ use crate::values::Name;
 
 const MAGIC: &[u8; 8] = b"SFMIRROR";
 const HEAD_LEN: usize = 8 + 8 + 8 + 8;
+
+/// Where a slot's copy is: beside its local result, `NAME.fleet`.
+pub fn path(result_path: &Path) -> PathBuf {
+    result_path.with_extension("fleet")
+}
+
+/// What a copy is of: the backend as `Fleet` displays it (endpoints and prefix) and
+/// the result's etcd key.
+pub fn source(backend: &str, result_key: &[u8]) -> Vec<u8> {
+    [backend.as_bytes(), b"\n", result_key].concat()
+}
 
 /// The bytes of a copy of `result` (as read from etcd at `mod_revision`).
 fn encode(source: &[u8], mod_revision: i64, read_at_ms: u64, result: &[u8]) -> Vec<u8> {

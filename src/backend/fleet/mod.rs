@@ -115,11 +115,32 @@ impl Backend for Fleet {
 
 impl fmt::Display for Fleet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} under {}",
-            self.client.endpoints(),
-            String::from_utf8_lossy(self.prefix.as_bytes())
-        )
+        f.write_str(&describe(self.client.endpoints(), &self.prefix))
     }
+}
+
+/// An etcd backend as it is named in messages and in a local copy's source.
+fn describe(endpoints: &Endpoints, prefix: &Prefix) -> String {
+    format!(
+        "{endpoints} under {}",
+        String::from_utf8_lossy(prefix.as_bytes())
+    )
+}
+
+/// The local copy of slot `id`'s result in the etcd at `endpoints` under `prefix`, if
+/// there is one that checks and is fresh by the result's own TTL (see `mirror`): what
+/// a call before clap serves without opening the backend (`hit`). The same copy, by
+/// the same path and source, as a `FleetPlace` keeps and reads.
+pub fn read_copy(
+    store: &Store,
+    endpoints: &Endpoints,
+    prefix: &Prefix,
+    id: &SlotId,
+) -> Option<crate::entry::Entry> {
+    let source = mirror::source(&describe(endpoints, prefix), &prefix.keys(id).result);
+    mirror::read(
+        &mirror::path(&store.result_path(id)),
+        &source,
+        place::CLOCK_SKEW,
+    )
 }

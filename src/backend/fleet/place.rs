@@ -32,7 +32,7 @@ use crate::values::{LeaseHandover, Name, Refresher};
 /// count as just written. Clocks kept by NTP agree far better than this; a reader
 /// whose clock is behind the writer's must not take every new result for one "from
 /// the future" (not fresh) and run the command again.
-const CLOCK_SKEW: Duration = Duration::from_secs(1);
+pub(super) const CLOCK_SKEW: Duration = Duration::from_secs(1);
 
 /// How long `clear` waits for a run in flight between two looks at the lock.
 const CLEAR_WAIT: Duration = Duration::from_secs(3600);
@@ -94,12 +94,12 @@ impl FleetPlace {
 
     /// The local copy of the result (see `mirror`): `NAME.fleet` in the cache dir.
     fn mirror_path(&self) -> std::path::PathBuf {
-        self.files.paths.result.with_extension("fleet")
+        mirror::path(&self.files.paths.result)
     }
 
     /// What a local copy is of: this backend (endpoints, prefix) and the result's key.
     fn mirror_source(&self) -> Vec<u8> {
-        [self.fleet.to_string().as_bytes(), b"\n", &self.keys.result].concat()
+        mirror::source(&self.fleet.to_string(), &self.keys.result)
     }
 
     fn get_result(&self) -> Result<Read, EtcdError> {
