@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Three figures of the fleet backend, each measured side by side in one run, with ratios.
+# Four figures of the fleet backend, each measured side by side in one run, with ratios.
 # Not a test: it prints figures and asserts nothing about speed. It starts its own two
 # one-member etcds on free loopback ports in a temp dir (one plain HTTP; one with TLS and
 # authentication on, its certificates made by openssl) and stops them at the end. The
@@ -20,11 +20,24 @@
 #    for a run in flight; the time from the run's end to each waiter's exit, p50/p95/max
 #    over ROUNDS rounds, woken by the watch on the lock key and, side by side, by the
 #    old look every 100 ms (SINGLEFLIGHT_BENCH_POLL_WAIT=1, which only this script sets).
+# 4. The fleet's read load: MACHINES "machines" (cache dirs) each call the same NAME
+#    CALLS times, one call every EVERY_MS ms (a status line), --ttl FLEET_TTL seconds,
+#    the command counting its runs in a file. etcd's requests (its /metrics:
+#    grpc_server_started_total, which counts the JSON gateway's requests too; Range,
+#    and all methods; not etcd_mvcc_range_total, which also counts a transaction's
+#    compares) are counted for the whole schedule, with the local copy of the fleet's result (NAME.fleet) kept as
+#    singleflight keeps it, and, side by side with the same schedule, with the copy
+#    removed before every call (every call reads etcd, as before the copy existed);
+#    against the figure of one read per machine per TTL, and how the calls were served.
 #
 #   bench/etcd.sh              # 1000 runs per command (300 for the TLS hits), 5 rounds
 #   RUNS=2000 TLS_RUNS=500 ROUNDS=10 bench/etcd.sh
+#   MACHINES=20 CALLS=100 EVERY_MS=100 FLEET_TTL=2 bench/etcd.sh  # section 4's defaults
 #   SF_BIN=/path/to/singleflight bench/etcd.sh  # measure that binary, build nothing
-#   SKIP_HITS=1 bench/etcd.sh  # the wake-up only
+#   SKIP_HITS=1 bench/etcd.sh  # skip sections 1 and 2
+#   SKIP_WAKE=1 bench/etcd.sh  # skip section 3
+#   SKIP_LOAD=1 bench/etcd.sh  # skip section 4
+#   SKIP_HITS=1 SKIP_WAKE=1 bench/etcd.sh  # the read load only (~25 s, 10 s per mode)
 #
 # Installs what is missing: hyperfine, etcd-server and etcd-client, python3, openssl (apt).
 set -euo pipefail
@@ -34,6 +47,10 @@ cd "$root"
 runs=${RUNS:-1000}
 tls_runs=${TLS_RUNS:-300}
 rounds=${ROUNDS:-5}
+machines=${MACHINES:-20}
+calls=${CALLS:-100}
+every_ms=${EVERY_MS:-100}
+fleet_ttl=${FLEET_TTL:-2}
 
 say() { printf '%s\n' "$*" >&2; }
 
@@ -211,6 +228,7 @@ report "$work/tls.json" tls-auth-hit tls-auth-login plain-hit etcdctl-tls-auth
 
 fi
 
+if [[ -z ${SKIP_WAKE:-} ]]; then
 say "measuring the waiters' wake-up: $rounds rounds of 20 waiters on 3 cache dirs, watch and poll"
 echo
 echo "== 20 waiters on 3 machines, the run's end to each waiter's exit, $rounds rounds each =="
@@ -310,3 +328,127 @@ for mode in ("watch", "poll"):
 w, p = after_release["watch"], after_release["poll"]
 print(f"watch/poll: {pct(w, 50) / pct(p, 50):.2f}x (p50), {pct(w, 95) / pct(p, 95):.2f}x (p95)")
 PY
+
+fi
+
+if [[ -z ${SKIP_LOAD:-} ]]; then
+say "measuring the fleet's read load: $machines machines x $calls calls every $every_ms ms," \
+    "--ttl ${fleet_ttl}s, with the local copy and without"
+echo
+echo "== the fleet's read load: $machines machines x $calls calls, one every $every_ms ms each," \
+    "--ttl ${fleet_ttl}s, load $(cut -d' ' -f1-3 /proc/loadavg) =="
+python3 - "$sf" "$backend" "$work" "$small" "127.0.0.1:$client" \
+    "$machines" "$calls" "$every_ms" "$fleet_ttl" <<'PY'
+import os, re, subprocess, sys, threading, time, urllib.request
+sf, backend, work, small, metrics = sys.argv[1:6]
+machines, calls, every, ttl = int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8]) / 1000, float(sys.argv[9])
+expected_out = open(small, "rb").read()
+STARTED = re.compile(r'^grpc_server_started_total\{grpc_method="([^"]+)",grpc_service="([^"]+)"')
+
+def requests():
+    """etcd's gRPC requests so far by method (the JSON gateway's go through gRPC)."""
+    text = urllib.request.urlopen(f"http://{metrics}/metrics").read().decode()
+    counts = {}
+    for line in text.splitlines():
+        m = STARTED.match(line)
+        if m:
+            counts[m.group(1)] = counts.get(m.group(1), 0) + float(line.split()[-1])
+    return counts
+
+def kind(stderr, served_copy):
+    """How a call was served, from its -v line (and whether NAME.fleet was left as it was)."""
+    if "ran the command" in stderr:
+        return "ran"
+    if "waited for the run in flight" in stderr:
+        return "waited"
+    if re.search(r": fresh \(ttl [^)]*\): served$", stderr.strip()):
+        return "copy" if served_copy else "etcd-fresh"
+    return "other"
+
+def machine(mode, name, counter, index, start, kinds, failures, others):
+    cache = os.path.join(work, f"load-{mode}-{index}")
+    os.makedirs(cache, mode=0o700)
+    env = dict(os.environ, SINGLEFLIGHT_CACHE_DIR=cache)
+    copy = os.path.join(cache, f"{name}.fleet")
+    argv = [sf, "-v", "--backend", backend, name, "--ttl", f"{ttl:g}s", "--",
+            "sh", "-c", f"echo run >> '{counter}'; cat '{small}'"]
+    def stat():
+        try:
+            st = os.stat(copy)
+            return (st.st_ino, st.st_mtime_ns)
+        except FileNotFoundError:
+            return None
+    for k in range(calls):
+        # The same schedule in both modes; machines spread over the interval.
+        delay = start + index * every / machines + k * every - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        if mode == "no-copy":
+            try:
+                os.remove(copy)
+            except FileNotFoundError:
+                pass
+        before = stat()
+        p = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = p.stderr.decode(errors="replace")
+        if p.returncode != 0 or p.stdout != expected_out:
+            failures.append(f"{mode} machine {index} call {k}: exit {p.returncode}, "
+                            f"{len(p.stdout)} bytes out; {err.strip()}")
+        kinds.append(kind(err, before is not None and before == stat()))
+        if kinds[-1] == "other":
+            others.append(err.strip().replace(f"singleflight: {name}: ", ""))
+
+figures = {}
+for mode in ("copy", "no-copy"):
+    name, counter = f"load-{mode}", os.path.join(work, f"load-{mode}.runs")
+    open(counter, "w").close()
+    kinds, failures, others = [], [], []
+    before = requests()
+    start = time.monotonic() + 0.2
+    threads = [threading.Thread(target=machine,
+                                args=(mode, name, counter, i, start, kinds, failures, others))
+               for i in range(machines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    duration = time.monotonic() - start
+    after = requests()
+    if failures:
+        sys.exit(f"{len(failures)} calls failed, e.g. {failures[0]}")
+    delta = {m: after.get(m, 0) - before.get(m, 0) for m in after}
+    figures[mode] = dict(
+        calls=len(kinds), runs=sum(1 for _ in open(counter)), duration=duration,
+        range=delta.get("Range", 0), all=sum(delta.values()),
+        methods={m: n for m, n in delta.items() if n},
+        others={o: others.count(o) for o in sorted(set(others))},
+        kinds={k: kinds.count(k) for k in ("copy", "etcd-fresh", "ran", "waited", "other")})
+
+print(f"  {'mode':8} {'calls':>6} {'runs':>5} {'range':>7} {'all':>7} {'range/call':>11} "
+      f"{'range/machine/TTL':>18} {'duration':>9}")
+for mode, f in figures.items():
+    ttls = f["duration"] / ttl
+    print(f"  {mode:8} {f['calls']:6} {f['runs']:5} {f['range']:7.0f} {f['all']:7.0f} "
+          f"{f['range'] / f['calls']:11.3f} {f['range'] / (machines * ttls):18.2f} "
+          f"{f['duration']:8.2f}s")
+for mode, f in figures.items():
+    expected = machines * f["duration"] / ttl
+    print(f"  {mode}: one read per machine per TTL would be {machines} x "
+          f"{f['duration']:.2f} s / {ttl:g} s = {expected:.0f} range requests; "
+          f"one per machine per result written, {machines} x {f['runs']} runs = "
+          f"{machines * f['runs']}")
+a, b = figures["copy"], figures["no-copy"]
+print(f"no-copy/copy: {b['range'] / a['range']:.2f}x (range requests), "
+      f"{b['all'] / a['all']:.2f}x (all requests)")
+print("requests by method (copy / no-copy):")
+for m in sorted(set(a["methods"]) | set(b["methods"])):
+    print(f"  {m:14} {a['methods'].get(m, 0):6.0f} / {b['methods'].get(m, 0):6.0f}")
+print("how the calls were served (copy / no-copy): from the local copy, a fresh result read "
+      "from etcd, ran the command, waited for a run in flight, other:")
+for k in ("copy", "etcd-fresh", "ran", "waited", "other"):
+    print(f"  {k:10} {a['kinds'][k]:6} / {b['kinds'][k]:6}")
+for mode, f in figures.items():
+    for text, n in f["others"].items():
+        print(f"  other ({mode}), {n}x: {text}")
+PY
+fi
