@@ -194,6 +194,11 @@ impl Flight {
             let how = match seen {
                 Seen::Arrived { .. } => format!("{what}: served"),
                 Seen::Won { .. } => format!("{what} after taking the lock: served"),
+                // The lock was taken, and the look after it found a fresh result: the
+                // run that held it had just stored it (not a stale result served).
+                Seen::Lost {
+                    cached: Cached::Fresh,
+                } => format!("{what}, just stored by the run in flight: served"),
                 Seen::Lost { .. } if self.opts.background => {
                     format!("{what}; a run is already in flight; serving stale")
                 }
