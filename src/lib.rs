@@ -62,8 +62,8 @@ pub mod etcd_client {
     pub use crate::entry::{Meta, argv_digest, encoded_len, from_bytes, now_ms, to_bytes};
     pub use crate::etcd::{
         Client, Credentials, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, EtcdError,
-        FencingToken, LeaseId, LeaseKeeper, LeaseLost, Prefix, Security, TlsFiles, Wait, Write,
-        check_size, default_lead,
+        FencingToken, LeaseId, LeaseKeeper, LeaseLost, Prefix, Security, TlsFiles, Value, Wait,
+        Write, check_size, default_lead,
     };
     pub use crate::values::Name;
 }

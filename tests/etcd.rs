@@ -1040,6 +1040,13 @@ fn kept_token(machine: &Machine) -> (String, String) {
     (kept["token"].as_str().expect("a token").to_owned(), text)
 }
 
+/// Removes `machine`'s local copy of NAME's result (see `mirror_call`), so that its
+/// next call asks etcd: the caller that ran the command keeps one too.
+#[cfg(feature = "etcd")]
+fn drop_copy(machine: &Machine, name: &str) {
+    fs::remove_file(machine.env.cache.join(format!("{name}.fleet"))).expect("a local copy");
+}
+
 /// A status line that calls singleflight again and again makes etcd check the
 /// password (bcrypt) once, not on every call: the token of the first call's login is
 /// kept in the cache dir and used by the next calls (a hit, `status`). Logins are
@@ -1056,6 +1063,8 @@ fn calls_after_the_first_use_its_kept_token_and_never_log_in_again() {
     assert_served(&out, "hi\n");
     assert_eq!(etcd.logins(), before + 1, "the first call logs in");
     let (token, file) = kept_token(&a);
+    // The first hit asks etcd (with the kept token), the others serve its copy.
+    drop_copy(&a, "kept");
     for _ in 0..3 {
         let hit = a.run(["kept", "--", "sh", "-c", &script]);
         assert_served(&hit, "hi\n");
@@ -1100,6 +1109,9 @@ fn a_wrong_password_never_rides_on_a_token_kept_with_the_right_one() {
     );
     let kept = kept_token(&machine);
     let logins = etcd.logins();
+    // Without the run's local copy every call below asks etcd (a hit from the copy
+    // sends nothing, so it reads no password).
+    drop_copy(&machine, "kept");
     let right = std::mem::take(&mut machine.vars);
     machine.vars = right.clone();
     machine
@@ -1157,6 +1169,7 @@ fn an_expired_kept_token_is_renewed_and_the_file_rewritten() {
     let logins = etcd.logins();
     let before = expired();
     wait_until("etcd let the kept token expire", || expired() > before);
+    drop_copy(&machine, "expire");
     let hit = machine.run(["expire", "--", "sh", "-c", &script]);
     assert_served(&hit, "hi\n");
     assert_eq!(stderr(&hit), "");
@@ -1167,6 +1180,7 @@ fn an_expired_kept_token_is_renewed_and_the_file_rewritten() {
     );
     let (fresh, _) = kept_token(&machine);
     assert_ne!(fresh, stale, "the file holds the new token");
+    drop_copy(&machine, "expire");
     let hit = machine.run(["expire", "--", "sh", "-c", &script]);
     assert_eq!(stdout(&hit), "hi\n", "{}", stderr(&hit));
     assert_eq!(
@@ -1440,4 +1454,62 @@ fn the_local_copy_gives_way_to_a_clear_a_newer_result_and_damage() {
     fs::write(shared.path("out"), "five\n").unwrap();
     assert_served(&b.run(&short), "five\n");
     assert_eq!(shared.runs(), 5);
+}
+
+/// The caller that ran the command and a waiter on another machine woken by its
+/// release both keep a local copy of the result as they have it (stored by the run's
+/// own transaction; handed over by the watch), so neither asks etcd at its next call.
+#[cfg(feature = "etcd")]
+#[test]
+fn the_caller_that_ran_and_a_woken_waiter_keep_the_copy() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = Shared::new();
+    let (a, b) = (Machine::new(&etcd.url()), Machine::new(&etcd.url()));
+    let gate = shared.path("gate");
+    let script = format!(
+        "echo run >> '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; echo kept",
+        shared.counter().display(),
+        gate.display()
+    );
+    // --wait as long as the timeout (1h): a waiter that is not woken hangs the test.
+    let args = call_args(
+        "kept",
+        &["--ttl", "1h", "--timeout", "1h"],
+        &["sh", "-c", &script],
+    );
+    let watchers = || etcd.metric(0, "etcd_debugging_mvcc_watcher_total");
+    let idle = watchers();
+    let mut callers = vec![a.spawn(&args)];
+    wait_until("A runs the command, or ended", || {
+        shared.runs() == 1 || ended(&mut callers)
+    });
+    callers.push(b.spawn(&args));
+    wait_until("B watches A's lock, or a caller ended", || {
+        ended(&mut callers) || watchers() == idle.map(|n| n + 1.0)
+    });
+    fs::write(&gate, "").unwrap();
+    for caller in callers {
+        assert_served(&finish(caller), "kept\n");
+    }
+    assert_eq!(shared.runs(), 1, "B was served A's run");
+    for (machine, who) in [(&a, "A, which ran it"), (&b, "B, woken by the watch")] {
+        assert!(
+            machine.env.cache.join("kept.fleet").is_file(),
+            "{who} kept a copy"
+        );
+    }
+    let before = ranges(&etcd);
+    assert_served(&a.run(&args), "kept\n");
+    let after_a = ranges(&etcd);
+    assert_served(&b.run(&args), "kept\n");
+    let after_b = ranges(&etcd);
+    assert_eq!(
+        after_a, before,
+        "A, which ran the command, serves its copy without a range request"
+    );
+    assert_eq!(
+        after_b, after_a,
+        "B, woken with the result, serves its copy without a range request"
+    );
+    assert_eq!(shared.runs(), 1);
 }

@@ -15,7 +15,7 @@ use common::etcd::{Etcd, Options};
 use singleflight::etcd_client as entry;
 use singleflight::etcd_client::{
     self as etcd, Client, Credentials, Endpoints, EtcdError, FencingToken, LeaseKeeper, LeaseLost,
-    Meta, Name, Prefix, Security, TlsFiles, Wait, Write,
+    Meta, Name, Prefix, Security, TlsFiles, Value, Wait, Write,
 };
 
 const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -482,8 +482,9 @@ fn secure_client(etcd: &Etcd, password: &str) -> Client {
 /// A waiter is woken by a watch on the lock key: it is a watcher in etcd while it
 /// waits (none would be if it polled), and returns when the lock is released, by a
 /// delete or by the lease's revocation, however long its limit. A value stored in the
-/// releasing transaction comes with the wake-up; one stored before the wait began, or
-/// deleted with the release, does not (the waiter reads the key then).
+/// releasing transaction comes with the wake-up, with that transaction's revision; one
+/// stored before the wait began, or deleted with the release, does not (the waiter
+/// reads the key then).
 #[test]
 fn a_waiter_watches_the_lock_and_wakes_when_it_is_released() {
     let Some(etcd) = Etcd::with(1, Options::secure()) else {
@@ -521,6 +522,7 @@ fn a_waiter_watches_the_lock_and_wakes_when_it_is_released() {
         });
         assert!(woken.try_recv().is_err(), "woken while the lock is held");
         let lock_gone = Write::Delete { key };
+        let mut stored_at = None;
         match release {
             "delete" => assert!(client.release(key, token).unwrap()),
             "revoke" => client.revoke(lease.id).unwrap(),
@@ -529,11 +531,10 @@ fn a_waiter_watches_the_lock_and_wakes_when_it_is_released() {
                     key: result,
                     value: b"stored with the release",
                 };
-                assert!(
-                    client
-                        .write_if_holder(key, token, &[put, lock_gone])
-                        .unwrap()
-                );
+                stored_at = client
+                    .write_if_holder_at(key, token, &[put, lock_gone])
+                    .unwrap();
+                assert!(stored_at.is_some(), "stored with the release");
             }
             _ => {
                 let writes = [Write::Delete { key: result }, lock_gone];
@@ -541,7 +542,10 @@ fn a_waiter_watches_the_lock_and_wakes_when_it_is_released() {
             }
         }
         let wait = woken.recv_timeout(PATIENCE).expect("the waiter woke");
-        let value = delivered.map(<[u8]>::to_vec);
+        let value = delivered.map(|bytes| Value {
+            bytes: bytes.to_vec(),
+            mod_revision: stored_at.expect("the revision it was stored at"),
+        });
         assert_eq!(wait.unwrap(), Wait::Released { value }, "{release}");
     }
     // A lock that stays held: the wait ends at its limit, saying so.

@@ -394,6 +394,19 @@ impl Client {
         token: FencingToken,
         writes: &[Write],
     ) -> Result<bool, EtcdError> {
+        let revision = self.write_if_holder_at(lock_key, token, writes)?;
+        Ok(revision.is_some())
+    }
+
+    /// [`Client::write_if_holder`], returning the revision of the transaction if the
+    /// writes happened: the mod_revision of every key it put, which a copy of a value
+    /// it stored is kept with.
+    pub fn write_if_holder_at(
+        &self,
+        lock_key: &[u8],
+        token: FencingToken,
+        writes: &[Write],
+    ) -> Result<Option<i64>, EtcdError> {
         let ops: Vec<serde_json::Value> = writes
             .iter()
             .map(|write| match write {
@@ -417,7 +430,7 @@ impl Client {
             }),
         )?;
         let txn: wire::TxnResponse = parse(&answer, "guarded write")?;
-        Ok(txn.succeeded)
+        Ok(txn.succeeded.then_some(txn.header.revision))
     }
 
     /// Puts `value` at `key` if the lock is still held with `token`.

@@ -73,7 +73,8 @@ pub use keys::Prefix;
 pub use auth::Credentials;
 #[cfg(feature = "etcd")]
 pub use client::{
-    Client, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, FencingToken, Lease, LeaseId, Security, Write,
+    Client, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, FencingToken, Lease, LeaseId, Security, Value,
+    Write,
 };
 #[cfg(feature = "etcd")]
 pub use error::{EtcdError, check_size};

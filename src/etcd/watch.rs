@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::client::{Client, DEFAULT_MAX_VALUE};
+use super::client::{Client, DEFAULT_MAX_VALUE, Value};
 use super::error::{EtcdError, UNAUTHENTICATED};
 use super::transport::{Stream, parse};
 use super::wire::{self, b64};
@@ -40,16 +40,17 @@ pub enum Wait {
     /// The lock was still held at the limit.
     Held,
     /// The lock was released. `value`: what the other watched key had been given by
-    /// then, if the watch saw it written (by the release's own transaction, say);
-    /// `None` if it did not, and the key is to be read.
-    Released { value: Option<Vec<u8>> },
+    /// then, with the revision it was written at, if the watch saw it written (by the
+    /// release's own transaction, say); `None` if it did not, and the key is to be
+    /// read.
+    Released { value: Option<Value> },
 }
 
 /// How a watch ended.
 enum Watched {
     /// The key was deleted (the lock released, or its lease gone), with the other
     /// key's value if the watch saw it written.
-    Deleted(Option<Vec<u8>>),
+    Deleted(Option<Value>),
     /// The deadline came first.
     OutOfTime,
     /// The stream ended or was cancelled without a deletion.
@@ -196,7 +197,10 @@ fn read_until(
                 return Ok(Watched::Deleted(value));
             }
             if Some(event.kv.key.as_slice()) == value_key {
-                value = (!deleted).then_some(event.kv.value);
+                value = (!deleted).then_some(Value {
+                    bytes: event.kv.value,
+                    mod_revision: event.kv.mod_revision,
+                });
             }
         }
         if watch.canceled {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
+use super::mirror::Mirror;
 use crate::abort::Abort;
 use crate::backend::{Lock, Unsaved};
 use crate::entry::{self, Body, EntryWriter, Meta};
@@ -23,6 +24,9 @@ pub(super) struct FleetLock {
     pub(super) client: Client,
     pub(super) keys: Keys,
     pub(super) max_value: u64,
+    /// The local copy of the NAME's result: kept of the result this lock stores, so
+    /// that the caller that ran the command does not ask etcd for it at its next call.
+    pub(super) mirror: Mirror,
     pub(super) lease: LeaseId,
     pub(super) token: FencingToken,
     pub(super) keeper: Option<LeaseKeeper>,
@@ -42,7 +46,8 @@ impl Lock for FleetLock {
     /// Stores the result and releases the lock in one transaction, if the lock is
     /// still ours: waiters see the lock gone and the new result at the same revision.
     /// A failure record to forget goes in the same transaction (one round, one fsync,
-    /// before the waiters are let go).
+    /// before the waiters are let go). A stored result is kept in the local copy with
+    /// the transaction's revision (its mod_revision); one not stored keeps none.
     /// The output is read back from the local temp file (at most the value limit, see
     /// `Slot::output_cap`).
     /// stderr is stored after stdout in what is left of the value limit, cut short
@@ -75,12 +80,16 @@ impl Lock for FleetLock {
             writes.push(Write::Delete { key: &keys.failure });
         }
         writes.push(Write::Delete { key: &keys.lock });
-        match self.client.write_if_holder(&keys.lock, self.token, &writes) {
-            Ok(true) => {
+        match self
+            .client
+            .write_if_holder_at(&keys.lock, self.token, &writes)
+        {
+            Ok(Some(revision)) => {
                 self.forgetting_failure.set(false);
+                self.mirror.keep(revision, &value);
                 Ok(out)
             }
-            Ok(false) => Err(Unsaved {
+            Ok(None) => Err(Unsaved {
                 reason: "the etcd lock was lost before the result could be stored (its lease \
                          expired or was revoked); nothing was stored"
                     .to_owned(),

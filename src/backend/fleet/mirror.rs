@@ -1,7 +1,12 @@
 //! The local copy of a fleet result (`NAME.fleet` in the cache dir): a fresh result
-//! read from etcd is kept with its etcd revision and the time it was read, and a
-//! later call on this machine serves it without asking etcd while it is fresh by the
-//! result's own TTL (the `--ttl` of the run that wrote it) and by the caller's.
+//! is kept with its etcd revision and the time it was had, and a later call on this
+//! machine serves it without asking etcd while it is fresh by the result's own TTL
+//! (the `--ttl` of the run that wrote it) and by the caller's. It is kept wherever a
+//! caller comes to hold the fleet's result: read from etcd (revision: the key's
+//! mod_revision), handed to a waiter by the watch with the lock's release (the event's
+//! mod_revision), and stored by the caller that ran the command (the revision of the
+//! transaction that stored it; a result that was not stored, its lock lost or too
+//! large, keeps none). Each of them would otherwise ask etcd again at its next call.
 //!
 //! What changes: a `clear` or a newer result on another machine is seen here once the
 //! copy is no longer fresh, at most the result's TTL after it was written (before,
@@ -26,6 +31,43 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::entry::{self, Entry};
 use crate::store::Store;
 use crate::values::Name;
+
+/// One slot's copy and all that keeping it takes: the cache dir and NAME it is written
+/// under, its path, its source, the clock skew allowed. The place that reads a result
+/// and the lock that stores one hold the same, so both keep the copy alike.
+#[derive(Clone)]
+pub(super) struct Mirror {
+    pub(super) store: Store,
+    pub(super) name: Name,
+    pub(super) path: PathBuf,
+    pub(super) source: Vec<u8>,
+    pub(super) skew: Duration,
+}
+
+impl Mirror {
+    /// Keeps a copy of `result`, which etcd holds at `mod_revision` (see [`keep`]).
+    pub(super) fn keep(&self, mod_revision: i64, result: &[u8]) {
+        keep(
+            &self.store,
+            &self.name,
+            &self.path,
+            &self.source,
+            mod_revision,
+            result,
+            self.skew,
+        );
+    }
+
+    /// Drops the copy (see [`forget`]).
+    pub(super) fn forget(&self) {
+        forget(&self.path);
+    }
+
+    /// The copy's result, if it checks and is fresh (see [`read`]).
+    pub(super) fn read(&self) -> Option<Entry> {
+        read(&self.path, &self.source, self.skew)
+    }
+}
 
 const MAGIC: &[u8; 8] = b"SFMIRROR";
 const HEAD_LEN: usize = 8 + 8 + 8 + 8;
@@ -82,10 +124,10 @@ fn fresh_by_own_ttl(entry: &Entry, now: SystemTime, skew: Duration) -> bool {
         && now_ms < written.saturating_add(entry.meta.ttl_ms)
 }
 
-/// Keeps a copy of a valid result just read from etcd, if it is fresh by its own TTL;
-/// removes any older copy otherwise. Best effort: a copy that cannot be written only
-/// means the next call asks etcd.
-pub fn keep(
+/// Keeps a copy of a valid result just read from etcd, delivered by a watch or stored
+/// by this caller, if it is fresh by its own TTL; removes any older copy otherwise.
+/// Best effort: a copy that cannot be written only means the next call asks etcd.
+fn keep(
     store: &Store,
     name: &Name,
     path: &Path,
@@ -109,7 +151,7 @@ pub fn keep(
 }
 
 /// Drops the copy (the fleet holds no result, or one not worth keeping).
-pub fn forget(path: &Path) {
+fn forget(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
 

@@ -11,7 +11,7 @@ use anyhow::Result;
 
 use super::Fleet;
 use super::lock::FleetLock;
-use super::mirror;
+use super::mirror::{self, Mirror};
 use crate::abort::Abort;
 use crate::backend::owner;
 use crate::backend::{
@@ -19,7 +19,8 @@ use crate::backend::{
 };
 use crate::entry::{self, Meta};
 use crate::etcd::{
-    Client, EtcdError, FencingToken, Keys, Lease, LeaseId, LeaseKeeper, Wait, Write, default_lead,
+    Client, EtcdError, FencingToken, Keys, Lease, LeaseId, LeaseKeeper, Value, Wait, Write,
+    default_lead,
 };
 use crate::exit::{Exit, Status};
 use crate::key::SlotId;
@@ -59,7 +60,7 @@ pub(super) struct FleetPlace {
     /// `<prefix><NAME>/`: every key of the NAME starts with it.
     name_prefix: Vec<u8>,
     /// The result a wait saw stored with the lock's release, for the next read.
-    delivered: RefCell<Option<Vec<u8>>>,
+    delivered: RefCell<Option<Value>>,
 }
 
 impl FleetPlace {
@@ -92,39 +93,32 @@ impl FleetPlace {
         Exit::new(Status::Internal, format!("{}: {error}", self.name)).into()
     }
 
-    /// The local copy of the result (see `mirror`): `NAME.fleet` in the cache dir.
-    fn mirror_path(&self) -> std::path::PathBuf {
-        mirror::path(&self.files.paths.result)
+    /// The local copy of the result (see `mirror`): `NAME.fleet` in the cache dir, of
+    /// this backend (endpoints, prefix) and the result's key.
+    fn mirror(&self) -> Mirror {
+        Mirror {
+            store: self.files.store.clone(),
+            name: self.name.name.clone(),
+            path: mirror::path(&self.files.paths.result),
+            source: mirror::source(&self.fleet.to_string(), &self.keys.result),
+            skew: CLOCK_SKEW,
+        }
     }
 
-    /// What a local copy is of: this backend (endpoints, prefix) and the result's key.
-    fn mirror_source(&self) -> Vec<u8> {
-        mirror::source(&self.fleet.to_string(), &self.keys.result)
-    }
-
+    /// The result, as a wait was handed it with the lock's release or else as etcd
+    /// holds it now; either way the local copy is kept of it (or dropped with it).
     fn get_result(&self) -> Result<Read, EtcdError> {
         let value = match self.delivered.take() {
-            Some(bytes) => Some(bytes),
-            None => {
-                let value = self.client().get(&self.keys.result)?;
-                match &value {
-                    Some(value) => mirror::keep(
-                        &self.files.store,
-                        &self.name.name,
-                        &self.mirror_path(),
-                        &self.mirror_source(),
-                        value.mod_revision,
-                        &value.bytes,
-                        CLOCK_SKEW,
-                    ),
-                    None => mirror::forget(&self.mirror_path()),
-                }
-                value.map(|v| v.bytes)
-            }
+            Some(value) => Some(value),
+            None => self.client().get(&self.keys.result)?,
         };
+        match &value {
+            Some(value) => self.mirror().keep(value.mod_revision, &value.bytes),
+            None => self.mirror().forget(),
+        }
         Ok(match value {
             None => Read::Missing,
-            Some(bytes) => match entry::from_bytes(bytes) {
+            Some(value) => match entry::from_bytes(value.bytes) {
                 Ok(entry) => Read::Found(entry),
                 Err(invalid) => Read::Invalid(invalid),
             },
@@ -240,6 +234,7 @@ impl FleetPlace {
             client: self.client().clone(),
             keys: self.keys.clone(),
             max_value: self.fleet.max_value,
+            mirror: self.mirror(),
             lease: lease.id,
             token,
             keeper: None,
@@ -321,7 +316,7 @@ impl Place for FleetPlace {
     }
 
     fn read_mirror(&self) -> Option<entry::Entry> {
-        mirror::read(&self.mirror_path(), &self.mirror_source(), CLOCK_SKEW)
+        self.mirror().read()
     }
 
     fn read_result(&self) -> Result<Read> {
@@ -437,7 +432,7 @@ impl Place for FleetPlace {
     /// Takes the lock (waiting for a run in flight), then deletes the result, the
     /// failure record and the lock in one guarded transaction.
     fn clear(&self, _: &Name, say: &Say) -> Result<Cleared> {
-        mirror::forget(&self.mirror_path());
+        self.mirror().forget();
         let client = self.client();
         let fail = |e| self.failed(e);
         if client.list(&self.name_prefix).map_err(fail)?.is_empty() {
