@@ -40,7 +40,7 @@ use crate::values::{Name, parse_duration, parse_size, parse_timeout};
 
 /// The environment variables read besides `SINGLEFLIGHT_CACHE_DIR`, after the prefix.
 /// Without the etcd backend built in, any of them set means the full path decides;
-/// with it, those of etcd are read as clap reads them ([`Fleet::from_env`]).
+/// with it, those of etcd are read as clap reads them ([`Fleet::take_env`]).
 const FLEET_ENV: &[&str] = &[
     "BACKEND",
     "PG_SCHEMA",
@@ -133,7 +133,7 @@ impl Fleet {
 
     /// Takes `SINGLEFLIGHT_<name>=value`, one of [`FLEET_ENV`]; `None` when the full
     /// path must decide (a value clap would refuse, an empty one, `PG_SCHEMA`).
-    fn from_env(&mut self, name: &[u8], value: &OsStr) -> Option<()> {
+    fn take_env(&mut self, name: &[u8], value: &OsStr) -> Option<()> {
         if value.is_empty() {
             return None;
         }
@@ -355,7 +355,7 @@ fn environment(fleet: &mut Fleet) -> Option<Option<PathBuf>> {
         if name == b"CACHE_DIR" {
             cache_dir = Some(value);
         } else if FLEET_ENV.iter().any(|var| var.as_bytes() == name) {
-            fleet.from_env(name, &value)?;
+            fleet.take_env(name, &value)?;
         }
     }
     match cache_dir {
@@ -465,18 +465,18 @@ mod tests {
         }
         let mut with_env = fleet("n --backend etcd://h:1 --etcd-user u -- c");
         with_env
-            .from_env(b"ETCD_PASSWORD", OsStr::new("pw"))
+            .take_env(b"ETCD_PASSWORD", OsStr::new("pw"))
             .unwrap();
         assert!(with_env.accepted());
         // The command line wins over the environment, which clap then does not parse.
         let mut both = fleet("n --backend etcd://h:1 -- c");
-        both.from_env(b"BACKEND", OsStr::new("not a url")).unwrap();
+        both.take_env(b"BACKEND", OsStr::new("not a url")).unwrap();
         assert_eq!(both.endpoints.unwrap().to_string(), "etcd://h:1");
         let mut env_only = Fleet::default();
         env_only
-            .from_env(b"BACKEND", OsStr::new("etcd+https://e:2"))
+            .take_env(b"BACKEND", OsStr::new("etcd+https://e:2"))
             .unwrap();
-        env_only.from_env(b"ETCD_CACERT", OsStr::new("ca")).unwrap();
+        env_only.take_env(b"ETCD_CACERT", OsStr::new("ca")).unwrap();
         assert!(env_only.accepted());
         for (name, value) in [
             (&b"BACKEND"[..], "postgres://u@h:5432/db"),
@@ -485,7 +485,7 @@ mod tests {
             (b"PG_SCHEMA", "s"),
         ] {
             assert!(
-                Fleet::default().from_env(name, OsStr::new(value)).is_none(),
+                Fleet::default().take_env(name, OsStr::new(value)).is_none(),
                 "{value}"
             );
         }
