@@ -72,8 +72,10 @@ build_binary() {
     x86_64-unknown-linux-musl | aarch64-unknown-linux-musl)
         # ring (rustls' crypto) compiles C for the target: zig's clang and musl do it
         # on any host, where the host's gcc has no musl headers.
+        # The code of a fresh hit first in the text, together (see dist/hit-path.sh).
         need_zigbuild
-        RUSTFLAGS="$remap" cargo zigbuild --release --locked --quiet --target "$target"
+        RUSTFLAGS="$remap -C link-arg=-Wl,-T,$root/dist/hit-path.ld" \
+            cargo zigbuild --release --locked --quiet --target "$target"
         ;;
     *-apple-darwin)
         need_zigbuild

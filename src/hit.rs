@@ -26,7 +26,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Result;
 
@@ -210,7 +210,7 @@ pub fn serve_fresh(args: &[OsString]) -> Option<Result<i32>> {
     if entry.meta.argv_digest != key.result_digest(entry::argv_digest(&hit.command)) {
         return None;
     }
-    let age = entry.meta.age(SystemTime::now());
+    let age = entry.meta.age(entry::wall_clock());
     if Cached::of_present(age, hit.ttl) != Cached::Fresh {
         return None;
     }

@@ -50,24 +50,36 @@ impl Body {
         match self {
             Body::Memory { bytes, start, end } => out.write_all(&bytes[start..end])?,
             Body::File {
-                mut file,
+                file,
                 offset,
                 len,
                 tail,
-            } => {
-                file.seek(SeekFrom::Start(offset))?;
-                let copied = io::copy(&mut (&mut file).take(len), out)?;
-                if copied != len {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "result shrank",
-                    ));
-                }
-                out.write_all(&tail)?;
-            }
+            } => copy_file(file, offset, len, &tail, out)?,
         }
         out.flush()
     }
+}
+
+/// A body kept in its file: `len` bytes from `offset`, then `tail`. Not inlined into
+/// `print`: `io::copy`'s 8 KiB stack buffer would make every hit's stack frame that
+/// large, two page faults on the path of a small result, which is printed from memory.
+#[inline(never)]
+fn copy_file(
+    mut file: File,
+    offset: u64,
+    len: u64,
+    tail: &[u8],
+    out: &mut impl Write,
+) -> io::Result<()> {
+    file.seek(SeekFrom::Start(offset))?;
+    let copied = io::copy(&mut (&mut file).take(len), out)?;
+    if copied != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "result shrank",
+        ));
+    }
+    out.write_all(tail)
 }
 
 /// Streams a run's stdout into a temp file in the cache dir. If the disk refuses a

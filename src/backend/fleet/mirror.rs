@@ -164,7 +164,7 @@ pub fn read(path: &Path, source: &[u8], skew: Duration) -> Option<Entry> {
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
     let entry = decode(source, bytes)?;
-    fresh_by_own_ttl(&entry, SystemTime::now(), skew).then_some(entry)
+    fresh_by_own_ttl(&entry, entry::wall_clock(), skew).then_some(entry)
 }
 
 #[cfg(test)]
