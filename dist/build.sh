@@ -73,8 +73,14 @@ build_binary() {
         # ring (rustls' crypto) compiles C for the target: zig's clang and musl do it
         # on any host, where the host's gcc has no musl headers.
         # The code of a fresh hit first in the text, together (see dist/hit-path.sh).
+        # Linked from a copy named by its checksum: cargo does not know the script, but
+        # a changed RUSTFLAGS makes it link again.
         need_zigbuild
-        RUSTFLAGS="$remap -C link-arg=-Wl,-T,$root/dist/hit-path.ld" \
+        local script
+        script="$target_dir/hit-path/$(sha256sum dist/hit-path.ld | cut -c1-16).ld"
+        mkdir -p "$(dirname "$script")"
+        cp dist/hit-path.ld "$script"
+        RUSTFLAGS="$remap -C link-arg=-Wl,-T,$script" \
             cargo zigbuild --release --locked --quiet --target "$target"
         ;;
     *-apple-darwin)
