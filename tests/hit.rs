@@ -258,3 +258,113 @@ fn everything_else_falls_back_to_the_full_path() {
     served(6);
     served(6);
 }
+
+/// A fleet hit from the machine's copy (`NAME.fleet`) is decided before clap too: it
+/// serves what the full path serves however the fleet options are spelled, and
+/// leaves to the full path what clap or the backend would refuse together.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_fleet_hit_from_the_copy_is_the_full_paths() {
+    let Some(etcd) = common::etcd::Etcd::start() else {
+        return;
+    };
+    let env = TestEnv::new();
+    let script = env.script(
+        "fleet",
+        &format!(
+            r#"printf 'out\000put'; echo warn >&2; echo run >> '{}'"#,
+            env.counter().display()
+        ),
+    );
+    let cmd = [script.display().to_string()];
+    let url = etcd.url();
+    let fleet = |options: &[&str]| {
+        let mut args: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+        args.extend(call_args("fh", &["--ttl", "1h"], &cmd));
+        args
+    };
+    assert_status(&env.run(fleet(&["--backend", &url])), 0);
+    assert!(env.cache.join("fh.fleet").is_file(), "the run kept a copy");
+    for options in [
+        &["--backend", &url][..],
+        &[&format!("--backend={url}")],
+        &["--backend", &url, "--etcd-prefix", "/singleflight"],
+        &[
+            "--backend",
+            &url,
+            "--backend-timeout",
+            "1s",
+            "--lease-ttl=5s",
+        ],
+    ] {
+        let out = same_as_full_path(&env, &fleet(options));
+        assert_status(&out, 0);
+        assert_eq!(out.stdout, b"out\0put", "{options:?}");
+        assert_eq!(stderr(&out), "warn\n", "{options:?}");
+    }
+    let from_env = finish(common::start(
+        env.command()
+            .env("SINGLEFLIGHT_BACKEND", &url)
+            .args(call_args("fh", &["--ttl", "1h"], &cmd)),
+    ));
+    assert_status(&from_env, 0);
+    assert_eq!(from_env.stdout, b"out\0put");
+    assert_eq!(env.runs(), 1, "every hit was served from the copy or etcd");
+    // What clap or the backend refuses is refused, though a fresh copy is there.
+    for options in [
+        &["--backend", &url, "--etcd-cacert", "ca.pem"][..],
+        &["--backend", &url, "--etcd-user", "u"],
+        &["--backend", &url, "--etcd-cert", "c.pem"],
+        &["--backend", &url, "--etcd-password-file", "p"],
+        &["--backend", &url, "--etcd-prefix", ""],
+        &["--backend", &url, "--lease-ttl", "2h"],
+    ] {
+        let out = env.run(fleet(options));
+        assert_status(&out, 2);
+        assert!(out.stdout.is_empty(), "{options:?}: {}", stdout(&out));
+    }
+    // Another prefix is another result: a run.
+    let other = env.run(fleet(&["--backend", &url, "--etcd-prefix", "/other/"]));
+    assert_status(&other, 0);
+    assert_eq!(env.runs(), 2);
+}
+
+/// A hit from the fleet copy sends nothing to etcd, so it reads none of the TLS and
+/// password files: a CA file gone is reported by the first call that asks etcd (here
+/// the full path, `-v`), not by the hit. (This is what tells the hit before clap from
+/// the full path, which opens the backend first.)
+#[cfg(feature = "etcd")]
+#[test]
+fn a_hit_from_the_fleet_copy_reads_no_tls_file() {
+    use common::etcd::{Etcd, Options};
+    let Some(etcd) = Etcd::with(1, Options::secure()) else {
+        return;
+    };
+    let env = TestEnv::new();
+    let ca = env.path("ca.pem");
+    fs::copy(&etcd.certs().expect("TLS is on").ca, &ca).expect("copy the CA");
+    let call = |verbose: bool| {
+        let mut command = env.command();
+        command
+            .envs(etcd.client_env())
+            .env("SINGLEFLIGHT_ETCD_CACERT", &ca);
+        if verbose {
+            command.arg("-v");
+        }
+        command.args(["--backend", &etcd.url()]).args(call_args(
+            "tls",
+            &["--ttl", "1h"],
+            &["echo", "cached"],
+        ));
+        finish(common::start(&mut command))
+    };
+    assert_status(&call(false), 0);
+    assert!(env.cache.join("tls.fleet").is_file(), "the run kept a copy");
+    fs::remove_file(&ca).expect("remove the CA");
+    let hit = call(false);
+    assert_status(&hit, 0);
+    assert_eq!(stdout(&hit), "cached\n");
+    let full = call(true);
+    assert_status(&full, 125);
+    assert!(stderr(&full).contains("ca.pem"), "{}", stderr(&full));
+}
