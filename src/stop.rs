@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::backend::{Backend, Slot};
+use crate::backend::{Backend, Place, semaphore};
 use crate::exit::{Exit, Status};
 use crate::reap::{self, Stop};
 use crate::record::{self, RunRecord};
@@ -45,9 +45,23 @@ pub fn stop(
             if backend.is_cache_dir() && !slot.paths().lock.exists() {
                 continue;
             }
-            if let Some(stop) = stop_slot(&slot, name, kill_after)? {
+            if let Some(stop) = stop_place(slot.place(), name, kill_after)? {
                 stopped = true;
                 say.warn(format_args!("{id}: stopped {stop}"));
+            }
+            // The other run slots of `--exclusive --slots N`, each its own lock.
+            let count = semaphore::recorded(slot.paths()).unwrap_or(1);
+            for index in 1..count {
+                let Some(place) = slot.place().run_slot(index) else {
+                    break;
+                };
+                if !place.files().paths.lock.exists() {
+                    continue;
+                }
+                if let Some(stop) = stop_place(&*place, name, kill_after)? {
+                    stopped = true;
+                    say.warn(format_args!("{id} (run slot {index}): stopped {stop}"));
+                }
             }
         }
         if !stopped {
@@ -88,23 +102,21 @@ impl std::fmt::Display for Stopped {
     }
 }
 
-/// Stops the run of one slot; what was stopped, `None` if nothing ran.
-fn stop_slot(slot: &Slot, name: &Name, kill_after: Duration) -> Result<Option<Stopped>> {
-    let place = slot.place();
+/// Stops the run that holds one place's lock; what was stopped, `None` if nothing ran.
+fn stop_place(place: &dyn Place, name: &Name, kill_after: Duration) -> Result<Option<Stopped>> {
+    let (store, paths) = (&place.files().store, &place.files().paths);
     if place.try_lock()?.is_some() {
         return Ok(None);
     }
     // Held: by a run whose record names its singleflight, or by a `clear` or a caller
     // in the moment between the lock and the record (nothing to stop then).
-    let Some(run) = record::load::<RunRecord>(&slot.paths().run) else {
+    let Some(run) = record::load::<RunRecord>(&paths.run) else {
         return Ok(None);
     };
     let (pid, start) = (run.owner_pid, run.owner_start_ticks);
     // Best effort: without the mark the run records the bare signal.
     let mark = format!("{pid} {}\n", std::process::id());
-    let _ = slot
-        .store()
-        .write_atomically(name, &slot.paths().stopping(), mark.as_bytes(), false);
+    let _ = store.write_atomically(name, &paths.stopping(), mark.as_bytes(), false);
     if run.boot_id != reap::boot_id() || !reap::signal_process(pid, start, Stop::Term) {
         let why = reap::unproven(pid, start);
         let message = format!("cannot stop the run of pid {pid}: {why}; nothing was signalled");
@@ -127,13 +139,13 @@ fn stop_slot(slot: &Slot, name: &Name, kill_after: Duration) -> Result<Option<St
     };
     // A singleflight killed outright left its tree to its guard; what the guard
     // missed goes now, as the next winner would see to.
-    if let Some(left) = record::load::<RunRecord>(&slot.paths().run)
+    if let Some(left) = record::load::<RunRecord>(&paths.run)
         && left.token == run.token
     {
         reap::kill_remains(&left);
-        let _ = fs::remove_file(&slot.paths().run);
+        let _ = fs::remove_file(&paths.run);
     }
-    let _ = fs::remove_file(slot.paths().stopping());
+    let _ = fs::remove_file(paths.stopping());
     drop(held);
     Ok(Some(Stopped { pid, killed_after }))
 }

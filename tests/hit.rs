@@ -262,7 +262,7 @@ fn everything_else_falls_back_to_the_full_path() {
 /// A fleet hit from the machine's copy (`NAME.fleet`) is decided before clap too: it
 /// serves what the full path serves however the fleet options are spelled, and
 /// leaves to the full path what clap or the backend would refuse together.
-#[cfg(feature = "etcd")]
+#[cfg(all(unix, feature = "etcd"))]
 #[test]
 fn a_fleet_hit_from_the_copy_is_the_full_paths() {
     let Some(etcd) = common::etcd::Etcd::start() else {
@@ -333,7 +333,7 @@ fn a_fleet_hit_from_the_copy_is_the_full_paths() {
 /// password files: a CA file gone is reported by the first call that asks etcd (here
 /// the full path, `-v`), not by the hit. (This is what tells the hit before clap from
 /// the full path, which opens the backend first.)
-#[cfg(feature = "etcd")]
+#[cfg(all(unix, feature = "etcd"))]
 #[test]
 fn a_hit_from_the_fleet_copy_reads_no_tls_file() {
     use common::etcd::{Etcd, Options};

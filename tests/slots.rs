@@ -270,3 +270,40 @@ fn status_shows_each_slot_in_use_with_its_pid_and_the_waiters() {
     assert_eq!(done["slots"]["in_use"].as_array().map(Vec::len), Some(0));
     assert_eq!(done["in_flight"], false);
 }
+
+/// `singleflight stop NAME` stops the run in every slot of `--slots N`, each with its
+/// singleflight and its tree, and says so for each; it used to stop the first only.
+#[test]
+fn stop_stops_the_run_in_every_slot() {
+    let env = TestEnv::new();
+    let marks = [marker(), marker()];
+    let holders: Vec<Child> = ["a", "b"]
+        .iter()
+        .zip(&marks)
+        .map(|(id, mark)| {
+            let script = format!("touch held.{id}; exec sleep {mark}");
+            spawn_slotted(&env, "2", &[], &script, id)
+        })
+        .collect();
+    wait_until("both slots are held", || {
+        env.path("held.a").exists() && env.path("held.b").exists()
+    });
+    let out = env.run(["stop", "w"]);
+    assert_status(&out, 0);
+    let said = stderr(&out);
+    assert_eq!(said.matches("stopped pid").count(), 2, "{said}");
+    assert!(said.contains("w (run slot 1): stopped pid"), "{said}");
+    for holder in holders {
+        let out = finish(holder);
+        // Its singleflight ends of the TERM it got, as on any signal.
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(15), "{:?}", out.status);
+    }
+    for mark in &marks {
+        assert!(alive(mark).is_empty(), "a run's tree outlived the stop");
+    }
+    assert_eq!(
+        status(&env)["slots"]["in_use"].as_array().map(Vec::len),
+        Some(0)
+    );
+}

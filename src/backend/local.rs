@@ -167,6 +167,16 @@ fn refuse(arg: &str, why: &str) -> anyhow::Error {
 }
 
 impl Place for LocalPlace {
+    fn run_slot(&self, index: u32) -> Option<Box<dyn Place>> {
+        Some(Box::new(LocalPlace {
+            name: self.name.clone(),
+            files: Files {
+                paths: semaphore::slot_paths(self.paths(), index),
+                store: self.files.store.clone(),
+            },
+        }))
+    }
+
     fn files(&self) -> &Files {
         &self.files
     }

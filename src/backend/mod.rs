@@ -18,7 +18,7 @@ mod local;
 mod owner;
 #[cfg(feature = "postgres")]
 mod pg;
-mod semaphore;
+pub(crate) mod semaphore;
 
 use std::ffi::OsString;
 use std::io;
@@ -170,6 +170,14 @@ pub struct Files {
 pub trait Place {
     /// Its files in the local cache dir.
     fn files(&self) -> &Files;
+
+    /// Run slot `index` (1 to N-1) of an `--exclusive --slots N` NAME, as a place of
+    /// its own (its lock and run record), for `stop`; `None` where the backend has no
+    /// such place.
+    fn run_slot(&self, index: u32) -> Option<Box<dyn Place>> {
+        let _ = index;
+        None
+    }
 
     /// How far in the future a result's timestamp may be and still count as written
     /// now. Zero where the writer is this machine (one clock: a result from the future
