@@ -11,18 +11,20 @@
 //! `--ttl`, `--timeout`, `--kill-after`, `--wait`, `--max-stale`, `--retry-after`,
 //! `--retry-max`, `--max-output`, `--cache-dir`, `--key-cwd`, `--key-env`,
 //! `--key-file`, `--no-replay-stderr`, `--background`, `--cache-failures`, `-q`/
-//! `--quiet`, and with the etcd backend built in, `--backend etcd://…` and the etcd
+//! `--quiet`, and with a shared backend built in, `--backend etcd://…` or
+//! `--backend postgres://…` (whichever the build has), `--pg-schema` and the etcd
 //! options (and their environment variables). Those that do not change a fresh hit
 //! are parsed only so that a bad value is clap's usage error, not a hit. Everything
-//! else falls back: verbs, `-v`, `-h`, `--stdin` and the stdin keys, the modes, a
-//! PostgreSQL backend, an option given twice, an empty value or one that starts with
-//! `-`, a value that does not parse, non-UTF-8 where clap wants UTF-8, and options
-//! that clap or the backend would refuse together.
+//! else falls back: verbs, `-v`, `-h`, `--stdin` and the stdin keys, the modes, an
+//! option given twice, an empty value or one that starts with `-`, a value that does
+//! not parse, non-UTF-8 where clap wants UTF-8, and options that clap or the backend
+//! would refuse together.
 //!
-//! With `--backend etcd://…` the hit is the machine's local copy of the fleet's result
-//! (`NAME.fleet`, see `backend/fleet/mirror.rs`), with the same checks; nothing is
-//! sent to etcd, so the TLS and password files are not read (a call that asks etcd
-//! reads them, and reports one that cannot be used).
+//! With `--backend etcd://…` or `postgres://…` the hit is the machine's local copy of
+//! the fleet's result (`NAME.fleet`, see `backend/mirror.rs`), with the same checks;
+//! nothing is sent to the backend, so the TLS and password files (etcd's options;
+//! PostgreSQL's `sslrootcert`, `sslcert`, `sslkey`, `PGPASSFILE`) are not read (a call
+//! that asks the backend reads them, and reports one that cannot be used).
 
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
@@ -30,17 +32,21 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+#[cfg(any(feature = "etcd", feature = "postgres"))]
+use crate::backend::BackendUrl;
 use crate::decide::Cached;
 use crate::entry;
-#[cfg(feature = "etcd")]
-use crate::etcd::{Endpoints, Prefix};
+#[cfg(any(feature = "etcd", feature = "postgres"))]
+use crate::etcd::Prefix;
 use crate::key::{self, KeySpec};
+#[cfg(any(feature = "etcd", feature = "postgres"))]
+use crate::postgres::PgSchema;
 use crate::store::Store;
 use crate::values::{Name, parse_duration, parse_size, parse_timeout};
 
 /// The environment variables read besides `SINGLEFLIGHT_CACHE_DIR`, after the prefix.
-/// Without the etcd backend built in, any of them set means the full path decides;
-/// with it, those of etcd are read as clap reads them ([`Fleet::take_env`]).
+/// Without a shared backend built in, any of them set means the full path decides;
+/// with one, they are read as clap reads them ([`Fleet::take_env`]).
 const FLEET_ENV: &[&str] = &[
     "BACKEND",
     "PG_SCHEMA",
@@ -53,10 +59,11 @@ const FLEET_ENV: &[&str] = &[
     "ETCD_PASSWORD",
 ];
 
-/// The options of the etcd backend that take a value.
-const FLEET_OPTIONS: &[&str] = if cfg!(feature = "etcd") {
+/// The options of the shared backends that take a value.
+const FLEET_OPTIONS: &[&str] = if cfg!(any(feature = "etcd", feature = "postgres")) {
     &[
         "--backend",
+        "--pg-schema",
         "--etcd-prefix",
         "--backend-timeout",
         "--lease-ttl",
@@ -70,19 +77,22 @@ const FLEET_OPTIONS: &[&str] = if cfg!(feature = "etcd") {
     &[]
 };
 
-/// `--backend etcd://…` and the etcd options, from the command line and then the
-/// environment (the command line wins, as in clap). Only what decides whether the
-/// full path would refuse them, and where the copy is, is kept.
+/// `--backend etcd://…` or `postgres://…`, `--pg-schema` and the etcd options, from
+/// the command line and then the environment (the command line wins, as in clap).
+/// Only what decides whether the full path would refuse them, and where the copy is,
+/// is kept.
 #[derive(Debug, Default)]
 #[cfg_attr(
-    not(feature = "etcd"),
-    allow(dead_code, reason = "no etcd to check them for")
+    not(any(feature = "etcd", feature = "postgres")),
+    allow(dead_code, reason = "no shared backend to check them for")
 )]
 struct Fleet {
-    #[cfg(feature = "etcd")]
-    endpoints: Option<Endpoints>,
-    #[cfg(feature = "etcd")]
+    #[cfg(any(feature = "etcd", feature = "postgres"))]
+    backend: Option<BackendUrl>,
+    #[cfg(any(feature = "etcd", feature = "postgres"))]
     prefix: Option<Prefix>,
+    #[cfg(any(feature = "etcd", feature = "postgres"))]
+    schema: Option<PgSchema>,
     /// `--etcd-cacert`, `--etcd-cert`, `--etcd-key`, `--etcd-user`,
     /// `--etcd-password-file` given, and `SINGLEFLIGHT_ETCD_PASSWORD` set.
     cacert: bool,
@@ -95,16 +105,17 @@ struct Fleet {
 
 impl Fleet {
     /// Takes the value of one of [`FLEET_OPTIONS`] (from the command line, or from
-    /// the environment when `from_env`); `None` when clap would refuse it.
-    #[cfg(feature = "etcd")]
+    /// the environment when `from_env`); `None` when clap would refuse it (a backend
+    /// this build lacks is refused by the parser).
+    #[cfg(any(feature = "etcd", feature = "postgres"))]
     fn take(&mut self, option: &str, value: &OsStr, from_env: bool) -> Option<()> {
         match option {
-            "--backend" if from_env && self.endpoints.is_some() => {}
-            "--backend" => match crate::backend::parse_backend(value.to_str()?).ok()? {
-                crate::backend::BackendUrl::Etcd(endpoints) => self.endpoints = Some(endpoints),
-                // No copy of PostgreSQL results: the full path decides.
-                _ => return None,
-            },
+            "--backend" if from_env && self.backend.is_some() => {}
+            "--backend" => {
+                self.backend = Some(crate::backend::parse_backend(value.to_str()?).ok()?);
+            }
+            "--pg-schema" if from_env && self.schema.is_some() => {}
+            "--pg-schema" => self.schema = Some(PgSchema::parse(value.to_str()?).ok()?),
             "--etcd-prefix" if from_env && self.prefix.is_some() => {}
             "--etcd-prefix" => self.prefix = Some(Prefix::parse(value.to_str()?).ok()?),
             "--backend-timeout" => {
@@ -126,13 +137,13 @@ impl Fleet {
         Some(())
     }
 
-    #[cfg(not(feature = "etcd"))]
+    #[cfg(not(any(feature = "etcd", feature = "postgres")))]
     fn take(&mut self, _: &str, _: &OsStr, _: bool) -> Option<()> {
         None
     }
 
     /// Takes `SINGLEFLIGHT_<name>=value`, one of [`FLEET_ENV`]; `None` when the full
-    /// path must decide (a value clap would refuse, an empty one, `PG_SCHEMA`).
+    /// path must decide (a value clap would refuse, an empty one).
     fn take_env(&mut self, name: &[u8], value: &OsStr) -> Option<()> {
         if value.is_empty() {
             return None;
@@ -145,6 +156,7 @@ impl Fleet {
                 return Some(());
             }
             b"BACKEND" => "--backend",
+            b"PG_SCHEMA" => "--pg-schema",
             b"ETCD_PREFIX" => "--etcd-prefix",
             b"ETCD_CACERT" => "--etcd-cacert",
             b"ETCD_CERT" => "--etcd-cert",
@@ -157,17 +169,28 @@ impl Fleet {
     }
 
     /// Whether clap and the backend would take these options together: `--etcd-cert`
-    /// and `--etcd-key` both or neither, `--etcd-password-file` only with a user; with
-    /// an etcd, TLS options only for `etcd+https://`, a user only with a password.
+    /// and `--etcd-key` both or neither, `--etcd-password-file` only with a user (clap
+    /// checks these whatever the backend); with an etcd, TLS options only for
+    /// `etcd+https://`, a user only with a password (`Fleet::open`). `Pg::open` ignores
+    /// the etcd options; of its URL, it refuses `sslcert` without `sslkey` and the
+    /// reverse before reading any file (`postgres::tls_config`).
     fn accepted(&self) -> bool {
         if self.cert != self.key || (self.password_file && !self.user) {
             return false;
         }
-        #[cfg(feature = "etcd")]
-        if let Some(endpoints) = &self.endpoints {
-            let tls = self.cacert || self.cert || self.key;
-            let password = self.password_file || self.password_env;
-            return (endpoints.tls() || !tls) && (password || !self.user);
+        #[cfg(any(feature = "etcd", feature = "postgres"))]
+        match &self.backend {
+            #[cfg(feature = "etcd")]
+            Some(BackendUrl::Etcd(endpoints)) => {
+                let tls = self.cacert || self.cert || self.key;
+                let password = self.password_file || self.password_env;
+                return (endpoints.tls() || !tls) && (password || !self.user);
+            }
+            #[cfg(feature = "postgres")]
+            Some(BackendUrl::Postgres(url)) => {
+                return url.sslcert.is_some() == url.sslkey.is_some();
+            }
+            _ => {}
         }
         true
     }
@@ -204,8 +227,14 @@ pub fn serve_fresh(args: &[OsString]) -> Option<Result<i32>> {
             Ok(Ok(Some(entry))) => entry,
             _ => return None,
         },
-        #[cfg(feature = "etcd")]
-        Some((endpoints, prefix)) => crate::backend::read_copy(&store, endpoints, prefix, &key.id)?,
+        #[cfg(any(feature = "etcd", feature = "postgres"))]
+        Some(fleet) => crate::backend::read_copy(
+            &store,
+            fleet.backend.as_ref()?,
+            fleet.prefix.as_ref(),
+            fleet.schema.as_ref(),
+            &key.id,
+        )?,
     };
     if entry.meta.argv_digest != key.result_digest(entry::argv_digest(&hit.command)) {
         return None;
@@ -217,19 +246,13 @@ pub fn serve_fresh(args: &[OsString]) -> Option<Result<i32>> {
     Some(crate::flight::serve_entry(entry, hit.replay_stderr))
 }
 
-/// The etcd and prefix whose copy a fleet hit serves; `None` for a local hit.
-#[cfg(feature = "etcd")]
-fn fleet_copy(fleet: &Fleet) -> Option<(&Endpoints, &Prefix)> {
-    static DEFAULT_PREFIX: std::sync::OnceLock<Prefix> = std::sync::OnceLock::new();
-    let endpoints = fleet.endpoints.as_ref()?;
-    let prefix = fleet
-        .prefix
-        .as_ref()
-        .unwrap_or_else(|| DEFAULT_PREFIX.get_or_init(Prefix::default));
-    Some((endpoints, prefix))
+/// The backend options whose copy a fleet hit serves; `None` for a local hit.
+#[cfg(any(feature = "etcd", feature = "postgres"))]
+fn fleet_copy(fleet: &Fleet) -> Option<&Fleet> {
+    fleet.backend.is_some().then_some(fleet)
 }
 
-#[cfg(not(feature = "etcd"))]
+#[cfg(not(any(feature = "etcd", feature = "postgres")))]
 fn fleet_copy(_: &Fleet) -> Option<std::convert::Infallible> {
     None
 }
@@ -436,8 +459,12 @@ mod tests {
     #[test]
     fn reads_the_etcd_options_as_the_full_path_takes_them() {
         let fleet = |line: &str| parse(&args(line)).expect(line).fleet;
+        let endpoints = |fleet: &Fleet| match &fleet.backend {
+            Some(BackendUrl::Etcd(endpoints)) => endpoints.to_string(),
+            other => panic!("not an etcd: {other:?}"),
+        };
         let plain = fleet("n --backend etcd://h:1 --lease-ttl 5s --backend-timeout 1s -- c");
-        assert_eq!(plain.endpoints.as_ref().unwrap().to_string(), "etcd://h:1");
+        assert_eq!(endpoints(&plain), "etcd://h:1");
         assert!(plain.prefix.is_none() && plain.accepted());
         let prefixed = fleet("--etcd-prefix=/p n --backend=etcd://h:1 -- c");
         assert_eq!(prefixed.prefix.unwrap().as_bytes(), b"/p/");
@@ -471,7 +498,7 @@ mod tests {
         // The command line wins over the environment, which clap then does not parse.
         let mut both = fleet("n --backend etcd://h:1 -- c");
         both.take_env(b"BACKEND", OsStr::new("not a url")).unwrap();
-        assert_eq!(both.endpoints.unwrap().to_string(), "etcd://h:1");
+        assert_eq!(endpoints(&both), "etcd://h:1");
         let mut env_only = Fleet::default();
         env_only
             .take_env(b"BACKEND", OsStr::new("etcd+https://e:2"))
@@ -479,15 +506,72 @@ mod tests {
         env_only.take_env(b"ETCD_CACERT", OsStr::new("ca")).unwrap();
         assert!(env_only.accepted());
         for (name, value) in [
-            (&b"BACKEND"[..], "postgres://u@h:5432/db"),
-            (b"BACKEND", ""),
+            (&b"BACKEND"[..], ""),
             (b"ETCD_PREFIX", ""),
-            (b"PG_SCHEMA", "s"),
+            (b"PG_SCHEMA", ""),
+            (b"PG_SCHEMA", "Not-A-Schema"),
         ] {
             assert!(
                 Fleet::default().take_env(name, OsStr::new(value)).is_none(),
                 "{value}"
             );
+        }
+    }
+
+    /// A PostgreSQL backend and `--pg-schema`: parsed as clap parses them, and taken
+    /// together with the etcd options as clap and `Pg::open` take them (it ignores
+    /// them; clap checks `requires` whatever the backend).
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn reads_the_postgres_options_as_the_full_path_takes_them() {
+        let fleet = |line: &str| parse(&args(line)).expect(line).fleet;
+        let url = |fleet: &Fleet| match &fleet.backend {
+            Some(BackendUrl::Postgres(url)) => url.to_string(),
+            other => panic!("not a PostgreSQL: {other:?}"),
+        };
+        let plain = fleet("n --backend postgres://u@h:5432/db?sslmode=disable -- c");
+        assert_eq!(url(&plain), "postgres://u@h:5432/db");
+        assert!(plain.schema.is_none() && plain.accepted());
+        let schema = fleet("--pg-schema=team_a n --backend=postgresql://h/db -- c");
+        assert_eq!(schema.schema.as_ref().unwrap().as_str(), "team_a");
+        for (line, accepted) in [
+            // Pg::open ignores the etcd options; clap checks only `requires`.
+            ("n --backend postgres://h/db --etcd-cacert ca -- c", true),
+            ("n --backend postgres://h/db --etcd-user u -- c", true),
+            ("n --backend postgres://h/db --etcd-prefix /p -- c", true),
+            ("n --backend postgres://h/db --etcd-cert c -- c", false),
+            (
+                "n --backend postgres://h/db --etcd-password-file f -- c",
+                false,
+            ),
+            // tls_config refuses one of sslcert and sslkey without the other.
+            ("n --backend postgres://h/db?sslcert=c&sslkey=k -- c", true),
+            ("n --backend postgres://h/db?sslcert=c -- c", false),
+            ("n --backend postgres://h/db?sslkey=k -- c", false),
+        ] {
+            assert_eq!(fleet(line).accepted(), accepted, "{line}");
+        }
+        // The environment, where the command line does not give the option.
+        let mut env_only = Fleet::default();
+        env_only
+            .take_env(b"BACKEND", OsStr::new("postgres://u@h:5432/db"))
+            .unwrap();
+        env_only.take_env(b"PG_SCHEMA", OsStr::new("s")).unwrap();
+        assert_eq!(url(&env_only), "postgres://u@h:5432/db");
+        assert_eq!(env_only.schema.unwrap().as_str(), "s");
+        let mut both = fleet("n --pg-schema a --backend postgres://h/db -- c");
+        both.take_env(b"PG_SCHEMA", OsStr::new("Not Parsed"))
+            .unwrap();
+        assert_eq!(both.schema.unwrap().as_str(), "a");
+        for line in [
+            "n --backend postgres://u:pw@h/db -- c",
+            "n --backend postgres://h/db?password=pw -- c",
+            "n --backend postgres://h/db?nope=1 -- c",
+            "n --backend postgres://h/db --pg-schema Bad -- c",
+            "n --pg-schema a --pg-schema b -- c",
+            "n --pg-schema= -- c",
+        ] {
+            assert!(parse(&args(line)).is_none(), "{line}");
         }
     }
 
@@ -514,12 +598,10 @@ mod tests {
             "n --key-stdin -- c",
             "n --exclusive -- c",
             "n --service -- c",
-            "n --backend postgres://u@h:5432/db -- c",
             "n --backend etcd://h:1 --backend etcd://h:2 -- c",
             "n --backend etcd://h:1 --etcd-prefix= -- c",
             "n --backend etcd://h:1 --lease-ttl 2h -- c",
             "n --backend etcd://h:1 --backend-timeout x -- c",
-            "n --pg-schema s -- c",
             "n --refresher 3 -- c",
             "n --background=yes -- c",
             "n --tt 1h -- c",
@@ -529,5 +611,12 @@ mod tests {
         ] {
             assert!(parse(&args(line)).is_none(), "{line}");
         }
+        // A backend the build lacks is clap's usage error.
+        #[cfg(not(feature = "postgres"))]
+        assert!(parse(&args("n --backend postgres://u@h:5432/db -- c")).is_none());
+        #[cfg(not(feature = "etcd"))]
+        assert!(parse(&args("n --backend etcd://h:1 -- c")).is_none());
+        #[cfg(not(any(feature = "etcd", feature = "postgres")))]
+        assert!(parse(&args("n --pg-schema s -- c")).is_none());
     }
 }

@@ -857,3 +857,272 @@ fn callers_that_disagree_on_n_use_the_n_in_force_until_every_slot_is_free() {
     fs::write(shared.path("gate.d"), "").expect("gate");
     assert_status(&finish(fourth), 0);
 }
+
+/// `singleflight NAME --ttl TTL -- sh -c 'cat OUT; echo run >> RUNS'`: prints what the
+/// shared file `out` holds at the run, and counts its runs.
+fn copy_call(shared: &Shared, name: &str, ttl: &str) -> Vec<String> {
+    let script = format!(
+        "cat '{}'; echo run >> '{}'",
+        shared.path("out").display(),
+        shared.path("runs").display()
+    );
+    [name, "--ttl", ttl, "--", "sh", "-c", &script]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+fn assert_served(out: &Output, expected: &str) {
+    assert_eq!(
+        (common::status(out), stdout(out).as_str()),
+        (0, expected),
+        "{}",
+        stderr(out)
+    );
+}
+
+/// `args` with `options` before them.
+fn with(options: &[&str], args: &[String]) -> Vec<String> {
+    options
+        .iter()
+        .map(|o| o.to_string())
+        .chain(args.iter().cloned())
+        .collect()
+}
+
+/// A fresh result is kept in a machine's local copy (`NAME.fleet`) wherever the
+/// machine comes to hold it: the run that stored it (A), a waiter woken by its
+/// release (B), a later read (C). Every one of them then serves it with the server
+/// frozen (SIGSTOP: a call that asks it gives up after --backend-timeout, exit 125, as
+/// D, which holds no copy, shows), by the hit before clap and by the full path (`-v`);
+/// the hit before clap reads no TLS file (which tells it from the full path). The copy
+/// names the server, database, schema and slot, and holds no password.
+#[test]
+fn a_fresh_result_is_served_from_the_local_copy_without_asking_the_server() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    fs::write(shared.path("out"), "one\n").unwrap();
+    let (a, b, c, d) = (
+        Machine::of(&pg),
+        Machine::of(&pg),
+        Machine::of(&pg),
+        Machine::of(&pg),
+    );
+    let gate = shared.path("gate");
+    let script = format!(
+        "echo run >> '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; cat '{}'",
+        shared.path("runs").display(),
+        gate.display(),
+        shared.path("out").display()
+    );
+    let args: Vec<String> = [
+        "copied",
+        "--ttl",
+        "1h",
+        "--timeout",
+        "1h",
+        "--backend-timeout",
+        "20s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let holder = a.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_until("A runs the command", || shared.runs() == 1);
+    let waiter = b.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_until("B listens for the release", || {
+        pg.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_notify($2, $3)%' \
+             AND pid <> pg_backend_pid()",
+        )
+        .parse::<usize>()
+        .is_ok_and(|n| n >= 1)
+    });
+    fs::write(&gate, "").unwrap();
+    assert_served(&finish(holder), "one\n");
+    assert_served(&finish(waiter), "one\n");
+    assert_served(
+        &c.run(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+        "one\n",
+    );
+    assert_eq!(shared.runs(), 1);
+    pg.freeze();
+    // A call that asks the frozen server gives up after 1s.
+    let quick: Vec<&str> = args
+        .iter()
+        .map(|arg| if arg == "20s" { "1s" } else { arg.as_str() })
+        .collect();
+    let outs: Vec<(&str, Output)> = [(&a, "A"), (&b, "B"), (&c, "C")]
+        .into_iter()
+        .flat_map(|(machine, who)| {
+            let full: Vec<&str> = ["-v"].into_iter().chain(quick.iter().copied()).collect();
+            [(who, machine.run(&quick)), (who, machine.run(&full))]
+        })
+        .collect();
+    let unserved = d.run(&quick);
+    // The hit before clap opens no backend: it reads no TLS file, which the full path
+    // reads (and refuses, exit 125) before it would send anything.
+    let missing_ca = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.port,
+        shared.path("missing-ca.pem").display()
+    );
+    let quick_owned: Vec<String> = quick.iter().map(|a| a.to_string()).collect();
+    let tls_fast = with(&["--backend", &missing_ca], &quick_owned);
+    let tls_fast = c.run(&tls_fast.iter().map(String::as_str).collect::<Vec<_>>());
+    let tls_full = with(&["-v", "--backend", &missing_ca], &quick_owned);
+    let tls_full = c.run(&tls_full.iter().map(String::as_str).collect::<Vec<_>>());
+    // Refused by clap or Pg::open though a fresh copy is there.
+    let refused: Vec<(i32, Output)> = [
+        (2, with(&["--etcd-cert", "c.pem"], &args)),
+        (2, with(&["--pg-schema", "Bad"], &args)),
+        (
+            125,
+            with(
+                &[
+                    "--backend",
+                    &format!("{}&sslcert=/nonexistent.pem", pg.url()),
+                ],
+                &args,
+            ),
+        ),
+    ]
+    .into_iter()
+    .map(|(code, args)| {
+        (
+            code,
+            c.run(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+        )
+    })
+    .collect();
+    pg.thaw();
+    for (who, out) in &outs {
+        assert_served(out, "one\n");
+        assert!(!stderr(out).contains("warning"), "{who}: {}", stderr(out));
+    }
+    assert_status(&unserved, 125);
+    assert_served(&tls_fast, "one\n");
+    assert_status(&tls_full, 125);
+    assert!(
+        stderr(&tls_full).contains("sslrootcert"),
+        "{}",
+        stderr(&tls_full)
+    );
+    for (code, out) in &refused {
+        assert_status(out, *code);
+        assert_eq!(stdout(out), "");
+    }
+    assert_eq!(shared.runs(), 1);
+    for (machine, who) in [
+        (&a, "A, which ran"),
+        (&b, "B, woken"),
+        (&c, "C, which read"),
+    ] {
+        let copy = fs::read(machine.env.cache.join("copied.fleet"))
+            .unwrap_or_else(|e| panic!("{who} kept a copy: {e}"));
+        let text = String::from_utf8_lossy(&copy);
+        let source = format!(
+            "postgres://127.0.0.1:{}/postgres schema singleflight\ncopied",
+            pg.port
+        );
+        assert!(text.contains(&source), "{who}: the source: {text:?}");
+        assert!(!text.contains(PASSWORD), "{who}: no password in {text:?}");
+    }
+}
+
+/// A `clear` on another machine is seen once the local copy is past the result's own
+/// TTL (2s), even by a caller with a longer --ttl; a `clear` on this machine drops its
+/// copy at once.
+#[test]
+fn a_clear_on_another_machine_is_seen_once_the_copy_is_past_the_results_ttl() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let (a, b) = (Machine::of(&pg), Machine::of(&pg));
+    let short = copy_call(&shared, "m", "2s");
+    let long = copy_call(&shared, "m", "1h");
+    let run = |machine: &Machine, args: &[String]| {
+        machine.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    fs::write(shared.path("out"), "one\n").unwrap();
+    assert_served(&run(&a, &short), "one\n");
+    assert_served(&run(&b, &long), "one\n");
+    assert!(b.env.cache.join("m.fleet").is_file(), "B kept a copy");
+    assert_status(&a.run(&["clear", "m"]), 0);
+    fs::write(shared.path("out"), "two\n").unwrap();
+    let mut outputs = Vec::new();
+    wait_until("B runs the command after the clear", || {
+        let out = run(&b, &long);
+        outputs.push(stdout(&out));
+        stdout(&out) == "two\n"
+    });
+    assert!(
+        outputs.iter().all(|o| o == "one\n" || o == "two\n"),
+        "{outputs:?}"
+    );
+    assert_eq!(
+        shared.runs(),
+        2,
+        "A's run, then B's once its copy was stale"
+    );
+    // B's run kept a copy; B's own clear drops it, and B runs again.
+    assert!(b.env.cache.join("m.fleet").is_file(), "B's run kept a copy");
+    assert_status(&b.run(&["clear", "m"]), 0);
+    assert!(
+        !b.env.cache.join("m.fleet").exists(),
+        "B's clear dropped it"
+    );
+    fs::write(shared.path("out"), "three\n").unwrap();
+    assert_served(&run(&b, &long), "three\n");
+    assert_eq!(shared.runs(), 3);
+}
+
+/// A damaged copy is never served (the server's result cleared meanwhile, the
+/// caller runs): a flipped byte where only the copy's checksum can tell (its
+/// revision), then one in the result. A copy of another schema is not served either.
+#[test]
+fn a_damaged_copy_or_one_of_another_schema_is_never_served() {
+    let Some(pg) = Postgres::start() else { return };
+    let shared = Shared::new();
+    let (a, b) = (Machine::of(&pg), Machine::of(&pg));
+    let long = copy_call(&shared, "d", "1h");
+    let run = |machine: &Machine, args: &[String]| {
+        machine.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    fs::write(shared.path("out"), "one\n").unwrap();
+    assert_served(&run(&a, &long), "one\n");
+    assert_served(&run(&b, &long), "one\n");
+    let copy = b.env.cache.join("d.fleet");
+    assert!(copy.is_file(), "B kept a copy");
+    // Another schema is another fleet: B runs there, its copy notwithstanding.
+    fs::write(shared.path("out"), "elsewhere\n").unwrap();
+    assert_served(
+        &run(&b, &with(&["--pg-schema", "elsewhere"], &long)),
+        "elsewhere\n",
+    );
+    assert_eq!(shared.runs(), 2);
+    // That run kept a copy of the other schema's result: back to B's own.
+    assert_served(&run(&b, &long), "one\n");
+    assert_eq!(shared.runs(), 2);
+    let mut last = "one".to_owned();
+    for (damage, next) in [(16usize, "two"), (usize::MAX, "three")] {
+        let mut bytes = fs::read(&copy).expect("B keeps a copy");
+        let at = damage.min(bytes.len() / 2);
+        bytes[at] ^= 0x01;
+        fs::write(&copy, &bytes).unwrap();
+        assert_status(&a.run(&["clear", "d"]), 0);
+        fs::write(shared.path("out"), format!("{next}\n")).unwrap();
+        for args in [long.clone(), with(&["-v"], &long)] {
+            let out = run(&b, &args);
+            assert_ne!(
+                stdout(&out),
+                format!("{last}\n"),
+                "byte {at} damaged: served"
+            );
+            assert_served(&out, &format!("{next}\n"));
+        }
+        last = next.to_owned();
+    }
+    assert_eq!(shared.runs(), 4);
+}

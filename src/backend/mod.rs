@@ -1,6 +1,7 @@
 //! Where a NAME's lock, result and failure record live: the local cache dir (flock and
 //! files, `local.rs`), or etcd (a leased key and values shared by a fleet, `fleet/`)
-//! with `--backend`.
+//! or PostgreSQL (lease rows, `pg.rs`) with `--backend`; both of these keep a local
+//! copy of a fresh result (`mirror.rs`).
 //!
 //! A backend is three traits: [`Backend`] (every NAME: list them, open one), [`Place`]
 //! (one NAME: read it, lock it, clear it) and [`Lock`] (one NAME's lock, held: save
@@ -11,9 +12,9 @@
 
 #[cfg(feature = "etcd")]
 mod fleet;
-#[cfg(feature = "etcd")]
-pub use fleet::read_copy;
 mod local;
+#[cfg(any(feature = "etcd", feature = "postgres"))]
+mod mirror;
 #[cfg(any(feature = "etcd", feature = "postgres"))]
 mod owner;
 #[cfg(feature = "postgres")]
@@ -114,6 +115,40 @@ pub fn parse_backend(value: &str) -> Result<BackendUrl, String> {
     }
 }
 
+/// The local copy of slot `id`'s result in the etcd or PostgreSQL of `backend` (with
+/// its `--etcd-prefix` or `--pg-schema`, `None`: the default), if there is one that
+/// checks and is fresh by the result's own TTL (see `mirror.rs`): what a call before
+/// clap serves without opening the backend (`hit`). The same copy, by the same path
+/// and source, as the backend's place keeps and reads. Nothing is sent, no TLS or
+/// password file is read.
+#[cfg(any(feature = "etcd", feature = "postgres"))]
+pub fn read_copy(
+    store: &Store,
+    backend: &BackendUrl,
+    prefix: Option<&Prefix>,
+    schema: Option<&PgSchema>,
+    id: &SlotId,
+) -> Option<Entry> {
+    let _ = (store, prefix, schema, id);
+    match backend {
+        #[cfg(feature = "etcd")]
+        BackendUrl::Etcd(endpoints) => match prefix {
+            Some(prefix) => fleet::read_copy(store, endpoints, prefix, id),
+            None => fleet::read_copy(store, endpoints, &Prefix::default(), id),
+        },
+        #[cfg(feature = "postgres")]
+        BackendUrl::Postgres(url) => match schema {
+            Some(schema) => pg::read_copy(store, url, schema, id),
+            None => pg::read_copy(store, url, &PgSchema::default(), id),
+        },
+        #[allow(
+            unreachable_patterns,
+            reason = "a build without a backend refuses its URL"
+        )]
+        _ => None,
+    }
+}
+
 /// Where every NAME's lock and result live.
 pub trait Backend {
     /// One slot's place in this backend, with its files in `store`.
@@ -192,8 +227,8 @@ pub trait Place {
     /// Reads and checks the result. An error is the backend's (etcd unreachable).
     fn read_result(&self) -> Result<Read>;
 
-    /// A local copy of the result that may be served without asking the backend (the
-    /// fleet's, while fresh by its own TTL: see `fleet/mirror.rs`); `None` elsewhere.
+    /// A local copy of the result that may be served without asking the backend (etcd's
+    /// or PostgreSQL's, while fresh by its own TTL: see `mirror.rs`); `None` elsewhere.
     fn read_mirror(&self) -> Option<Entry> {
         None
     }

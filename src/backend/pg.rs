@@ -1,7 +1,9 @@
 //! The PostgreSQL arm of the backend: a NAME's lock is a lease row whose expiry the
 //! server judges (`now()`), renewed by the holder's session on a keeper thread; its
 //! fencing token comes from a sequence; its result, failure record and key values are
-//! a row of their own. Waiters `LISTEN` for the release. See docs/fleet.md.
+//! a row of their own. Waiters `LISTEN` for the release. A fresh result is kept in a
+//! local copy (`NAME.fleet`, see `mirror.rs`) that later calls on this machine serve
+//! without asking the server. See docs/fleet.md.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tokio_postgres::types::Type;
 
+use super::mirror::{self, Mirror};
 use super::owner;
 use super::{
     Backend, Cleared, Config, FENCING_TOKEN_ENV, Files, Held, Lock, Place, Read, Slots, Snapshot,
@@ -22,7 +25,7 @@ use crate::entry::{self, Body, EntryWriter, Meta};
 use crate::exit::{Exit, Status};
 use crate::key::SlotId;
 use crate::postgres::{
-    Conn, Keeper, Lease, Op, PgError, PgSchema, PgUrl, Settings, Sql, VERSION, find_password,
+    Conn, Host, Keeper, Lease, Op, PgError, PgSchema, PgUrl, Settings, Sql, VERSION, find_password,
     tls_config,
 };
 use crate::record::{self, Failure};
@@ -58,19 +61,66 @@ pub struct Pg {
     sql: Rc<Sql>,
     schema: PgSchema,
     lease_ttl: Duration,
+    /// The server, database and schema as a local copy's source names them (see
+    /// [`copy_backend`]).
+    copy_backend: Rc<str>,
+}
+
+/// The user and the database a URL logs in as and to: its own, else as libpq
+/// (`PGUSER`, then `USER`, then `postgres`; the database defaults to the user).
+fn user_and_dbname(url: &PgUrl) -> (String, String) {
+    let user = url
+        .user
+        .clone()
+        .or_else(|| std::env::var("PGUSER").ok())
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "postgres".to_owned());
+    let dbname = url.dbname.clone().unwrap_or_else(|| user.clone());
+    (user, dbname)
+}
+
+/// The PostgreSQL of `url` and `schema` as a local copy's source names it: the server
+/// (host or unix socket dir, and port), the database and the schema:
+/// `postgres://HOST:PORT/DB schema SCHEMA`. Not the user (every user of the database
+/// sees the same rows) and never a password (a URL has none: `PgUrl::parse` refuses
+/// one; one from `PGPASSWORD` or a password file is never put here).
+fn copy_backend(url: &PgUrl, dbname: &str, schema: &PgSchema) -> String {
+    let host = match &url.host {
+        Host::Tcp(host) if host.contains(':') => format!("[{host}]"),
+        Host::Tcp(host) => host.clone(),
+        Host::Socket(dir) => dir.display().to_string(),
+    };
+    format!(
+        "postgres://{host}:{}/{dbname} schema {}",
+        url.port,
+        schema.as_str()
+    )
+}
+
+/// The local copy of slot `id`'s result in the PostgreSQL of `url` and `schema`, if
+/// there is one that checks and is fresh by the result's own TTL (see `mirror.rs`):
+/// what a call before clap serves without opening the backend (`hit`). The same copy,
+/// by the same path and source, as a `PgSlot` keeps and reads. Neither the password
+/// nor a TLS file is read, nothing is sent.
+pub fn read_copy(
+    store: &Store,
+    url: &PgUrl,
+    schema: &PgSchema,
+    id: &SlotId,
+) -> Option<crate::entry::Entry> {
+    let (_, dbname) = user_and_dbname(url);
+    let source = mirror::source(
+        &copy_backend(url, &dbname, schema),
+        id.to_string().as_bytes(),
+    );
+    mirror::read(&mirror::path(&store.result_path(id)), &source, CLOCK_SKEW)
 }
 
 impl Pg {
     /// The database of `url`: its password and TLS files are read now (a file that
     /// cannot be used is 125); nothing is sent until a slot needs it.
     pub fn open(url: PgUrl, config: Config) -> Result<Pg> {
-        let user = url
-            .user
-            .clone()
-            .or_else(|| std::env::var("PGUSER").ok())
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "postgres".to_owned());
-        let dbname = url.dbname.clone().unwrap_or_else(|| user.clone());
+        let (user, dbname) = user_and_dbname(&url);
         let (password, warning) = find_password(&url, &user, &dbname);
         if let Some(warning) = warning {
             eprintln!("singleflight: warning: {warning}");
@@ -78,7 +128,9 @@ impl Pg {
         let tls =
             tls_config(&url).map_err(|e| Exit::new(Status::Internal, format!("{url}: {e}")))?;
         let schema = config.pg_schema.unwrap_or_default();
+        let copy_backend = copy_backend(&url, &dbname, &schema).into();
         Ok(Pg {
+            copy_backend,
             sql: Rc::new(Sql::new(schema.as_str())),
             shared: Rc::new(Shared {
                 settings: Settings {
@@ -171,6 +223,7 @@ impl Backend for Pg {
                 store,
             },
             pg: self.clone(),
+            name: id.name.clone(),
             slot: id.to_string(),
         })
     }
@@ -224,10 +277,45 @@ enum Try {
 struct PgSlot {
     files: Files,
     pg: Pg,
+    /// The NAME, whose files in the cache dir are named after it.
+    name: Name,
+    /// The slot's row: `NAME` or `NAME@<key>`.
     slot: String,
 }
 
 impl PgSlot {
+    /// The local copy of the result (see `mirror.rs`): `NAME.fleet` in the cache dir,
+    /// of this server, database and schema, and the slot.
+    fn mirror(&self) -> Mirror {
+        Mirror {
+            store: self.files.store.clone(),
+            name: self.name.clone(),
+            path: mirror::path(&self.files.paths.result),
+            source: mirror::source(&self.pg.copy_backend, self.slot.as_bytes()),
+            skew: CLOCK_SKEW,
+        }
+    }
+
+    /// A result as the server holds it (`None`: none), with the local copy kept of it
+    /// (a valid fresh one) or dropped.
+    fn found(&self, value: Option<Vec<u8>>) -> Read {
+        let mirror = self.mirror();
+        match value {
+            None => {
+                mirror.forget();
+                Read::Missing
+            }
+            Some(bytes) => {
+                // PostgreSQL's result row has no version: revision 0 (see `mirror.rs`).
+                mirror.keep(0, &bytes);
+                match entry::from_bytes(bytes) {
+                    Ok(entry) => Read::Found(entry),
+                    Err(invalid) => Read::Invalid(invalid),
+                }
+            }
+        }
+    }
+
     fn not_run(&self, error: PgError) -> anyhow::Error {
         let message = format!("{}: {error}; the command was not run", self.slot);
         Exit::new(Status::Internal, message).into()
@@ -291,6 +379,7 @@ impl PgSlot {
             Exit::new(Status::Internal, message)
         })?;
         Ok(PgHeld {
+            mirror: self.mirror(),
             slot: row,
             token,
             keeper: Some(keeper),
@@ -534,17 +623,17 @@ impl Place for PgSlot {
         Ok(true)
     }
 
+    /// Reads the result, and keeps the local copy of it (or drops the copy when the
+    /// server holds none). A waiter woken by the release reads here too.
     fn read_result(&self) -> Result<Read> {
         let value = self
             .column(&self.pg.sql.read_result)
             .map_err(|e| self.not_run(e))?;
-        Ok(match value {
-            None => Read::Missing,
-            Some(bytes) => match entry::from_bytes(bytes) {
-                Ok(entry) => Read::Found(entry),
-                Err(invalid) => Read::Invalid(invalid),
-            },
-        })
+        Ok(self.found(value))
+    }
+
+    fn read_mirror(&self) -> Option<entry::Entry> {
+        self.mirror().read()
     }
 
     fn result_location(&self) -> String {
@@ -683,13 +772,7 @@ impl Place for PgSlot {
             .map_err(|e| self.failed(e))?;
         let row = rows.first();
         let bytes = |i| row.and_then(|row| row.get::<_, Option<Vec<u8>>>(i));
-        let result = match bytes(0) {
-            None => Read::Missing,
-            Some(bytes) => match entry::from_bytes(bytes) {
-                Ok(entry) => Read::Found(entry),
-                Err(invalid) => Read::Invalid(invalid),
-            },
-        };
+        let result = self.found(bytes(0));
         let failure = bytes(1).and_then(|b| record::from_bytes(&b));
         let key_values = bytes(2).and_then(|b| serde_json::from_slice(&b).ok());
         let in_flight = row
@@ -719,7 +802,10 @@ impl Place for PgSlot {
         })
     }
 
+    /// Drops this machine's local copy first, then takes the lock (waiting for a run
+    /// in flight) and deletes the slot's row.
     fn clear(&self, _: &Name, say: &Say) -> Result<Cleared> {
+        self.mirror().forget();
         let fail = |e| self.failed(e);
         let mut said = false;
         let token = loop {
@@ -782,6 +868,8 @@ impl Place for PgSlot {
         let Some(row) = rows.first() else {
             return Ok(Cleared::Nothing);
         };
+        // The server holds no result now: nor does this machine's copy.
+        self.mirror().forget();
         let removed: Vec<&'static str> = [(0, "result"), (1, "failure record"), (2, "key values")]
             .into_iter()
             .filter(|(i, _)| row.get::<_, bool>(*i))
@@ -793,6 +881,8 @@ impl Place for PgSlot {
 
 /// A held lock: its session is the keeper's, which does the writes.
 struct PgHeld {
+    /// The slot's local copy, kept of a result stored under this lock.
+    mirror: Mirror,
     slot: String,
     token: i64,
     keeper: Option<Keeper>,
@@ -840,12 +930,14 @@ impl Lock for PgHeld {
             });
         }
         let op = Op::Result {
-            value,
+            value: value.clone(),
             forget: self.forgetting_failure.get(),
         };
         match self.write(op) {
             Ok(true) => {
                 self.forgetting_failure.set(false);
+                // Stored: the copy is of the result as the server now holds it.
+                self.mirror.keep(0, &value);
                 Ok(out)
             }
             Ok(false) => Err(Unsaved {
@@ -921,5 +1013,44 @@ impl Drop for PgHeld {
         if let Some(keeper) = self.keeper.take() {
             keeper.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy's source names the server, database and schema, whatever the URL's user
+    /// or TLS parameters, and no password can be in it (a URL with one is refused).
+    #[test]
+    fn a_copys_source_names_the_server_database_and_schema_only() {
+        let source = |url: &str, schema: &str| {
+            let url = PgUrl::parse(url).unwrap();
+            let (_, dbname) = user_and_dbname(&url);
+            copy_backend(&url, &dbname, &PgSchema::parse(schema).unwrap())
+        };
+        assert_eq!(
+            source(
+                "postgres://app@db.example:6543/jobs?sslmode=verify-full&sslrootcert=/ca.pem",
+                "team"
+            ),
+            "postgres://db.example:6543/jobs schema team"
+        );
+        assert_eq!(
+            source("postgres://other@db.example:6543/jobs", "team"),
+            source(
+                "postgres://app@db.example:6543/jobs?sslmode=disable",
+                "team"
+            ),
+        );
+        assert_eq!(
+            source("postgres://app@[::1]/app?host=%2Frun%2Fpg", "s"),
+            "postgres:///run/pg:5432/app schema s"
+        );
+        assert_eq!(
+            source("postgres://app@[::1]:7/x", "s"),
+            "postgres://[::1]:7/x schema s"
+        );
+        assert!(PgUrl::parse("postgres://app:secret@h/db").is_err());
     }
 }

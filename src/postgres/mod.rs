@@ -29,3 +29,5 @@ pub use password::find as find_password;
 pub use sql::{Sql, VERSION};
 #[cfg(feature = "postgres")]
 pub use tls::config as tls_config;
+#[cfg(feature = "postgres")]
+pub use url::Host;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::mirror::Mirror;
 use crate::abort::Abort;
+use crate::backend::mirror::Mirror;
 use crate::backend::{Lock, Unsaved};
 use crate::entry::{self, Body, EntryWriter, Meta};
 use crate::etcd::{Client, FencingToken, Keys, LeaseId, LeaseKeeper, Write, check_size};

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use super::mirror;
 use super::{Backend, Config, Place};
 use crate::etcd::{
     Client, Credentials, DEFAULT_MAX_VALUE, DEFAULT_TIMEOUT, Endpoints, Prefix, Security, TlsFiles,
@@ -20,7 +21,6 @@ use crate::key::SlotId;
 use crate::store::Store;
 
 mod lock;
-mod mirror;
 mod place;
 
 use place::FleetPlace;

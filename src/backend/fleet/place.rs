@@ -11,8 +11,8 @@ use anyhow::Result;
 
 use super::Fleet;
 use super::lock::FleetLock;
-use super::mirror::{self, Mirror};
 use crate::abort::Abort;
+use crate::backend::mirror::{self, Mirror};
 use crate::backend::owner;
 use crate::backend::{
     Cleared, FENCING_TOKEN_ENV, Files, Held, InFlight, Place, Read, Slots, Snapshot,

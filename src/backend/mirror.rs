@@ -1,27 +1,35 @@
-//! The local copy of a fleet result (`NAME.fleet` in the cache dir): a fresh result
-//! is kept with its etcd revision and the time it was had, and a later call on this
-//! machine serves it without asking etcd while it is fresh by the result's own TTL
-//! (the `--ttl` of the run that wrote it) and by the caller's. It is kept wherever a
-//! caller comes to hold the fleet's result: read from etcd (revision: the key's
-//! mod_revision), handed to a waiter by the watch with the lock's release (the event's
-//! mod_revision), and stored by the caller that ran the command (the revision of the
-//! transaction that stored it; a result that was not stored, its lock lost or too
-//! large, keeps none). Each of them would otherwise ask etcd again at its next call.
+//! The local copy of a fleet result (`NAME.fleet` in the cache dir), for both shared
+//! backends (etcd, `fleet/`; PostgreSQL, `pg.rs`): a fresh result is kept with its
+//! revision and the time it was had, and a later call on this machine serves it
+//! without asking the backend while it is fresh by the result's own TTL (the `--ttl`
+//! of the run that wrote it) and by the caller's. It is kept wherever a caller comes
+//! to hold the fleet's result: read from the backend, handed to a waiter with the
+//! lock's release, and stored by the caller that ran the command (a result that was
+//! not stored, its lock lost or too large, keeps none). Each of them would otherwise
+//! ask the backend again at its next call.
+//!
+//! The revision: with etcd the key's mod_revision (as read; the watch event's for a
+//! result handed to a waiter; the storing transaction's for the caller that ran).
+//! PostgreSQL's result row has no version column (`<schema>.slots`, see
+//! `postgres/sql.rs`), so a copy of a PostgreSQL result records 0. Nothing reads it
+//! back: it is there to tell copies apart when looking at one.
 //!
 //! What changes: a `clear` or a newer result on another machine is seen here once the
 //! copy is no longer fresh, at most the result's TTL after it was written (before,
 //! at the next call). What does not: the copy is never fresher than the fleet's result
 //! it copies (its age is that result's age); the run stays one per fleet (a call that
-//! finds the copy stale asks etcd, and runs only as etcd says); a stale result is
-//! never served from the copy (stale-while-revalidate and waits go through etcd).
+//! finds the copy stale asks the backend, and runs only as it says); a stale result is
+//! never served from the copy (stale-while-revalidate and waits go through the backend).
 //!
 //! ```text
-//! "SFMIRROR" | read_at_ms u64 LE | mod_revision i64 LE | source_len u64 LE | source
-//!            | the result as etcd holds it (entry::to_bytes) | xxh3-64 of all before
+//! "SFMIRROR" | read_at_ms u64 LE | revision i64 LE | source_len u64 LE | source
+//!            | the result as the backend holds it (entry::to_bytes) | xxh3-64 of all before
 //! ```
-//! `source` is the backend and the etcd key the copy is of: two clusters or prefixes
-//! sharing a cache dir never serve each other's copies. A copy whose checksum, source
-//! or result does not check is never served.
+//! `source` is the backend and the key of the slot the copy is of: with etcd the
+//! endpoints, prefix and result key; with PostgreSQL the server (host or socket dir,
+//! port), database, schema and slot, never the user's password (see `pg.rs`). Two
+//! clusters, servers, prefixes or schemas sharing a cache dir never serve each other's
+//! copies. A copy whose checksum, source or result does not check is never served.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -45,14 +53,14 @@ pub(super) struct Mirror {
 }
 
 impl Mirror {
-    /// Keeps a copy of `result`, which etcd holds at `mod_revision` (see [`keep`]).
-    pub(super) fn keep(&self, mod_revision: i64, result: &[u8]) {
+    /// Keeps a copy of `result`, which the backend holds at `revision` (see [`keep`]).
+    pub(super) fn keep(&self, revision: i64, result: &[u8]) {
         keep(
             &self.store,
             &self.name,
             &self.path,
             &self.source,
-            mod_revision,
+            revision,
             result,
             self.skew,
         );
@@ -77,18 +85,19 @@ pub fn path(result_path: &Path) -> PathBuf {
     result_path.with_extension("fleet")
 }
 
-/// What a copy is of: the backend as `Fleet` displays it (endpoints and prefix) and
-/// the result's etcd key.
+/// What a copy is of: the backend as named for copies (etcd: its endpoints and prefix
+/// as `Fleet` displays them; PostgreSQL: see `pg::copy_backend`) and the result's key
+/// in it (etcd: the result key; PostgreSQL: the slot).
 pub fn source(backend: &str, result_key: &[u8]) -> Vec<u8> {
     [backend.as_bytes(), b"\n", result_key].concat()
 }
 
-/// The bytes of a copy of `result` (as read from etcd at `mod_revision`).
-fn encode(source: &[u8], mod_revision: i64, read_at_ms: u64, result: &[u8]) -> Vec<u8> {
+/// The bytes of a copy of `result` (as the backend holds it at `revision`).
+fn encode(source: &[u8], revision: i64, read_at_ms: u64, result: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEAD_LEN + source.len() + result.len() + 8);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&read_at_ms.to_le_bytes());
-    bytes.extend_from_slice(&mod_revision.to_le_bytes());
+    bytes.extend_from_slice(&revision.to_le_bytes());
     bytes.extend_from_slice(&(source.len() as u64).to_le_bytes());
     bytes.extend_from_slice(source);
     bytes.extend_from_slice(result);
@@ -124,15 +133,16 @@ fn fresh_by_own_ttl(entry: &Entry, now: SystemTime, skew: Duration) -> bool {
         && now_ms < written.saturating_add(entry.meta.ttl_ms)
 }
 
-/// Keeps a copy of a valid result just read from etcd, delivered by a watch or stored
-/// by this caller, if it is fresh by its own TTL; removes any older copy otherwise.
-/// Best effort: a copy that cannot be written only means the next call asks etcd.
+/// Keeps a copy of a valid result just read from the backend, delivered to a waiter or
+/// stored by this caller, if it is fresh by its own TTL; removes any older copy
+/// otherwise. Best effort: a copy that cannot be written only means the next call asks
+/// the backend.
 fn keep(
     store: &Store,
     name: &Name,
     path: &Path,
     source: &[u8],
-    mod_revision: i64,
+    revision: i64,
     result: &[u8],
     skew: Duration,
 ) {
@@ -146,7 +156,7 @@ fn keep(
     if store.ensure().is_err() {
         return;
     }
-    let bytes = encode(source, mod_revision, entry::now_ms(now), result);
+    let bytes = encode(source, revision, entry::now_ms(now), result);
     let _ = store.write_atomically(name, path, &bytes, false);
 }
 
