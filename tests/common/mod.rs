@@ -257,8 +257,40 @@ pub fn finish(child: Child) -> Output {
     });
     match receiver.recv_timeout(PATIENCE) {
         Ok(output) => output.expect("wait for singleflight"),
-        Err(_) => panic!("singleflight (pid {pid}) did not exit"),
+        Err(_) => panic!(
+            "singleflight (pid {pid}) did not exit; its processes and threads:\n{}",
+            where_stuck(pid)
+        ),
     }
+}
+
+/// What a process that did not exit is doing: `ps` of it and its descendants, each
+/// thread with the kernel function it waits in (Linux), for the failure message.
+fn where_stuck(pid: u32) -> String {
+    let ps = Command::new("ps")
+        .args(["-e", "-L", "-o", "pid,ppid,lwp,stat,wchan:32,args"])
+        .output();
+    let Ok(ps) = ps else {
+        return "(ps failed)".to_owned();
+    };
+    let text = String::from_utf8_lossy(&ps.stdout).into_owned();
+    let mut family = vec![pid.to_string()];
+    let mut lines = Vec::new();
+    for _ in 0..4 {
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() > 2
+                && (family.iter().any(|p| p == fields[0]) || family.iter().any(|p| p == fields[1]))
+                && !lines.contains(&line)
+            {
+                lines.push(line);
+                if !family.iter().any(|p| p == fields[0]) {
+                    family.push(fields[0].to_owned());
+                }
+            }
+        }
+    }
+    lines.join("\n")
 }
 
 pub fn stdout(output: &Output) -> String {
