@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The PostgreSQL backend's cached hit, side by side in one hyperfine run: a local hit of a
-# 10 KiB result, the same hit from PostgreSQL (TCP on loopback, scram-sha-256 login, no
-# TLS), `psql -c 'select 1'` to the same server the same way, and the same hit from a
-# plain-HTTP etcd. Not a test: it prints figures and asserts nothing about speed. It
+# 10 KiB result; the same hit through PostgreSQL served from the machine's local copy
+# (`NAME.fleet`) and read from the server (the copy removed before each run; TCP on
+# loopback, scram-sha-256 login, no TLS); `psql -c 'select 1'` to the same server the
+# same way; and the same hit through a plain-HTTP etcd, from the copy and from etcd. Not a test: it prints figures and asserts nothing about speed. It
 # starts its own PostgreSQL (Debian's, initdb as the postgres user into a temp dir) and
 # etcd on free loopback ports and stops them at the end.
 #
@@ -60,12 +61,17 @@ for i in $(seq 50); do "$bin" --backend "$etcd" status >/dev/null 2>&1 && break;
 extra=()
 if [ -n "${LOCAL_ONLY_BIN:-}" ]; then
     "$LOCAL_ONLY_BIN" --cache-dir "$tmp/c4" bench --ttl 1h -- "${cmd[@]}" >/dev/null
-    extra=(-n local-hit-without-backends "$LOCAL_ONLY_BIN --cache-dir $tmp/c4 bench --ttl 1h -- ${cmd[*]}")
+    extra=(-p true -n local-hit-without-backends "$LOCAL_ONLY_BIN --cache-dir $tmp/c4 bench --ttl 1h -- ${cmd[*]}")
 fi
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+# Each command has its own --prepare: the from-server ones remove the local copy first.
 hyperfine -N -w 20 -r "$runs" \
-    -n local-hit "$bin --cache-dir $tmp/c1 bench --ttl 1h -- ${cmd[*]}" \
+    -p true -n local-hit "$bin --cache-dir $tmp/c1 bench --ttl 1h -- ${cmd[*]}" \
     "${extra[@]}" \
-    -n postgres-hit "$bin --cache-dir $tmp/c2 --backend $pg bench --ttl 1h -- ${cmd[*]}" \
-    -n psql-select-1 "psql $pg -Atc 'select 1'" \
-    -n etcd-hit "$bin --cache-dir $tmp/c3 --backend $etcd bench --ttl 1h -- ${cmd[*]}"
+    -p true -n postgres-hit "$bin --cache-dir $tmp/c2 --backend $pg bench --ttl 1h -- ${cmd[*]}" \
+    -p "rm -f $tmp/c2/bench.fleet" -n postgres-hit-from-server \
+    "$bin --cache-dir $tmp/c2 --backend $pg bench --ttl 1h -- ${cmd[*]}" \
+    -p true -n psql-select-1 "psql $pg -Atc 'select 1'" \
+    -p true -n etcd-hit "$bin --cache-dir $tmp/c3 --backend $etcd bench --ttl 1h -- ${cmd[*]}" \
+    -p "rm -f $tmp/c3/bench.fleet" -n etcd-hit-from-etcd \
+    "$bin --cache-dir $tmp/c3 --backend $etcd bench --ttl 1h -- ${cmd[*]}"
