@@ -95,6 +95,31 @@ fn state_of(pid: u32) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
+/// Field `n` after the command name of `/proc/PID/stat` (0: state, 1: ppid, 2: pgrp,
+/// 5: the terminal's foreground group).
+fn stat_field(pid: u32, n: usize) -> Option<i64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(n)?
+        .parse()
+        .ok()
+}
+
+/// What the processes of a job-control test are doing, for a failure message.
+fn job_states(command: u32, singleflight: u32) -> String {
+    format!(
+        "command {command}: state {:?} pgrp {:?} terminal's group {:?}; \
+         singleflight {singleflight}: state {:?} pgrp {:?}",
+        state_of(command),
+        stat_field(command, 2),
+        stat_field(command, 5),
+        state_of(singleflight),
+        stat_field(singleflight, 2),
+    )
+}
+
 fn ppid_of(pid: u32) -> u32 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat.rsplit_once(')')
@@ -160,19 +185,40 @@ fn ctrl_z_stops_the_run_with_singleflight_and_fg_continues_both() {
         go = go.display(),
         out = out.display()
     );
-    // A --timeout far shorter than the time it is held stopped: stopped time does not
-    // count, so the run still succeeds.
-    let timeout = Duration::from_secs(4);
+    // A --timeout shorter than the time it is held stopped: stopped time does not
+    // count, so the run still succeeds. It must also be longer than the time from the
+    // run's start to the Ctrl-Z, which a loaded machine stretches: with 4s the test
+    // failed now and then in the whole suite, as it does when the run times out before
+    // the Ctrl-Z comes (one failure was seen to have timed out so).
+    let timeout = Duration::from_secs(15);
     tmux.keys(&[
-        &singleflight_line(&format!("jc --ttl 0 --timeout 4s -- sh -c '{script}'")),
+        &singleflight_line(&format!("jc --ttl 0 --timeout 15s -- sh -c '{script}'")),
         "Enter",
     ]);
     let command = read_pid(&pid);
     let singleflight = ppid_of(command);
+    // Ctrl-Z is for the group that holds the terminal: the command's, once singleflight
+    // (or the command itself, between fork and exec) has handed it over.
+    let start = Instant::now();
+    while stat_field(command, 5) != stat_field(command, 2) {
+        assert!(
+            start.elapsed() < common::PATIENCE,
+            "the command's group never got the terminal: {}",
+            job_states(command, singleflight)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     tmux.keys(&["C-z"]);
-    wait_until("the command and singleflight are both stopped", || {
-        state_of(command) == Some('T') && state_of(singleflight) == Some('T')
-    });
+    let start = Instant::now();
+    while !(state_of(command) == Some('T') && state_of(singleflight) == Some('T')) {
+        assert!(
+            start.elapsed() < common::PATIENCE,
+            "the command and singleflight were not both stopped: {}\n{}",
+            job_states(command, singleflight),
+            tmux.screen()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let stopped_at = Instant::now();
     fs::write(&go, "").expect("write go");
     // Held stopped past the timeout: a real wait, bounding nothing but the test's
