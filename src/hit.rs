@@ -228,11 +228,11 @@ pub fn serve_fresh(args: &[OsString]) -> Option<Result<i32>> {
             _ => return None,
         },
         #[cfg(any(feature = "etcd", feature = "postgres"))]
-        Some(fleet) => crate::backend::read_copy(
+        Some(backend) => crate::backend::read_copy(
             &store,
-            fleet.backend.as_ref()?,
-            fleet.prefix.as_ref(),
-            fleet.schema.as_ref(),
+            backend,
+            hit.fleet.prefix.as_ref(),
+            hit.fleet.schema.as_ref(),
             &key.id,
         )?,
     };
@@ -246,10 +246,10 @@ pub fn serve_fresh(args: &[OsString]) -> Option<Result<i32>> {
     Some(crate::flight::serve_entry(entry, hit.replay_stderr))
 }
 
-/// The backend options whose copy a fleet hit serves; `None` for a local hit.
+/// The backend whose copy a fleet hit serves; `None` for a local hit.
 #[cfg(any(feature = "etcd", feature = "postgres"))]
-fn fleet_copy(fleet: &Fleet) -> Option<&Fleet> {
-    fleet.backend.is_some().then_some(fleet)
+fn fleet_copy(fleet: &Fleet) -> Option<&BackendUrl> {
+    fleet.backend.as_ref()
 }
 
 #[cfg(not(any(feature = "etcd", feature = "postgres")))]

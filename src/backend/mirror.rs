@@ -53,22 +53,30 @@ pub(super) struct Mirror {
 }
 
 impl Mirror {
-    /// Keeps a copy of `result`, which the backend holds at `revision` (see [`keep`]).
+    /// Keeps a copy of `result`, a valid result just read from the backend, delivered
+    /// to a waiter or stored by this caller (which the backend holds at `revision`), if
+    /// it is fresh by its own TTL; removes any older copy otherwise. Best effort: a copy
+    /// that cannot be written only means the next call asks the backend.
     pub(super) fn keep(&self, revision: i64, result: &[u8]) {
-        keep(
-            &self.store,
-            &self.name,
-            &self.path,
-            &self.source,
-            revision,
-            result,
-            self.skew,
-        );
+        let now = SystemTime::now();
+        let fresh = entry::from_bytes(result.to_vec())
+            .is_ok_and(|entry| fresh_by_own_ttl(&entry, now, self.skew));
+        if !fresh {
+            self.forget();
+            return;
+        }
+        if self.store.ensure().is_err() {
+            return;
+        }
+        let bytes = encode(&self.source, revision, entry::now_ms(now), result);
+        let _ = self
+            .store
+            .write_atomically(&self.name, &self.path, &bytes, false);
     }
 
-    /// Drops the copy (see [`forget`]).
+    /// Drops the copy (the fleet holds no result, or one not worth keeping).
     pub(super) fn forget(&self) {
-        forget(&self.path);
+        let _ = std::fs::remove_file(&self.path);
     }
 
     /// The copy's result, if it checks and is fresh (see [`read`]).
@@ -131,38 +139,6 @@ fn fresh_by_own_ttl(entry: &Entry, now: SystemTime, skew: Duration) -> bool {
     let written = entry.meta.written_at_ms;
     written <= now_ms.saturating_add(skew.as_millis() as u64)
         && now_ms < written.saturating_add(entry.meta.ttl_ms)
-}
-
-/// Keeps a copy of a valid result just read from the backend, delivered to a waiter or
-/// stored by this caller, if it is fresh by its own TTL; removes any older copy
-/// otherwise. Best effort: a copy that cannot be written only means the next call asks
-/// the backend.
-fn keep(
-    store: &Store,
-    name: &Name,
-    path: &Path,
-    source: &[u8],
-    revision: i64,
-    result: &[u8],
-    skew: Duration,
-) {
-    let now = SystemTime::now();
-    let fresh =
-        entry::from_bytes(result.to_vec()).is_ok_and(|entry| fresh_by_own_ttl(&entry, now, skew));
-    if !fresh {
-        forget(path);
-        return;
-    }
-    if store.ensure().is_err() {
-        return;
-    }
-    let bytes = encode(source, revision, entry::now_ms(now), result);
-    let _ = store.write_atomically(name, path, &bytes, false);
-}
-
-/// Drops the copy (the fleet holds no result, or one not worth keeping).
-fn forget(path: &Path) {
-    let _ = std::fs::remove_file(path);
 }
 
 /// The copy's result, if there is one that checks, of `source`, fresh by its own TTL.

@@ -132,15 +132,13 @@ pub fn read_copy(
     let _ = (store, prefix, schema, id);
     match backend {
         #[cfg(feature = "etcd")]
-        BackendUrl::Etcd(endpoints) => match prefix {
-            Some(prefix) => fleet::read_copy(store, endpoints, prefix, id),
-            None => fleet::read_copy(store, endpoints, &Prefix::default(), id),
-        },
+        BackendUrl::Etcd(endpoints) => {
+            fleet::read_copy(store, endpoints, &prefix.cloned().unwrap_or_default(), id)
+        }
         #[cfg(feature = "postgres")]
-        BackendUrl::Postgres(url) => match schema {
-            Some(schema) => pg::read_copy(store, url, schema, id),
-            None => pg::read_copy(store, url, &PgSchema::default(), id),
-        },
+        BackendUrl::Postgres(url) => {
+            pg::read_copy(store, url, &schema.cloned().unwrap_or_default(), id)
+        }
         #[allow(
             unreachable_patterns,
             reason = "a build without a backend refuses its URL"

@@ -487,6 +487,16 @@ impl PgSlot {
         }
     }
 
+    /// When a waiter looks again without a notification: at once after `left` (the
+    /// holder's lease) ends, or every `POLL` where notifications do not come through.
+    fn wake_by(&self, left: Duration) -> Instant {
+        if self.pg.shared.listen_works.get() == Some(false) {
+            Instant::now() + POLL.min(left)
+        } else {
+            later(Instant::now(), left + Duration::from_millis(20))
+        }
+    }
+
     /// Waits for the release of any run slot of the NAME (or the earliest lease of
     /// them to pass), until `deadline`; at once if fewer than `count` are held now.
     fn wait_any_slot(&self, conn: &mut Conn, count: u32, deadline: Instant) -> Result<(), PgError> {
@@ -496,13 +506,7 @@ impl PgSlot {
         if held < i64::from(count) {
             return Ok(());
         }
-        let polling = self.pg.shared.listen_works.get() == Some(false);
-        let wake = if polling {
-            Instant::now() + POLL.min(left)
-        } else {
-            later(Instant::now(), left + Duration::from_millis(20))
-        };
-        let until = wake.min(deadline);
+        let until = self.wake_by(left).min(deadline);
         while let Some(note) = conn.next_notification(until)? {
             if self.is_slot_row(note.payload()) {
                 break;
@@ -697,13 +701,7 @@ impl Place for PgSlot {
                 let Some(left) = self.lock_remaining(conn, probe)? else {
                     return Ok(true);
                 };
-                let polling = self.pg.shared.listen_works.get() == Some(false);
-                let wake = if polling {
-                    Instant::now() + POLL.min(left)
-                } else {
-                    later(Instant::now(), left + Duration::from_millis(20))
-                };
-                let until = wake.min(deadline);
+                let until = self.wake_by(left).min(deadline);
                 loop {
                     match conn.next_notification(until)? {
                         Some(note) if note.payload() == self.slot => return Ok(true),
